@@ -1,0 +1,10 @@
+#!/bin/sh
+# make bench: the library's kernels, then PyTorch SDPA on the same shapes,
+# then one merged table (and bench/results.png).
+set -e
+BUILD=${BUILD:-build}
+OUTDIR=${OUT:-bench}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+"./$BUILD/bench" ${BENCH_ARGS:-} --csv "$OUTDIR/results.csv"
+python3 bench/sdpa.py ${BENCH_ARGS:-} --csv "$OUTDIR/sdpa.csv"
+python3 bench/report.py "$OUTDIR/results.csv" "$OUTDIR/sdpa.csv" --plot "$OUTDIR/results.png"

@@ -1,0 +1,2958 @@
+/* mustafar.h - v0.1.0 - compressed KV cache and sparse decode attention
+   for LLM inference, in one C header.  Public domain / MIT (see end of file).
+
+   WHAT IT IS
+
+   mustafar.h prunes an LLM's Key and Value cache per token by magnitude
+   (the rule of the Mustafar paper, NeurIPS 2025), stores every pruned token
+   vector as one fixed-size bitmap record, and runs decode attention directly
+   on those records plus a small dense window of the newest tokens.  It runs
+   on NVIDIA GPUs through kernels compiled at run time with NVRTC for the GPU
+   it finds, and on the CPU through the same API.
+
+   At 70 % sparsity a head_dim-128 fp16 token vector takes 96 bytes instead of
+   256 (37.5 % of dense, every byte of metadata included); at 50 %, 144 bytes.
+
+   INTEGRATION
+
+   Copy mustafar.h into your project.  In exactly one C or C++ file:
+
+       #define MUSTAFAR_IMPLEMENTATION
+       #include "mustafar.h"
+
+   and link with -lcudart -lnvrtc (CUDA 12.0 or newer).  For a CPU-only build
+   that needs no CUDA header or library, define MUSTAFAR_NO_CUDA before the
+   include, in every file that includes the header.
+
+   EXAMPLE (error checks left out)
+
+       mustafar_context *ctx;  mustafar_cache *cache;  int seq;
+       mustafar_context_desc cd = {0};                 // AUTO: GPU if present
+       mustafar_context_create(&cd, &ctx);
+       mustafar_cache_desc d = {0};
+       d.num_layers = 32; d.num_kv_heads = 8; d.num_q_heads = 32;
+       d.head_dim = 128; d.k_sparsity = 0.7f; d.v_sparsity = 0.7f;
+       d.dense_window = 32; d.capacity_tokens = 1 << 20; d.max_sequences = 64;
+       mustafar_cache_create(ctx, &d, &cache);
+       mustafar_cache_add_sequence(cache, &seq);
+       int n = prompt_len;
+       for (int l = 0; l < 32; l++) {                  // prefill, then decode
+           mustafar_cache_append(cache, l, 1, &seq, &n, k[l], v[l]);
+           mustafar_cache_attention(cache, l, 1, &seq, q[l], out[l], 0.0f);
+       }
+
+   OPTIONS (define before including)
+
+       MUSTAFAR_NO_CUDA        CPU backend only; no CUDA header or library.
+       MUSTAFAR_API            decoration of every public function
+                               (default: extern, or static with MUSTAFAR_STATIC).
+       MUSTAFAR_STATIC         make every function static to the including file.
+       MUSTAFAR_MALLOC(sz)     allocator (default malloc), with MUSTAFAR_FREE(p).
+       MUSTAFAR_ASSERT(x)      internal assertion (default assert).
+
+   ENVIRONMENT
+
+       MUSTAFAR_CACHE_DIR      where compiled kernels are cached on disk
+                               (default $XDG_CACHE_HOME/mustafar, else
+                               $HOME/.cache/mustafar); "off" disables the cache.
+
+   CONCEPTS
+
+   Layout of a token vector: head_dim (D) elements of fp16 or bf16.  Shapes are
+   written outermost first: q [nseq][Hq][D] means nseq*Hq*D elements with the
+   D of one head contiguous.  Query head h reads KV head h / (Hq/Hkv).
+
+   Pruning rule: of D elements, p = floor(s*D) are set to zero and exactly
+   n = D - p are kept: the n of largest magnitude, ties broken towards the
+   lower channel index.  Every token vector of a cache keeps the same count,
+   so every record has the same size.  The authors' PyTorch code keeps every
+   |x| >= the p-th smallest magnitude, which keeps one element more than this
+   rule when there are no ties; we keep exactly n so records are fixed-size.
+   Magnitudes are compared as the 15 low bits of the fp16/bf16 encoding, which
+   orders them exactly: +0 and -0 tie, Inf ranks above every finite value, and
+   NaN ranks above Inf, so NaN is always kept (it propagates into attention
+   instead of vanishing; more than n NaNs keep those with the larger payload).
+   s*D is computed in double with a 1e-6 guard (0.7*128 -> 89 pruned).
+
+   Record (format version MUSTAFAR_FORMAT_VERSION), one per token vector:
+       bytes [0, D/8)            bitmap: bit c%32 of little-endian uint32 word
+                                 c/32 is set when channel c is kept
+       bytes [D/8, D/8 + 2n)     the n kept values, in channel order
+       up to a multiple of 16    zero padding
+   D=128 fp16: s=0.5 -> 144 bytes, s=0.7 -> 96 bytes (dense is 256).
+
+   Paged cache: pages of page_size token positions, shared by all layers.
+       k_pages  [layers][num_pages][Hkv][page_size][k_record_bytes]
+       v_pages  [layers][num_pages][Hkv][page_size][v_record_bytes]
+       page table [max_sequences][max_pages_per_sequence] int32
+   Token position p of a sequence is in page table[row][p / page_size], slot
+   p % page_size.  The newest dense_window positions of a sequence stay dense
+   in a ring: position p lives at window slot p % dense_window of
+       k_window [layers][max_sequences][dense_window][Hkv][D]
+   Positions [0, num_compressed) are records; [num_compressed, length) are in
+   the window.  A token leaves the window (and is compressed) when the
+   sequence grows past dense_window tokens.
+
+   Two API layers.  (a) Stateless calls on caller-owned memory: mustafar_prune,
+   mustafar_compress, mustafar_decompress, mustafar_paged_write and
+   mustafar_paged_attention, for engines with their own memory manager.
+   (b) mustafar_cache, which owns a pool, page tables and dense windows.
+   With a CUDA context every pointer is device memory and work is queued on
+   the context's stream; with a CPU context (or ctx == NULL in the stateless
+   calls) every pointer is host memory.
+
+   ERRORS
+
+   Every call returns a mustafar_status; mustafar_status_string() names it and
+   mustafar_last_error(ctx) holds a sentence about the last failure (with the
+   NVRTC log or CUDA error name where there is one).  A failed call leaves the
+   cache as it was.
+
+   Calls on one context must not run concurrently from several threads.
+*/
+#ifndef MUSTAFAR_H
+#define MUSTAFAR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MUSTAFAR_VERSION_MAJOR 0
+#define MUSTAFAR_VERSION_MINOR 1
+#define MUSTAFAR_VERSION_PATCH 0
+#define MUSTAFAR_VERSION_STRING "0.1.0"
+/* Version of the record and page layout; bumped on any change to them. */
+#define MUSTAFAR_FORMAT_VERSION 1
+
+#ifndef MUSTAFAR_API
+#  ifdef MUSTAFAR_STATIC
+#    if defined(__GNUC__) || defined(__clang__)
+#      define MUSTAFAR_API static __attribute__((unused))
+#    else
+#      define MUSTAFAR_API static
+#    endif
+#  else
+#    define MUSTAFAR_API extern
+#  endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum mustafar_status {
+    MUSTAFAR_OK = 0,
+    MUSTAFAR_ERROR_NULL_POINTER,        /* a required pointer was NULL */
+    MUSTAFAR_ERROR_INVALID_ARGUMENT,    /* a count, size or index out of range */
+    MUSTAFAR_ERROR_UNSUPPORTED_HEAD_DIM,/* head_dim not 64, 128 or 256 */
+    MUSTAFAR_ERROR_UNSUPPORTED_DTYPE,   /* dtype not fp16 or bf16 */
+    MUSTAFAR_ERROR_INVALID_SPARSITY,    /* sparsity outside [0, 1) or NaN */
+    MUSTAFAR_ERROR_UNKNOWN_SEQUENCE,    /* sequence id not live in the cache */
+    MUSTAFAR_ERROR_DUPLICATE_SEQUENCE,  /* a sequence id twice in one call */
+    MUSTAFAR_ERROR_TOO_MANY_SEQUENCES,  /* max_sequences already live */
+    MUSTAFAR_ERROR_SEQUENCE_TOO_LONG,   /* past max_sequence_length */
+    MUSTAFAR_ERROR_POOL_FULL,           /* not enough free pages */
+    MUSTAFAR_ERROR_OUT_OF_MEMORY,       /* host or device allocation failed */
+    MUSTAFAR_ERROR_BACKEND_UNAVAILABLE, /* CUDA asked for but not usable */
+    MUSTAFAR_ERROR_WRONG_BACKEND,       /* object of another context/backend */
+    MUSTAFAR_ERROR_CUDA,                /* a CUDA runtime call failed */
+    MUSTAFAR_ERROR_JIT,                 /* NVRTC compile or module load failed */
+    MUSTAFAR_STATUS_COUNT
+} mustafar_status;
+
+typedef enum mustafar_dtype {
+    MUSTAFAR_DTYPE_DEFAULT = 0,         /* fp16 */
+    MUSTAFAR_DTYPE_F16 = 1,
+    MUSTAFAR_DTYPE_BF16 = 2
+} mustafar_dtype;
+
+typedef enum mustafar_backend {
+    MUSTAFAR_BACKEND_AUTO = 0,          /* CUDA if a usable GPU, else CPU */
+    MUSTAFAR_BACKEND_CPU = 1,
+    MUSTAFAR_BACKEND_CUDA = 2
+} mustafar_backend;
+
+typedef struct mustafar_context mustafar_context;
+typedef struct mustafar_cache mustafar_cache;
+
+typedef struct mustafar_context_desc {
+    mustafar_backend backend;
+    int cuda_device;               /* device ordinal (0 is the first GPU) */
+    void *cuda_stream;             /* cudaStream_t for all work; NULL: default */
+    const char *jit_cache_dir;     /* NULL: $MUSTAFAR_CACHE_DIR, else default */
+    int disable_jit_cache;         /* nonzero: never read or write the disk cache */
+    char *error_buffer;            /* optional: receives the reason if create fails */
+    size_t error_buffer_size;
+} mustafar_context_desc;
+
+typedef struct mustafar_cache_desc {
+    int num_layers;                /* required */
+    int num_kv_heads;              /* required (Hkv) */
+    int num_q_heads;               /* 0: = num_kv_heads; a multiple of Hkv */
+    int head_dim;                  /* 0: 128; else 64, 128 or 256 */
+    float k_sparsity;              /* in [0, 1); 0 keeps every element */
+    float v_sparsity;
+    int dense_window;              /* newest tokens kept dense; 0: none */
+    int page_size;                 /* tokens per page; 0: 16 */
+    int64_t capacity_tokens;       /* pool size in token positions; required */
+    int max_sequences;             /* 0: 64 */
+    int max_sequence_length;       /* 0: capacity_tokens */
+    mustafar_dtype dtype;          /* 0: fp16 */
+} mustafar_cache_desc;
+
+typedef struct mustafar_cache_stats {
+    int sequences;                 /* live sequences */
+    int64_t pages_used, pages_total;
+    int64_t token_vectors;         /* (token, layer, KV head) vectors held, K or V */
+    int64_t compressed_vectors;    /* of which in records */
+    int64_t record_bytes;          /* bytes of the records and window data held */
+    int64_t reserved_bytes;        /* pool pages in use + windows of live sequences */
+    int64_t dense_bytes;           /* the same tokens stored dense (K + V) */
+    double compression_ratio;      /* record_bytes / dense_bytes */
+} mustafar_cache_stats;
+
+/* Stateless paged layout, caller-owned (see CONCEPTS for the layouts). */
+typedef struct mustafar_paged_kv {
+    int head_dim;
+    mustafar_dtype dtype;
+    float k_sparsity, v_sparsity;
+    int num_kv_heads, num_q_heads;
+    int page_size;
+    void *k_pages, *v_pages;       /* [num_pages][Hkv][page_size][record] */
+    const int32_t *page_table;     /* [num_rows][page_table_stride] page ids */
+    int page_table_stride;
+    int num_rows;                  /* rows of the page table and the windows */
+    int num_pages;                 /* page ids are checked against it on the CPU */
+    void *k_window, *v_window;     /* [rows][window_size][Hkv][D]; may be NULL if 0 */
+    int window_size;
+} mustafar_paged_kv;
+
+/* One sequence of a stateless call; an array of these lives in the backend's
+   memory (device memory for CUDA). */
+typedef struct mustafar_paged_seq {
+    int32_t row;                   /* page-table row and window row */
+    int32_t num_compressed;        /* positions [0, num_compressed) in pages */
+    int32_t num_window;            /* then this many in the window ring */
+    int32_t reserved;              /* set to 0 */
+} mustafar_paged_seq;
+
+/* ---- status, version ---------------------------------------------------- */
+MUSTAFAR_API const char *mustafar_status_string(mustafar_status status);
+MUSTAFAR_API const char *mustafar_version_string(void);
+
+/* ---- context ------------------------------------------------------------ */
+MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc *desc,
+                                                     mustafar_context **out);
+MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx);
+MUSTAFAR_API mustafar_backend mustafar_context_backend(const mustafar_context *ctx);
+/* Human-readable message of the last failure, or of the AUTO fallback. */
+MUSTAFAR_API const char *mustafar_last_error(const mustafar_context *ctx);
+
+/* ---- fp16 / bf16 -------------------------------------------------------- */
+MUSTAFAR_API float mustafar_f16_to_f32(uint16_t h);
+MUSTAFAR_API uint16_t mustafar_f32_to_f16(float f);   /* round to nearest even */
+MUSTAFAR_API float mustafar_bf16_to_f32(uint16_t h);
+MUSTAFAR_API uint16_t mustafar_f32_to_bf16(float f);  /* round to nearest even */
+
+/* ---- format ------------------------------------------------------------- */
+/* Elements kept per token vector (n = D - floor(s*D)); 0 if arguments invalid. */
+MUSTAFAR_API int mustafar_kept_count(int head_dim, float sparsity);
+/* Bytes of one record; 0 if arguments invalid. */
+MUSTAFAR_API size_t mustafar_record_bytes(int head_dim, float sparsity, mustafar_dtype dtype);
+
+/* ---- stateless operations (layer a) -------------------------------------
+   ctx NULL or a CPU context: host pointers.  CUDA context: device pointers.
+   x, y: [count][D];  records: [count][record_bytes].                       */
+MUSTAFAR_API mustafar_status mustafar_prune(mustafar_context *ctx, int head_dim, float sparsity,
+                                            mustafar_dtype dtype, const void *x, void *y,
+                                            size_t count);
+MUSTAFAR_API mustafar_status mustafar_compress(mustafar_context *ctx, int head_dim, float sparsity,
+                                               mustafar_dtype dtype, const void *x, void *records,
+                                               size_t count);
+MUSTAFAR_API mustafar_status mustafar_decompress(mustafar_context *ctx, int head_dim, float sparsity,
+                                                 mustafar_dtype dtype, const void *records, void *x,
+                                                 size_t count);
+/* Compress ntokens[i] token vectors of every sequence i into its pages at
+   positions first_position[i]..; k, v: [sum ntokens][Hkv][D] packed in
+   sequence order.  rows, first_position, ntokens: host arrays. */
+MUSTAFAR_API mustafar_status mustafar_paged_write(mustafar_context *ctx, const mustafar_paged_kv *kv,
+                                                  int nseq, const int32_t *rows,
+                                                  const int32_t *first_position,
+                                                  const int32_t *ntokens, const void *k,
+                                                  const void *v);
+/* out[i][h] = softmax(q[i][h] . K^T * scale) . V over the sequence's records
+   and window.  q, out: [nseq][Hq][D]; seqs: nseq entries in backend memory.
+   scale 0: 1/sqrt(D).  A sequence with no tokens gets zeros. */
+MUSTAFAR_API mustafar_status mustafar_paged_attention(mustafar_context *ctx,
+                                                      const mustafar_paged_kv *kv, int nseq,
+                                                      const mustafar_paged_seq *seqs,
+                                                      const void *q, void *out, float scale);
+
+/* ---- cache object (layer b) --------------------------------------------- */
+MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
+                                                   const mustafar_cache_desc *desc,
+                                                   mustafar_cache **out);
+MUSTAFAR_API void mustafar_cache_destroy(mustafar_cache *cache);
+MUSTAFAR_API mustafar_status mustafar_cache_add_sequence(mustafar_cache *cache, int *seq_id);
+MUSTAFAR_API mustafar_status mustafar_cache_remove_sequence(mustafar_cache *cache, int seq_id);
+/* Append ntokens[i] tokens to sequence seq_ids[i] in one layer.  k, v:
+   [sum ntokens][Hkv][D] packed in the order of seq_ids (backend memory);
+   seq_ids, ntokens: host arrays.  Every layer must be appended the same tokens. */
+MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int layer, int nseq,
+                                                   const int *seq_ids, const int *ntokens,
+                                                   const void *k, const void *v);
+/* Decode attention of one query token per sequence.  q, out: [nseq][Hq][D]
+   (backend memory); scale 0: 1/sqrt(D). */
+MUSTAFAR_API mustafar_status mustafar_cache_attention(mustafar_cache *cache, int layer, int nseq,
+                                                      const int *seq_ids, const void *q, void *out,
+                                                      float scale);
+/* Tokens of a sequence in one layer; -1 if the id or layer is not valid. */
+MUSTAFAR_API int mustafar_cache_sequence_length(const mustafar_cache *cache, int seq_id, int layer);
+MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cache,
+                                                      mustafar_cache_stats *out);
+/* The cache's layout as a stateless view of one layer (for inspection,
+   tests, or to mix the two layers). */
+MUSTAFAR_API mustafar_status mustafar_cache_layer_view(const mustafar_cache *cache, int layer,
+                                                       mustafar_paged_kv *out);
+/* The stateless entry describing a sequence (host memory). */
+MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *cache, int seq_id,
+                                                          int layer, mustafar_paged_seq *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MUSTAFAR_H */
+
+/* ========================================================================= */
+/*                              IMPLEMENTATION                               */
+/* ========================================================================= */
+#ifdef MUSTAFAR_IMPLEMENTATION
+#ifndef MUSTAFAR_IMPLEMENTATION_DONE
+#define MUSTAFAR_IMPLEMENTATION_DONE
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <math.h>
+
+#ifndef MUSTAFAR_MALLOC
+#  include <stdlib.h>
+#  define MUSTAFAR_MALLOC(sz) malloc(sz)
+#  define MUSTAFAR_FREE(p) free(p)
+#endif
+#ifndef MUSTAFAR_ASSERT
+#  include <assert.h>
+#  define MUSTAFAR_ASSERT(x) assert(x)
+#endif
+
+#ifndef MUSTAFAR_NO_CUDA
+/* CUDA's headers use anonymous unions, which -Wpedantic rejects in C99. */
+#  if defined(__GNUC__)
+#    pragma GCC diagnostic push
+#    pragma GCC diagnostic ignored "-Wpedantic"
+#  endif
+#  include <cuda_runtime.h>
+#  include <nvrtc.h>
+#  if defined(__GNUC__)
+#    pragma GCC diagnostic pop
+#  endif
+#  include <sys/stat.h>
+#  include <time.h>
+#  ifdef _WIN32
+#    include <direct.h>
+#  endif
+#endif
+
+#define MUSTAFAR__MSG_CAP 8192
+#define MUSTAFAR__UNUSED(x) ((void)(x))
+
+/* ---- small helpers -------------------------------------------------------- */
+
+static void *mustafar__calloc(size_t bytes)
+{
+    void *p = MUSTAFAR_MALLOC(bytes ? bytes : 1);
+    if (p) memset(p, 0, bytes ? bytes : 1);
+    return p;
+}
+
+static uint32_t mustafar__f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static float mustafar__bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static size_t mustafar__round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+static int mustafar__ctz32(uint32_t x) /* x != 0 */
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctz(x);
+#else
+    int n = 0;
+    while (!(x & 1u)) { x >>= 1; n++; }
+    return n;
+#endif
+}
+
+/* ---- status strings, version --------------------------------------------- */
+
+MUSTAFAR_API const char *mustafar_status_string(mustafar_status status)
+{
+    switch (status) {
+    case MUSTAFAR_OK: return "MUSTAFAR_OK";
+    case MUSTAFAR_ERROR_NULL_POINTER: return "MUSTAFAR_ERROR_NULL_POINTER";
+    case MUSTAFAR_ERROR_INVALID_ARGUMENT: return "MUSTAFAR_ERROR_INVALID_ARGUMENT";
+    case MUSTAFAR_ERROR_UNSUPPORTED_HEAD_DIM: return "MUSTAFAR_ERROR_UNSUPPORTED_HEAD_DIM";
+    case MUSTAFAR_ERROR_UNSUPPORTED_DTYPE: return "MUSTAFAR_ERROR_UNSUPPORTED_DTYPE";
+    case MUSTAFAR_ERROR_INVALID_SPARSITY: return "MUSTAFAR_ERROR_INVALID_SPARSITY";
+    case MUSTAFAR_ERROR_UNKNOWN_SEQUENCE: return "MUSTAFAR_ERROR_UNKNOWN_SEQUENCE";
+    case MUSTAFAR_ERROR_DUPLICATE_SEQUENCE: return "MUSTAFAR_ERROR_DUPLICATE_SEQUENCE";
+    case MUSTAFAR_ERROR_TOO_MANY_SEQUENCES: return "MUSTAFAR_ERROR_TOO_MANY_SEQUENCES";
+    case MUSTAFAR_ERROR_SEQUENCE_TOO_LONG: return "MUSTAFAR_ERROR_SEQUENCE_TOO_LONG";
+    case MUSTAFAR_ERROR_POOL_FULL: return "MUSTAFAR_ERROR_POOL_FULL";
+    case MUSTAFAR_ERROR_OUT_OF_MEMORY: return "MUSTAFAR_ERROR_OUT_OF_MEMORY";
+    case MUSTAFAR_ERROR_BACKEND_UNAVAILABLE: return "MUSTAFAR_ERROR_BACKEND_UNAVAILABLE";
+    case MUSTAFAR_ERROR_WRONG_BACKEND: return "MUSTAFAR_ERROR_WRONG_BACKEND";
+    case MUSTAFAR_ERROR_CUDA: return "MUSTAFAR_ERROR_CUDA";
+    case MUSTAFAR_ERROR_JIT: return "MUSTAFAR_ERROR_JIT";
+    case MUSTAFAR_STATUS_COUNT: break;
+    }
+    return "MUSTAFAR_ERROR_UNKNOWN_STATUS";
+}
+
+MUSTAFAR_API const char *mustafar_version_string(void) { return MUSTAFAR_VERSION_STRING; }
+
+/* ---- fp16 / bf16 conversions (bit arithmetic, round to nearest even) ------ */
+
+MUSTAFAR_API float mustafar_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+    if (exp == 0) {
+        /* zero or subnormal: mant * 2^-24 is exact in float */
+        float v = (float)mant * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    if (exp == 31) return mustafar__bits_f32(sign | 0x7F800000u | (mant << 13));
+    return mustafar__bits_f32(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+MUSTAFAR_API uint16_t mustafar_f32_to_f16(float f)
+{
+    uint32_t x = mustafar__f32_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    uint32_t e, m, r, rem, half;
+    int shift;
+    x &= 0x7FFFFFFFu;
+    if (x > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((x >> 13) & 0x3FFu)); /* NaN */
+    if (x >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  /* >= 65520 rounds to Inf */
+    e = x >> 23;
+    if (e < 113) {                                            /* result subnormal or 0 */
+        if (e < 102) return sign;                             /* < 2^-25 */
+        m = (x & 0x7FFFFFu) | 0x800000u;
+        shift = 126 - (int)e;                                 /* 14..24 */
+        r = m >> shift;
+        rem = m & ((1u << shift) - 1u);
+        half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1u))) r++;
+        return (uint16_t)(sign | r);
+    }
+    r = ((e - 112u) << 10) | ((x >> 13) & 0x3FFu);
+    rem = x & 0x1FFFu;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) r++;   /* may carry into Inf */
+    return (uint16_t)(sign | r);
+}
+
+MUSTAFAR_API float mustafar_bf16_to_f32(uint16_t h) { return mustafar__bits_f32((uint32_t)h << 16); }
+
+MUSTAFAR_API uint16_t mustafar_f32_to_bf16(float f)
+{
+    uint32_t x = mustafar__f32_bits(f);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((x >> 16) | 0x0040u); /* quiet NaN */
+    x += 0x7FFFu + ((x >> 16) & 1u);
+    return (uint16_t)(x >> 16);
+}
+
+static float mustafar__load(mustafar_dtype dt, uint16_t h)
+{
+    return dt == MUSTAFAR_DTYPE_BF16 ? mustafar_bf16_to_f32(h) : mustafar_f16_to_f32(h);
+}
+static uint16_t mustafar__store(mustafar_dtype dt, float f)
+{
+    return dt == MUSTAFAR_DTYPE_BF16 ? mustafar_f32_to_bf16(f) : mustafar_f32_to_f16(f);
+}
+
+/* ---- context and errors --------------------------------------------------- */
+
+#ifndef MUSTAFAR_NO_CUDA
+typedef struct mustafar__module mustafar__module;
+typedef struct mustafar__cuda {
+    int device, sm, num_sms;
+    cudaStream_t stream;
+    char cache_dir[1024];          /* empty: disk cache disabled */
+    mustafar__module *modules;     /* compiled kernel libraries, one per config */
+    void *scratch;                 /* device scratch (jobs, partial results) */
+    size_t scratch_bytes;
+    void *staging;                 /* pinned host staging for uploads */
+    size_t staging_bytes;
+    cudaEvent_t staging_free;      /* recorded after the last upload from staging */
+} mustafar__cuda;
+#endif
+
+struct mustafar_context {
+    mustafar_backend backend;
+    char message[MUSTAFAR__MSG_CAP];
+#ifndef MUSTAFAR_NO_CUDA
+    mustafar__cuda cuda;
+#endif
+};
+
+static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
+                                      const char *fmt, ...)
+{
+    if (ctx) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(ctx->message, sizeof ctx->message, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+MUSTAFAR_API mustafar_backend mustafar_context_backend(const mustafar_context *ctx)
+{
+    return ctx ? ctx->backend : MUSTAFAR_BACKEND_CPU;
+}
+
+MUSTAFAR_API const char *mustafar_last_error(const mustafar_context *ctx)
+{
+    return ctx ? ctx->message : "no context";
+}
+
+/* ---- format ---------------------------------------------------------------- */
+
+static int mustafar__valid_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
+static int mustafar__valid_sparsity(float s) { return s >= 0.0f && s < 1.0f; } /* NaN fails */
+static mustafar_dtype mustafar__resolve_dtype(mustafar_dtype dt)
+{
+    return dt == MUSTAFAR_DTYPE_DEFAULT ? MUSTAFAR_DTYPE_F16 : dt;
+}
+static int mustafar__valid_dtype(mustafar_dtype dt)
+{
+    return dt == MUSTAFAR_DTYPE_DEFAULT || dt == MUSTAFAR_DTYPE_F16 || dt == MUSTAFAR_DTYPE_BF16;
+}
+
+MUSTAFAR_API int mustafar_kept_count(int head_dim, float sparsity)
+{
+    int pruned;
+    if (!mustafar__valid_head_dim(head_dim) || !mustafar__valid_sparsity(sparsity)) return 0;
+    /* guard: s*D that should be an integer must not land just below it */
+    pruned = (int)floor((double)sparsity * head_dim + 1e-6);
+    if (pruned >= head_dim) pruned = head_dim - 1;
+    return head_dim - pruned;
+}
+
+MUSTAFAR_API size_t mustafar_record_bytes(int head_dim, float sparsity, mustafar_dtype dtype)
+{
+    int kept = mustafar_kept_count(head_dim, sparsity);
+    if (!kept || !mustafar__valid_dtype(dtype)) return 0;
+    return mustafar__round_up((size_t)head_dim / 8 + 2 * (size_t)kept, 16);
+}
+
+static mustafar_status mustafar__check_format(mustafar_context *ctx, int head_dim, float sparsity,
+                                              mustafar_dtype dtype)
+{
+    if (!mustafar__valid_head_dim(head_dim))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_UNSUPPORTED_HEAD_DIM,
+                              "head_dim %d is not supported (64, 128 or 256)", head_dim);
+    if (!mustafar__valid_dtype(dtype))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_UNSUPPORTED_DTYPE,
+                              "dtype %d is not supported (fp16 or bf16)", (int)dtype);
+    if (!mustafar__valid_sparsity(sparsity))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_SPARSITY,
+                              "sparsity %g is outside [0, 1)", (double)sparsity);
+    return MUSTAFAR_OK;
+}
+
+/* ---- pruning and records (host) --------------------------------------------
+   A magnitude key is the encoding without its sign bit: for fp16 and bf16 the
+   integer order of (bits & 0x7FFF) is the order of |x|, with Inf above every
+   finite value and NaN above Inf.  The kept set is the n largest keys, ties to
+   the lower channel: find the largest threshold t with count(key >= t) >= n
+   by bisection, keep every key > t, then the lowest channels with key == t. */
+
+static void mustafar__select_kept(const uint16_t *x, int d, int kept, uint32_t *bitmap)
+{
+    int lo = 0, hi = 0x7FFF, c, greater = 0, ties;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2, count = 0;
+        for (c = 0; c < d; c++) count += (x[c] & 0x7FFF) >= mid;
+        if (count >= kept) lo = mid; else hi = mid - 1;
+    }
+    memset(bitmap, 0, (size_t)d / 8);
+    for (c = 0; c < d; c++)
+        if ((x[c] & 0x7FFF) > lo) { bitmap[c >> 5] |= 1u << (c & 31); greater++; }
+    ties = kept - greater;
+    for (c = 0; c < d && ties > 0; c++)
+        if ((x[c] & 0x7FFF) == lo) { bitmap[c >> 5] |= 1u << (c & 31); ties--; }
+}
+
+static void mustafar__encode_record(const uint16_t *x, int d, int kept, size_t rec_bytes,
+                                    unsigned char *rec)
+{
+    uint32_t bitmap[8];
+    uint16_t *vals = (uint16_t *)(void *)(rec + d / 8);
+    int c, j = 0;
+    mustafar__select_kept(x, d, kept, bitmap);
+    memset(rec, 0, rec_bytes);
+    memcpy(rec, bitmap, (size_t)d / 8);
+    for (c = 0; c < d; c++)
+        if (bitmap[c >> 5] >> (c & 31) & 1u) vals[j++] = x[c];
+}
+
+/* Reads at most `kept` values, so a corrupt bitmap cannot read past the record. */
+static void mustafar__decode_record(const unsigned char *rec, int d, int kept, uint16_t *x)
+{
+    const uint16_t *vals = (const uint16_t *)(const void *)(rec + d / 8);
+    uint32_t word = 0;
+    int c, j = 0;
+    for (c = 0; c < d; c++) {
+        if ((c & 31) == 0) memcpy(&word, rec + c / 8, 4);
+        x[c] = (word >> (c & 31) & 1u) && j < kept ? vals[j++] : 0;
+    }
+}
+
+/* Dot product of a float query with a record, and record * weight added to acc. */
+static float mustafar__record_dot(const unsigned char *rec, int d, int kept, mustafar_dtype dt,
+                                  const float *q)
+{
+    const uint16_t *vals = (const uint16_t *)(const void *)(rec + d / 8);
+    float sum = 0.0f;
+    int w, j = 0;
+    for (w = 0; w < d / 32; w++) {
+        uint32_t word;
+        memcpy(&word, rec + 4 * w, 4);
+        while (word && j < kept) {
+            int b = mustafar__ctz32(word);
+            sum += q[32 * w + b] * mustafar__load(dt, vals[j++]);
+            word &= word - 1u;
+        }
+    }
+    return sum;
+}
+
+static void mustafar__record_axpy(const unsigned char *rec, int d, int kept, mustafar_dtype dt,
+                                  float weight, float *acc)
+{
+    const uint16_t *vals = (const uint16_t *)(const void *)(rec + d / 8);
+    int w, j = 0;
+    for (w = 0; w < d / 32; w++) {
+        uint32_t word;
+        memcpy(&word, rec + 4 * w, 4);
+        while (word && j < kept) {
+            int b = mustafar__ctz32(word);
+            acc[32 * w + b] += weight * mustafar__load(dt, vals[j++]);
+            word &= word - 1u;
+        }
+    }
+}
+
+/* ---- resolved layout and append jobs ---------------------------------------- */
+
+typedef struct mustafar__layout {
+    int head_dim, num_kv_heads, num_q_heads, group, page_size, window;
+    mustafar_dtype dtype;
+    float k_sparsity, v_sparsity;
+    int k_kept, v_kept;
+    size_t k_record, v_record;
+} mustafar__layout;
+
+/* One sequence of an append: positions [old_compressed, new_compressed) are
+   compressed into pages (from the window ring while < old_length, else from
+   the input), then positions [max(old_length, new_compressed), old_length +
+   new_tokens) are copied from the input into the window ring.  The layout of
+   this struct is shared with the kernels. */
+typedef struct mustafar__append_job {
+    int32_t row, old_length, new_tokens, input_offset;
+    int32_t old_compressed, new_compressed;
+    int32_t compress_offset;       /* exclusive prefix of compressed counts */
+    int32_t window_offset;         /* exclusive prefix of window writes */
+    int32_t pages_before;          /* table entries of the row valid before the call */
+    int32_t first_patch;           /* this row's first new entry in the patch list */
+} mustafar__append_job;
+
+static int32_t mustafar__job_window_first(const mustafar__append_job *j)
+{
+    return j->old_length > j->new_compressed ? j->old_length : j->new_compressed;
+}
+
+static mustafar_status mustafar__layout_from_kv(mustafar_context *ctx, const mustafar_paged_kv *kv,
+                                                mustafar__layout *L)
+{
+    mustafar_status st;
+    if (!kv) return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "paged_kv is NULL");
+    st = mustafar__check_format(ctx, kv->head_dim, kv->k_sparsity, kv->dtype);
+    if (st) return st;
+    st = mustafar__check_format(ctx, kv->head_dim, kv->v_sparsity, kv->dtype);
+    if (st) return st;
+    if (kv->num_kv_heads < 1 || kv->num_q_heads < 0 ||
+        (kv->num_q_heads && kv->num_q_heads % kv->num_kv_heads))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "num_q_heads %d must be a positive multiple of num_kv_heads %d",
+                              kv->num_q_heads, kv->num_kv_heads);
+    if (kv->page_size < 1 || kv->page_table_stride < 1 || kv->num_rows < 1 ||
+        kv->num_pages < 1 || kv->window_size < 0)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "paged_kv sizes must be positive (page_size %d, stride %d, "
+                              "rows %d, pages %d, window %d)", kv->page_size,
+                              kv->page_table_stride, kv->num_rows, kv->num_pages,
+                              kv->window_size);
+    if (!kv->k_pages || !kv->v_pages || !kv->page_table ||
+        (kv->window_size > 0 && (!kv->k_window || !kv->v_window)))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER,
+                              "paged_kv has a NULL pages, page_table or window pointer");
+    L->head_dim = kv->head_dim;
+    L->num_kv_heads = kv->num_kv_heads;
+    L->num_q_heads = kv->num_q_heads ? kv->num_q_heads : kv->num_kv_heads;
+    L->group = L->num_q_heads / L->num_kv_heads;
+    L->page_size = kv->page_size;
+    L->window = kv->window_size;
+    L->dtype = mustafar__resolve_dtype(kv->dtype);
+    L->k_sparsity = kv->k_sparsity;
+    L->v_sparsity = kv->v_sparsity;
+    L->k_kept = mustafar_kept_count(kv->head_dim, kv->k_sparsity);
+    L->v_kept = mustafar_kept_count(kv->head_dim, kv->v_sparsity);
+    L->k_record = mustafar_record_bytes(kv->head_dim, kv->k_sparsity, kv->dtype);
+    L->v_record = mustafar_record_bytes(kv->head_dim, kv->v_sparsity, kv->dtype);
+    return MUSTAFAR_OK;
+}
+
+/* Byte address of the record of (position, KV head) of a page-table row. */
+static size_t mustafar__record_offset(const mustafar__layout *L, int32_t page, int32_t position,
+                                      int head, size_t record)
+{
+    return (((size_t)page * L->num_kv_heads + head) * L->page_size +
+            (size_t)(position % L->page_size)) * record;
+}
+
+/* Element offset of (row, position, KV head) in a window ring. */
+static size_t mustafar__window_offset(const mustafar__layout *L, int32_t row, int32_t position,
+                                      int head)
+{
+    return (((size_t)row * L->window + (size_t)(position % L->window)) * L->num_kv_heads + head) *
+           L->head_dim;
+}
+
+/* ---- CPU backend ------------------------------------------------------------ */
+
+static void mustafar__cpu_append(const mustafar__layout *L, const mustafar_paged_kv *kv,
+                                 const mustafar__append_job *jobs, int njobs,
+                                 const uint16_t *k, const uint16_t *v)
+{
+    const int d = L->head_dim, hkv = L->num_kv_heads;
+    int i, h;
+    int32_t p;
+    for (i = 0; i < njobs; i++) {
+        const mustafar__append_job *j = &jobs[i];
+        const int32_t *table = kv->page_table + (size_t)j->row * kv->page_table_stride;
+        for (p = j->old_compressed; p < j->new_compressed; p++) {
+            int32_t page = table[p / L->page_size];
+            for (h = 0; h < hkv; h++) {
+                const uint16_t *ks, *vs;
+                if (p < j->old_length) {
+                    size_t w = mustafar__window_offset(L, j->row, p, h);
+                    ks = (const uint16_t *)kv->k_window + w;
+                    vs = (const uint16_t *)kv->v_window + w;
+                } else {
+                    size_t in = ((size_t)(j->input_offset + p - j->old_length) * hkv + h) * d;
+                    ks = k + in;
+                    vs = v + in;
+                }
+                mustafar__encode_record(ks, d, L->k_kept, L->k_record,
+                                        (unsigned char *)kv->k_pages +
+                                            mustafar__record_offset(L, page, p, h, L->k_record));
+                mustafar__encode_record(vs, d, L->v_kept, L->v_record,
+                                        (unsigned char *)kv->v_pages +
+                                            mustafar__record_offset(L, page, p, h, L->v_record));
+            }
+        }
+        for (p = mustafar__job_window_first(j); p < j->old_length + j->new_tokens; p++) {
+            size_t in = (size_t)(j->input_offset + p - j->old_length) * hkv * d;
+            size_t w = mustafar__window_offset(L, j->row, p, 0);
+            memcpy((uint16_t *)kv->k_window + w, k + in, (size_t)hkv * d * 2);
+            memcpy((uint16_t *)kv->v_window + w, v + in, (size_t)hkv * d * 2);
+        }
+    }
+}
+
+/* Two-pass softmax per (sequence, query head) in float: scores, max, then the
+   weighted sum of values.  `scores` holds the longest sequence. */
+static void mustafar__cpu_attention(const mustafar__layout *L, const mustafar_paged_kv *kv,
+                                    int nseq, const mustafar_paged_seq *seqs, const uint16_t *q,
+                                    uint16_t *out, float scale, float *scores)
+{
+    const int d = L->head_dim, hq = L->num_q_heads;
+    float qf[256], acc[256];
+    int i, h, c;
+    for (i = 0; i < nseq; i++) {
+        const mustafar_paged_seq *s = &seqs[i];
+        const int32_t *table = kv->page_table + (size_t)s->row * kv->page_table_stride;
+        const int32_t len = s->num_compressed + s->num_window;
+        for (h = 0; h < hq; h++) {
+            const int kvh = h / L->group;
+            const uint16_t *qh = q + ((size_t)i * hq + h) * d;
+            uint16_t *oh = out + ((size_t)i * hq + h) * d;
+            float mx = -INFINITY, sum = 0.0f;
+            int32_t p;
+            for (c = 0; c < d; c++) { qf[c] = mustafar__load(L->dtype, qh[c]); acc[c] = 0.0f; }
+            for (p = 0; p < len; p++) {
+                float sc = 0.0f;
+                if (p < s->num_compressed) {
+                    const unsigned char *rec = (const unsigned char *)kv->k_pages +
+                        mustafar__record_offset(L, table[p / L->page_size], p, kvh, L->k_record);
+                    sc = mustafar__record_dot(rec, d, L->k_kept, L->dtype, qf);
+                } else {
+                    const uint16_t *kw = (const uint16_t *)kv->k_window +
+                                         mustafar__window_offset(L, s->row, p, kvh);
+                    for (c = 0; c < d; c++) sc += qf[c] * mustafar__load(L->dtype, kw[c]);
+                }
+                scores[p] = sc * scale;
+                if (scores[p] > mx) mx = scores[p];
+            }
+            for (p = 0; p < len; p++) {
+                float w = expf(scores[p] - mx);
+                sum += w;
+                if (p < s->num_compressed) {
+                    const unsigned char *rec = (const unsigned char *)kv->v_pages +
+                        mustafar__record_offset(L, table[p / L->page_size], p, kvh, L->v_record);
+                    mustafar__record_axpy(rec, d, L->v_kept, L->dtype, w, acc);
+                } else {
+                    const uint16_t *vw = (const uint16_t *)kv->v_window +
+                                         mustafar__window_offset(L, s->row, p, kvh);
+                    for (c = 0; c < d; c++) acc[c] += w * mustafar__load(L->dtype, vw[c]);
+                }
+            }
+            for (c = 0; c < d; c++)
+                oh[c] = mustafar__store(L->dtype, len ? acc[c] / sum : 0.0f);
+        }
+    }
+}
+
+/* Checks a host-side sequence list against the layout: rows, counts and every
+   page id it will touch. */
+static mustafar_status mustafar__check_seqs_host(mustafar_context *ctx, const mustafar__layout *L,
+                                                 const mustafar_paged_kv *kv, int nseq,
+                                                 const mustafar_paged_seq *seqs, int32_t *max_len)
+{
+    int i;
+    *max_len = 0;
+    for (i = 0; i < nseq; i++) {
+        const mustafar_paged_seq *s = &seqs[i];
+        int32_t pages, p;
+        if (s->row < 0 || s->row >= kv->num_rows || s->num_compressed < 0 || s->num_window < 0 ||
+            s->num_window > L->window ||
+            s->num_compressed > (int64_t)kv->page_table_stride * L->page_size)
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                  "sequence %d: row %d, %d compressed, %d window tokens do not fit "
+                                  "the layout", i, s->row, s->num_compressed, s->num_window);
+        pages = (s->num_compressed + L->page_size - 1) / L->page_size;
+        for (p = 0; p < pages; p++) {
+            int32_t id = kv->page_table[(size_t)s->row * kv->page_table_stride + p];
+            if (id < 0 || id >= kv->num_pages)
+                return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                      "sequence %d: page table entry %d is %d, outside [0, %d)",
+                                      i, p, id, kv->num_pages);
+        }
+        if (s->num_compressed + s->num_window > *max_len)
+            *max_len = s->num_compressed + s->num_window;
+    }
+    return MUSTAFAR_OK;
+}
+
+/* ---- backend dispatch ------------------------------------------------------
+   The CUDA side (further down) implements these for device memory. */
+#ifndef MUSTAFAR_NO_CUDA
+static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar_context_desc *desc);
+static void mustafar__cuda_shutdown(mustafar_context *ctx);
+static mustafar_status mustafar__cuda_alloc(mustafar_context *ctx, void **p, size_t bytes);
+static void mustafar__cuda_free(mustafar_context *ctx, void *p);
+static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int head_dim,
+                                              float sparsity, mustafar_dtype dtype, const void *in,
+                                              void *out, size_t count);
+static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
+                                             const mustafar_paged_kv *kv,
+                                             const mustafar__append_job *jobs, int njobs,
+                                             const int32_t *patches, int npatches,
+                                             const void *k, const void *v);
+static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mustafar__layout *L,
+                                                const mustafar_paged_kv *kv, int nseq,
+                                                const mustafar_paged_seq *seqs, int seqs_on_host,
+                                                int32_t max_len, const void *q, void *out,
+                                                float scale);
+#endif
+
+enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
+
+static int mustafar__is_cuda(const mustafar_context *ctx)
+{
+    return ctx && ctx->backend == MUSTAFAR_BACKEND_CUDA;
+}
+
+static mustafar_status mustafar__backend_alloc(mustafar_context *ctx, void **p, size_t bytes)
+{
+#ifndef MUSTAFAR_NO_CUDA
+    if (mustafar__is_cuda(ctx)) return mustafar__cuda_alloc(ctx, p, bytes);
+#endif
+    *p = mustafar__calloc(bytes);
+    if (!*p)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                              "host allocation of %zu bytes failed", bytes);
+    return MUSTAFAR_OK;
+}
+
+static void mustafar__backend_free(mustafar_context *ctx, void *p)
+{
+    if (!p) return;
+#ifndef MUSTAFAR_NO_CUDA
+    if (mustafar__is_cuda(ctx)) { mustafar__cuda_free(ctx, p); return; }
+#endif
+    MUSTAFAR__UNUSED(ctx);
+    MUSTAFAR_FREE(p);
+}
+
+/* Runs an append (jobs in host memory); `patches` are (index, page) pairs to
+   store into the page table first (already applied to the host table). */
+static mustafar_status mustafar__backend_append(mustafar_context *ctx, const mustafar__layout *L,
+                                                const mustafar_paged_kv *kv,
+                                                const mustafar__append_job *jobs, int njobs,
+                                                const int32_t *patches, int npatches,
+                                                const void *k, const void *v)
+{
+#ifndef MUSTAFAR_NO_CUDA
+    if (mustafar__is_cuda(ctx))
+        return mustafar__cuda_append(ctx, L, kv, jobs, njobs, patches, npatches, k, v);
+#endif
+    MUSTAFAR__UNUSED(ctx);
+    MUSTAFAR__UNUSED(patches);
+    MUSTAFAR__UNUSED(npatches);
+    mustafar__cpu_append(L, kv, jobs, njobs, (const uint16_t *)k, (const uint16_t *)v);
+    return MUSTAFAR_OK;
+}
+
+static mustafar_status mustafar__backend_attention(mustafar_context *ctx, const mustafar__layout *L,
+                                                   const mustafar_paged_kv *kv, int nseq,
+                                                   const mustafar_paged_seq *seqs,
+                                                   int seqs_on_host, int32_t max_len,
+                                                   const void *q, void *out, float scale)
+{
+    float *scores;
+#ifndef MUSTAFAR_NO_CUDA
+    if (mustafar__is_cuda(ctx))
+        return mustafar__cuda_attention(ctx, L, kv, nseq, seqs, seqs_on_host, max_len, q, out,
+                                        scale);
+#endif
+    MUSTAFAR__UNUSED(seqs_on_host);
+    scores = (float *)MUSTAFAR_MALLOC(sizeof(float) * (size_t)(max_len ? max_len : 1));
+    if (!scores)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                              "host allocation of %d scores failed", max_len);
+    mustafar__cpu_attention(L, kv, nseq, seqs, (const uint16_t *)q, (uint16_t *)out, scale,
+                            scores);
+    MUSTAFAR_FREE(scores);
+    return MUSTAFAR_OK;
+}
+
+/* ---- context ------------------------------------------------------------------ */
+
+static void mustafar__copy_error(const mustafar_context_desc *desc, const char *msg)
+{
+    if (desc && desc->error_buffer && desc->error_buffer_size) {
+        size_t n = strlen(msg);
+        if (n >= desc->error_buffer_size) n = desc->error_buffer_size - 1;
+        memcpy(desc->error_buffer, msg, n);
+        desc->error_buffer[n] = 0;
+    }
+}
+
+MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc *desc,
+                                                     mustafar_context **out)
+{
+    mustafar_context_desc defaults;
+    mustafar_context *ctx;
+    mustafar_status st = MUSTAFAR_OK;
+    if (!out) return MUSTAFAR_ERROR_NULL_POINTER;
+    *out = NULL;
+    if (!desc) {
+        memset(&defaults, 0, sizeof defaults);
+        desc = &defaults;
+    }
+    if (desc->backend != MUSTAFAR_BACKEND_AUTO && desc->backend != MUSTAFAR_BACKEND_CPU &&
+        desc->backend != MUSTAFAR_BACKEND_CUDA) {
+        mustafar__copy_error(desc, "unknown backend");
+        return MUSTAFAR_ERROR_INVALID_ARGUMENT;
+    }
+    ctx = (mustafar_context *)mustafar__calloc(sizeof *ctx);
+    if (!ctx) {
+        mustafar__copy_error(desc, "host allocation of the context failed");
+        return MUSTAFAR_ERROR_OUT_OF_MEMORY;
+    }
+    ctx->backend = MUSTAFAR_BACKEND_CPU;
+    if (desc->backend != MUSTAFAR_BACKEND_CPU) {
+#ifdef MUSTAFAR_NO_CUDA
+        st = mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                            "CUDA backend unavailable: built with MUSTAFAR_NO_CUDA");
+#else
+        st = mustafar__cuda_init(ctx, desc);
+        if (!st) ctx->backend = MUSTAFAR_BACKEND_CUDA;
+#endif
+        if (st && desc->backend == MUSTAFAR_BACKEND_AUTO) {
+            char why[MUSTAFAR__MSG_CAP / 2];
+            memcpy(why, ctx->message, sizeof why - 1);
+            why[sizeof why - 1] = 0;
+            snprintf(ctx->message, sizeof ctx->message, "using the CPU backend: %s", why);
+            st = MUSTAFAR_OK;
+        }
+    }
+    if (st) {
+        mustafar__copy_error(desc, ctx->message);
+        MUSTAFAR_FREE(ctx);
+        return st;
+    }
+    *out = ctx;
+    return MUSTAFAR_OK;
+}
+
+MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx)
+{
+    if (!ctx) return;
+#ifndef MUSTAFAR_NO_CUDA
+    if (ctx->backend == MUSTAFAR_BACKEND_CUDA) mustafar__cuda_shutdown(ctx);
+#endif
+    MUSTAFAR_FREE(ctx);
+}
+
+/* ---- stateless operations ------------------------------------------------------ */
+
+static mustafar_status mustafar__records_op(mustafar_context *ctx, int op, int head_dim,
+                                            float sparsity, mustafar_dtype dtype, const void *in,
+                                            void *out, size_t count)
+{
+    mustafar_status st = mustafar__check_format(ctx, head_dim, sparsity, dtype);
+    int kept;
+    size_t rec, i;
+    if (st) return st;
+    if (count && (!in || !out))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "input or output is NULL");
+    if (!count) return MUSTAFAR_OK;
+#ifndef MUSTAFAR_NO_CUDA
+    if (mustafar__is_cuda(ctx))
+        return mustafar__cuda_records(ctx, op, head_dim, sparsity,
+                                      mustafar__resolve_dtype(dtype), in, out, count);
+#endif
+    kept = mustafar_kept_count(head_dim, sparsity);
+    rec = mustafar_record_bytes(head_dim, sparsity, dtype);
+    for (i = 0; i < count; i++) {
+        const uint16_t *x = (const uint16_t *)in + i * head_dim;
+        uint16_t *y = (uint16_t *)out + i * head_dim;
+        if (op == MUSTAFAR__OP_PRUNE) {
+            uint32_t bitmap[8];
+            int c;
+            mustafar__select_kept(x, head_dim, kept, bitmap);
+            for (c = 0; c < head_dim; c++)
+                y[c] = (bitmap[c >> 5] >> (c & 31) & 1u) ? x[c] : 0;
+        } else if (op == MUSTAFAR__OP_COMPRESS) {
+            mustafar__encode_record(x, head_dim, kept, rec, (unsigned char *)out + i * rec);
+        } else {
+            mustafar__decode_record((const unsigned char *)in + i * rec, head_dim, kept, y);
+        }
+    }
+    return MUSTAFAR_OK;
+}
+
+MUSTAFAR_API mustafar_status mustafar_prune(mustafar_context *ctx, int head_dim, float sparsity,
+                                            mustafar_dtype dtype, const void *x, void *y,
+                                            size_t count)
+{
+    return mustafar__records_op(ctx, MUSTAFAR__OP_PRUNE, head_dim, sparsity, dtype, x, y, count);
+}
+
+MUSTAFAR_API mustafar_status mustafar_compress(mustafar_context *ctx, int head_dim, float sparsity,
+                                               mustafar_dtype dtype, const void *x, void *records,
+                                               size_t count)
+{
+    return mustafar__records_op(ctx, MUSTAFAR__OP_COMPRESS, head_dim, sparsity, dtype, x, records,
+                                count);
+}
+
+MUSTAFAR_API mustafar_status mustafar_decompress(mustafar_context *ctx, int head_dim, float sparsity,
+                                                 mustafar_dtype dtype, const void *records, void *x,
+                                                 size_t count)
+{
+    return mustafar__records_op(ctx, MUSTAFAR__OP_DECOMPRESS, head_dim, sparsity, dtype, records, x,
+                                count);
+}
+
+MUSTAFAR_API mustafar_status mustafar_paged_write(mustafar_context *ctx, const mustafar_paged_kv *kv,
+                                                  int nseq, const int32_t *rows,
+                                                  const int32_t *first_position,
+                                                  const int32_t *ntokens, const void *k,
+                                                  const void *v)
+{
+    mustafar__layout L;
+    mustafar__append_job *jobs;
+    mustafar_status st = mustafar__layout_from_kv(ctx, kv, &L);
+    int64_t total = 0;
+    int i;
+    if (st) return st;
+    if (nseq < 0)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "nseq %d is negative", nseq);
+    if (nseq && (!rows || !first_position || !ntokens))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER,
+                              "rows, first_position or ntokens is NULL");
+    for (i = 0; i < nseq; i++) {
+        const int64_t capacity = (int64_t)kv->page_table_stride * L.page_size;
+        if (rows[i] < 0 || rows[i] >= kv->num_rows || first_position[i] < 0 || ntokens[i] < 0 ||
+            (int64_t)first_position[i] + ntokens[i] > capacity)
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                  "sequence %d: row %d, positions [%d, %d) do not fit %d rows of "
+                                  "%lld positions", i, rows[i], first_position[i],
+                                  first_position[i] + ntokens[i], kv->num_rows,
+                                  (long long)capacity);
+        total += ntokens[i];
+    }
+    if (total > INT32_MAX)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "too many tokens in one call");
+    if (total && (!k || !v))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "k or v is NULL");
+    if (!total) return MUSTAFAR_OK;
+    if (!mustafar__is_cuda(ctx)) {
+        for (i = 0; i < nseq; i++) {
+            mustafar_paged_seq s;
+            int32_t unused;
+            s.row = rows[i];
+            s.num_compressed = first_position[i] + ntokens[i];
+            s.num_window = 0;
+            s.reserved = 0;
+            st = mustafar__check_seqs_host(ctx, &L, kv, 1, &s, &unused);
+            if (st) return st;
+        }
+    }
+    jobs = (mustafar__append_job *)mustafar__calloc(sizeof *jobs * (size_t)nseq);
+    if (!jobs) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    total = 0;
+    for (i = 0; i < nseq; i++) {
+        jobs[i].row = rows[i];
+        jobs[i].old_length = first_position[i];
+        jobs[i].new_tokens = ntokens[i];
+        jobs[i].input_offset = (int32_t)total;
+        jobs[i].old_compressed = first_position[i];
+        jobs[i].new_compressed = first_position[i] + ntokens[i];
+        jobs[i].compress_offset = (int32_t)total;
+        jobs[i].window_offset = 0;
+        jobs[i].pages_before = INT32_MAX;
+        jobs[i].first_patch = 0;
+        total += ntokens[i];
+    }
+    st = mustafar__backend_append(ctx, &L, kv, jobs, nseq, NULL, 0, k, v);
+    MUSTAFAR_FREE(jobs);
+    return st;
+}
+
+static float mustafar__resolve_scale(float scale, int head_dim)
+{
+    return scale != 0.0f ? scale : (float)(1.0 / sqrt((double)head_dim));
+}
+
+MUSTAFAR_API mustafar_status mustafar_paged_attention(mustafar_context *ctx,
+                                                      const mustafar_paged_kv *kv, int nseq,
+                                                      const mustafar_paged_seq *seqs,
+                                                      const void *q, void *out, float scale)
+{
+    mustafar__layout L;
+    mustafar_status st = mustafar__layout_from_kv(ctx, kv, &L);
+    int32_t max_len;
+    if (st) return st;
+    if (nseq < 0)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "nseq %d is negative", nseq);
+    if (!nseq) return MUSTAFAR_OK;
+    if (!seqs || !q || !out)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "seqs, q or out is NULL");
+    if (mustafar__is_cuda(ctx)) {
+        /* lengths live on the device: bound them by what the layout can hold */
+        max_len = (int32_t)((int64_t)kv->page_table_stride * L.page_size + L.window);
+    } else {
+        st = mustafar__check_seqs_host(ctx, &L, kv, nseq, seqs, &max_len);
+        if (st) return st;
+    }
+    return mustafar__backend_attention(ctx, &L, kv, nseq, seqs, 0, max_len, q, out,
+                                       mustafar__resolve_scale(scale, L.head_dim));
+}
+
+/* ---- cache object ----------------------------------------------------------------
+   Host-side bookkeeping (page tables, lengths, free pages) drives the backend;
+   sequence ids are page-table rows.  Every call validates all of its input
+   and checks capacity before it changes anything. */
+
+struct mustafar_cache {
+    mustafar_context *ctx;
+    mustafar_cache_desc desc;      /* with defaults resolved */
+    mustafar__layout layout;
+    int num_pages, pages_per_sequence;
+    size_t k_layer_bytes, v_layer_bytes, window_layer_elems;
+    unsigned char *k_pool, *v_pool;          /* backend memory */
+    uint16_t *k_window, *v_window;           /* backend memory */
+    int32_t *table_device;                   /* backend memory (== table on CPU) */
+    int32_t *table;                          /* host [max_sequences][pages_per_sequence] */
+    int32_t *length;                         /* host [max_sequences][num_layers] */
+    int32_t *pages_held;                     /* host [max_sequences] */
+    unsigned char *live;                     /* host [max_sequences] */
+    int32_t *free_pages;                     /* host stack of free page ids */
+    int free_count, live_count;
+};
+
+static void mustafar__cache_free_all(mustafar_cache *c)
+{
+    mustafar__backend_free(c->ctx, c->k_pool);
+    mustafar__backend_free(c->ctx, c->v_pool);
+    mustafar__backend_free(c->ctx, c->k_window);
+    mustafar__backend_free(c->ctx, c->v_window);
+    if (c->table_device != c->table) mustafar__backend_free(c->ctx, c->table_device);
+    MUSTAFAR_FREE(c->table);
+    MUSTAFAR_FREE(c->length);
+    MUSTAFAR_FREE(c->pages_held);
+    MUSTAFAR_FREE(c->live);
+    MUSTAFAR_FREE(c->free_pages);
+    MUSTAFAR_FREE(c);
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
+                                                   const mustafar_cache_desc *desc,
+                                                   mustafar_cache **out)
+{
+    mustafar_cache_desc d;
+    mustafar_cache *c;
+    mustafar__layout *L;
+    mustafar_status st;
+    int64_t pages;
+    int i;
+    if (!ctx || !desc || !out)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "ctx, desc or out is NULL");
+    *out = NULL;
+    d = *desc;
+    if (!d.head_dim) d.head_dim = 128;
+    if (!d.num_q_heads) d.num_q_heads = d.num_kv_heads;
+    if (!d.page_size) d.page_size = 16;
+    if (!d.max_sequences) d.max_sequences = 64;
+    if (!d.max_sequence_length && d.capacity_tokens > 0)
+        d.max_sequence_length = d.capacity_tokens > INT32_MAX / 2 ? INT32_MAX / 2
+                                                                  : (int)d.capacity_tokens;
+    d.dtype = mustafar__resolve_dtype(d.dtype);
+    st = mustafar__check_format(ctx, d.head_dim, d.k_sparsity, d.dtype);
+    if (!st) st = mustafar__check_format(ctx, d.head_dim, d.v_sparsity, d.dtype);
+    if (st) return st;
+    if (d.num_layers < 1 || d.num_kv_heads < 1 || d.num_q_heads < 1 ||
+        d.num_q_heads % d.num_kv_heads || d.dense_window < 0 || d.page_size < 1 ||
+        d.capacity_tokens < 1 || d.max_sequences < 1 || d.max_sequence_length < 1 ||
+        d.max_sequence_length > INT32_MAX / 2)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "invalid cache descriptor: layers %d, kv heads %d, q heads %d "
+                              "(a multiple of kv heads), window %d, page size %d, capacity %lld, "
+                              "max sequences %d, max length %d", d.num_layers, d.num_kv_heads,
+                              d.num_q_heads, d.dense_window, d.page_size,
+                              (long long)d.capacity_tokens, d.max_sequences,
+                              d.max_sequence_length);
+    pages = (d.capacity_tokens + d.page_size - 1) / d.page_size;
+    if (pages > INT32_MAX / 2)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "capacity_tokens too large");
+    c = (mustafar_cache *)mustafar__calloc(sizeof *c);
+    if (!c) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    c->ctx = ctx;
+    c->desc = d;
+    L = &c->layout;
+    L->head_dim = d.head_dim;
+    L->num_kv_heads = d.num_kv_heads;
+    L->num_q_heads = d.num_q_heads;
+    L->group = d.num_q_heads / d.num_kv_heads;
+    L->page_size = d.page_size;
+    L->window = d.dense_window;
+    L->dtype = d.dtype;
+    L->k_sparsity = d.k_sparsity;
+    L->v_sparsity = d.v_sparsity;
+    L->k_kept = mustafar_kept_count(d.head_dim, d.k_sparsity);
+    L->v_kept = mustafar_kept_count(d.head_dim, d.v_sparsity);
+    L->k_record = mustafar_record_bytes(d.head_dim, d.k_sparsity, d.dtype);
+    L->v_record = mustafar_record_bytes(d.head_dim, d.v_sparsity, d.dtype);
+    c->num_pages = (int)pages;
+    c->pages_per_sequence = (d.max_sequence_length + d.page_size - 1) / d.page_size;
+    c->k_layer_bytes = (size_t)pages * d.num_kv_heads * d.page_size * L->k_record;
+    c->v_layer_bytes = (size_t)pages * d.num_kv_heads * d.page_size * L->v_record;
+    c->window_layer_elems = (size_t)d.max_sequences * d.dense_window * d.num_kv_heads * d.head_dim;
+    c->table = (int32_t *)mustafar__calloc(sizeof(int32_t) * (size_t)d.max_sequences *
+                                           c->pages_per_sequence);
+    c->length = (int32_t *)mustafar__calloc(sizeof(int32_t) * (size_t)d.max_sequences *
+                                            d.num_layers);
+    c->pages_held = (int32_t *)mustafar__calloc(sizeof(int32_t) * (size_t)d.max_sequences);
+    c->live = (unsigned char *)mustafar__calloc((size_t)d.max_sequences);
+    c->free_pages = (int32_t *)mustafar__calloc(sizeof(int32_t) * (size_t)pages);
+    if (!c->table || !c->length || !c->pages_held || !c->live || !c->free_pages) {
+        mustafar__cache_free_all(c);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    }
+    /* pages are handed out lowest id first */
+    for (i = 0; i < (int)pages; i++) c->free_pages[i] = (int32_t)(pages - 1 - i);
+    c->free_count = (int)pages;
+    st = mustafar__backend_alloc(ctx, (void **)&c->k_pool, c->k_layer_bytes * d.num_layers);
+    if (!st) st = mustafar__backend_alloc(ctx, (void **)&c->v_pool, c->v_layer_bytes * d.num_layers);
+    if (!st && c->window_layer_elems) {
+        st = mustafar__backend_alloc(ctx, (void **)&c->k_window,
+                                     2 * c->window_layer_elems * d.num_layers);
+        if (!st)
+            st = mustafar__backend_alloc(ctx, (void **)&c->v_window,
+                                         2 * c->window_layer_elems * d.num_layers);
+    }
+    if (!st) {
+        if (mustafar__is_cuda(ctx))
+            st = mustafar__backend_alloc(ctx, (void **)&c->table_device,
+                                         sizeof(int32_t) * (size_t)d.max_sequences *
+                                             c->pages_per_sequence);
+        else
+            c->table_device = c->table;
+    }
+    if (st) {
+        mustafar__cache_free_all(c);
+        return st;
+    }
+    *out = c;
+    return MUSTAFAR_OK;
+}
+
+MUSTAFAR_API void mustafar_cache_destroy(mustafar_cache *cache)
+{
+    if (cache) mustafar__cache_free_all(cache);
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_add_sequence(mustafar_cache *cache, int *seq_id)
+{
+    int i;
+    if (!cache || !seq_id)
+        return mustafar__fail(cache ? cache->ctx : NULL, MUSTAFAR_ERROR_NULL_POINTER,
+                              "cache or seq_id is NULL");
+    for (i = 0; i < cache->desc.max_sequences; i++) {
+        if (!cache->live[i]) {
+            cache->live[i] = 1;
+            cache->pages_held[i] = 0;
+            memset(cache->length + (size_t)i * cache->desc.num_layers, 0,
+                   sizeof(int32_t) * (size_t)cache->desc.num_layers);
+            cache->live_count++;
+            *seq_id = i;
+            return MUSTAFAR_OK;
+        }
+    }
+    return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_TOO_MANY_SEQUENCES,
+                          "all %d sequences are in use", cache->desc.max_sequences);
+}
+
+static int mustafar__cache_live(const mustafar_cache *c, int id)
+{
+    return id >= 0 && id < c->desc.max_sequences && c->live[id];
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_remove_sequence(mustafar_cache *cache, int seq_id)
+{
+    int32_t p;
+    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
+    if (!mustafar__cache_live(cache, seq_id))
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_UNKNOWN_SEQUENCE,
+                              "sequence %d is not in the cache", seq_id);
+    for (p = cache->pages_held[seq_id] - 1; p >= 0; p--)
+        cache->free_pages[cache->free_count++] =
+            cache->table[(size_t)seq_id * cache->pages_per_sequence + p];
+    cache->pages_held[seq_id] = 0;
+    cache->live[seq_id] = 0;
+    cache->live_count--;
+    return MUSTAFAR_OK;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_layer_view(const mustafar_cache *cache, int layer,
+                                                       mustafar_paged_kv *out)
+{
+    const mustafar_cache_desc *d;
+    if (!cache || !out) return MUSTAFAR_ERROR_NULL_POINTER;
+    d = &cache->desc;
+    if (layer < 0 || layer >= d->num_layers)
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "layer %d outside [0, %d)", layer, d->num_layers);
+    memset(out, 0, sizeof *out);
+    out->head_dim = d->head_dim;
+    out->dtype = d->dtype;
+    out->k_sparsity = d->k_sparsity;
+    out->v_sparsity = d->v_sparsity;
+    out->num_kv_heads = d->num_kv_heads;
+    out->num_q_heads = d->num_q_heads;
+    out->page_size = d->page_size;
+    out->k_pages = cache->k_pool + cache->k_layer_bytes * layer;
+    out->v_pages = cache->v_pool + cache->v_layer_bytes * layer;
+    out->page_table = cache->table_device;
+    out->page_table_stride = cache->pages_per_sequence;
+    out->num_rows = d->max_sequences;
+    out->num_pages = cache->num_pages;
+    out->window_size = d->dense_window;
+    if (d->dense_window) {
+        out->k_window = cache->k_window + cache->window_layer_elems * layer;
+        out->v_window = cache->v_window + cache->window_layer_elems * layer;
+    }
+    return MUSTAFAR_OK;
+}
+
+static int32_t mustafar__cache_compressed(const mustafar_cache *c, int32_t length)
+{
+    return length > c->desc.dense_window ? length - c->desc.dense_window : 0;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *cache, int seq_id,
+                                                          int layer, mustafar_paged_seq *out)
+{
+    int32_t len;
+    if (!cache || !out) return MUSTAFAR_ERROR_NULL_POINTER;
+    if (layer < 0 || layer >= cache->desc.num_layers)
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "layer %d outside [0, %d)", layer, cache->desc.num_layers);
+    if (!mustafar__cache_live(cache, seq_id))
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_UNKNOWN_SEQUENCE,
+                              "sequence %d is not in the cache", seq_id);
+    len = cache->length[(size_t)seq_id * cache->desc.num_layers + layer];
+    out->row = seq_id;
+    out->num_compressed = mustafar__cache_compressed(cache, len);
+    out->num_window = len - out->num_compressed;
+    out->reserved = 0;
+    return MUSTAFAR_OK;
+}
+
+MUSTAFAR_API int mustafar_cache_sequence_length(const mustafar_cache *cache, int seq_id, int layer)
+{
+    if (!cache || layer < 0 || layer >= cache->desc.num_layers ||
+        !mustafar__cache_live(cache, seq_id))
+        return -1;
+    return cache->length[(size_t)seq_id * cache->desc.num_layers + layer];
+}
+
+/* Common checks of append and attention: layer, count, ids live and distinct. */
+static mustafar_status mustafar__cache_check_ids(mustafar_cache *c, int layer, int nseq,
+                                                 const int *seq_ids)
+{
+    int i, j;
+    if (layer < 0 || layer >= c->desc.num_layers)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "layer %d outside [0, %d)",
+                              layer, c->desc.num_layers);
+    if (nseq < 0 || nseq > c->desc.max_sequences)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "nseq %d outside [0, %d]", nseq, c->desc.max_sequences);
+    if (nseq && !seq_ids)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_NULL_POINTER, "seq_ids is NULL");
+    for (i = 0; i < nseq; i++) {
+        if (!mustafar__cache_live(c, seq_ids[i]))
+            return mustafar__fail(c->ctx, MUSTAFAR_ERROR_UNKNOWN_SEQUENCE,
+                                  "seq_ids[%d] = %d is not in the cache", i, seq_ids[i]);
+        for (j = 0; j < i; j++)
+            if (seq_ids[j] == seq_ids[i])
+                return mustafar__fail(c->ctx, MUSTAFAR_ERROR_DUPLICATE_SEQUENCE,
+                                      "sequence %d appears twice (seq_ids[%d] and [%d])",
+                                      seq_ids[i], j, i);
+    }
+    return MUSTAFAR_OK;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int layer, int nseq,
+                                                   const int *seq_ids, const int *ntokens,
+                                                   const void *k, const void *v)
+{
+    mustafar_paged_kv kv;
+    mustafar__append_job *jobs;
+    int32_t *patches;
+    int64_t total = 0, pages_needed = 0;
+    int32_t compress_total = 0, window_total = 0;
+    int i, npatches = 0, old_free;
+    mustafar_status st;
+    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
+    st = mustafar__cache_check_ids(cache, layer, nseq, seq_ids);
+    if (st) return st;
+    if (nseq && !ntokens)
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "ntokens is NULL");
+    for (i = 0; i < nseq; i++) {
+        int id = seq_ids[i];
+        int32_t len = cache->length[(size_t)id * cache->desc.num_layers + layer];
+        int32_t need;
+        if (ntokens[i] < 0)
+            return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                  "ntokens[%d] = %d is negative", i, ntokens[i]);
+        if ((int64_t)len + ntokens[i] > cache->desc.max_sequence_length)
+            return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_SEQUENCE_TOO_LONG,
+                                  "sequence %d: %d + %d tokens exceed max_sequence_length %d", id,
+                                  len, ntokens[i], cache->desc.max_sequence_length);
+        total += ntokens[i];
+        need = (mustafar__cache_compressed(cache, len + ntokens[i]) + cache->desc.page_size - 1) /
+               cache->desc.page_size;
+        if (need > cache->pages_held[id]) pages_needed += need - cache->pages_held[id];
+    }
+    if (total > INT32_MAX)
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "too many tokens in one call");
+    if (!total) return MUSTAFAR_OK;
+    if (!k || !v) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "k or v is NULL");
+    if (pages_needed > cache->free_count)
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_POOL_FULL,
+                              "the append needs %lld new pages, %d are free",
+                              (long long)pages_needed, cache->free_count);
+    jobs = (mustafar__append_job *)mustafar__calloc(sizeof *jobs * (size_t)nseq);
+    patches = (int32_t *)mustafar__calloc(sizeof(int32_t) * 2 * (size_t)(pages_needed + 1));
+    if (!jobs || !patches) {
+        MUSTAFAR_FREE(jobs);
+        MUSTAFAR_FREE(patches);
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    }
+    /* From here on nothing can fail but the backend itself. */
+    old_free = cache->free_count;
+    total = 0;
+    for (i = 0; i < nseq; i++) {
+        int id = seq_ids[i];
+        mustafar__append_job *j = &jobs[i];
+        int32_t len = cache->length[(size_t)id * cache->desc.num_layers + layer];
+        int32_t need;
+        j->row = id;
+        j->old_length = len;
+        j->new_tokens = ntokens[i];
+        j->input_offset = (int32_t)total;
+        j->old_compressed = mustafar__cache_compressed(cache, len);
+        j->new_compressed = mustafar__cache_compressed(cache, len + ntokens[i]);
+        j->compress_offset = compress_total;
+        j->window_offset = window_total;
+        j->pages_before = cache->pages_held[id];
+        j->first_patch = npatches;
+        compress_total += j->new_compressed - j->old_compressed;
+        window_total += len + ntokens[i] - mustafar__job_window_first(j);
+        total += ntokens[i];
+        need = (j->new_compressed + cache->desc.page_size - 1) / cache->desc.page_size;
+        while (cache->pages_held[id] < need) {
+            int32_t index = id * cache->pages_per_sequence + cache->pages_held[id]++;
+            int32_t page = cache->free_pages[--cache->free_count];
+            cache->table[index] = page;
+            patches[2 * npatches] = index;
+            patches[2 * npatches + 1] = page;
+            npatches++;
+        }
+    }
+    mustafar_cache_layer_view(cache, layer, &kv);
+    st = mustafar__backend_append(cache->ctx, &cache->layout, &kv, jobs, nseq, patches, npatches,
+                                  k, v);
+    if (st) {
+        /* give the new pages back; lengths were not touched */
+        for (i = nseq - 1; i >= 0; i--) {
+            int id = seq_ids[i];
+            int32_t need = (jobs[i].old_compressed + cache->desc.page_size - 1) /
+                           cache->desc.page_size;
+            int32_t lmax = 0, l;
+            for (l = 0; l < cache->desc.num_layers; l++) {
+                int32_t cl = mustafar__cache_compressed(
+                    cache, cache->length[(size_t)id * cache->desc.num_layers + l]);
+                if (cl > lmax) lmax = cl;
+            }
+            need = (lmax + cache->desc.page_size - 1) / cache->desc.page_size;
+            while (cache->pages_held[id] > need) {
+                cache->pages_held[id]--;
+                cache->free_pages[cache->free_count++] =
+                    cache->table[id * cache->pages_per_sequence + cache->pages_held[id]];
+            }
+        }
+        MUSTAFAR_ASSERT(cache->free_count == old_free);
+    } else {
+        for (i = 0; i < nseq; i++)
+            cache->length[(size_t)seq_ids[i] * cache->desc.num_layers + layer] += ntokens[i];
+    }
+    MUSTAFAR_FREE(jobs);
+    MUSTAFAR_FREE(patches);
+    return st;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_attention(mustafar_cache *cache, int layer, int nseq,
+                                                      const int *seq_ids, const void *q, void *out,
+                                                      float scale)
+{
+    mustafar_paged_kv kv;
+    mustafar_paged_seq *seqs;
+    int32_t max_len = 0;
+    int i;
+    mustafar_status st;
+    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
+    st = mustafar__cache_check_ids(cache, layer, nseq, seq_ids);
+    if (st) return st;
+    if (!nseq) return MUSTAFAR_OK;
+    if (!q || !out) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "q or out is NULL");
+    seqs = (mustafar_paged_seq *)mustafar__calloc(sizeof *seqs * (size_t)nseq);
+    if (!seqs) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    for (i = 0; i < nseq; i++) {
+        mustafar_cache_sequence_view(cache, seq_ids[i], layer, &seqs[i]);
+        if (seqs[i].num_compressed + seqs[i].num_window > max_len)
+            max_len = seqs[i].num_compressed + seqs[i].num_window;
+    }
+    mustafar_cache_layer_view(cache, layer, &kv);
+    st = mustafar__backend_attention(cache->ctx, &cache->layout, &kv, nseq, seqs, 1, max_len, q,
+                                     out, mustafar__resolve_scale(scale, cache->desc.head_dim));
+    MUSTAFAR_FREE(seqs);
+    return st;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cache,
+                                                      mustafar_cache_stats *out)
+{
+    const mustafar_cache_desc *d;
+    const mustafar__layout *L;
+    int64_t dense_vector_bytes, windowed = 0;
+    int i, l;
+    if (!cache || !out) return MUSTAFAR_ERROR_NULL_POINTER;
+    d = &cache->desc;
+    L = &cache->layout;
+    memset(out, 0, sizeof *out);
+    out->sequences = cache->live_count;
+    out->pages_total = cache->num_pages;
+    out->pages_used = cache->num_pages - cache->free_count;
+    for (i = 0; i < d->max_sequences; i++) {
+        if (!cache->live[i]) continue;
+        for (l = 0; l < d->num_layers; l++) {
+            int32_t len = cache->length[(size_t)i * d->num_layers + l];
+            int32_t comp = mustafar__cache_compressed(cache, len);
+            out->token_vectors += (int64_t)len * d->num_kv_heads;
+            out->compressed_vectors += (int64_t)comp * d->num_kv_heads;
+            windowed += (int64_t)(len - comp) * d->num_kv_heads;
+        }
+    }
+    dense_vector_bytes = (int64_t)d->head_dim * 2;
+    out->record_bytes = out->compressed_vectors * (int64_t)(L->k_record + L->v_record) +
+                        windowed * 2 * dense_vector_bytes;
+    out->dense_bytes = out->token_vectors * 2 * dense_vector_bytes;
+    out->reserved_bytes = out->pages_used * (int64_t)(cache->k_layer_bytes + cache->v_layer_bytes) /
+                              cache->num_pages * d->num_layers +
+                          (int64_t)cache->live_count * d->num_layers * d->dense_window *
+                              d->num_kv_heads * 2 * dense_vector_bytes;
+    out->compression_ratio = out->dense_bytes ? (double)out->record_bytes / out->dense_bytes : 0.0;
+    return MUSTAFAR_OK;
+}
+
+/* ---- CUDA backend: embedded kernel source ------------------------------------ */
+#ifndef MUSTAFAR_NO_CUDA
+
+/* BEGIN EMBEDDED mustafar_kernels.cuh (generated by amalgamate.py; edit that file instead) */
+static const char *const mustafar__kernel_source[] = {
+"/* mustafar_kernels.cuh - CUDA kernels of mustafar.h, compiled at run time by\n"
+"   NVRTC (amalgamate.py embeds this file into mustafar.h).  It includes no\n"
+"   header: NVRTC has no include path on a user's machine.\n"
+"\n"
+"   Compile-time constants (-D options, one compiled library per cache shape):\n"
+"     MUSTAFAR_D           head_dim: 64, 128 or 256\n"
+"     MUSTAFAR_BF16        1: bf16 elements, 0: fp16\n"
+"     MUSTAFAR_K_KEPT      elements kept per K record (V: MUSTAFAR_V_KEPT)\n"
+"     MUSTAFAR_GROUP       query heads per KV head\n"
+"     MUSTAFAR_PAGE_SIZE   token positions per page\n"
+"     MUSTAFAR_WARPS       warps per attention block\n"
+"     MUSTAFAR_SM          target SM (75, 80, 86, 89, 90, ...)\n"
+"\n"
+"   Buffers (element = 16-bit fp16/bf16 bits; shapes outermost first):\n"
+"     record      [D/8 bytes bitmap][KEPT elements][zero pad to 16 bytes]\n"
+"     pages       [num_pages][Hkv][PAGE_SIZE][record]\n"
+"     page_table  [rows][table_stride] int32 page ids\n"
+"     window      [rows][window][Hkv][D] ring, position p at slot p % window\n"
+"     q, out      [nseq][Hq][D]\n"
+"     partial_o   [nseq][Hq][splits][D] float, unnormalised\n"
+"     partial_ml  [nseq][Hq][splits][2] float: running max (log2 units), sum */\n"
+"\n"
+"#define D MUSTAFAR_D\n"
+"#define E (D / 32)                         /* channels per lane in a warp */\n"
+"#define BITMAP_BYTES (D / 8)\n"
+"#define RECORD_BYTES(kept) (((BITMAP_BYTES + 2 * (kept) + 15) / 16) * 16)\n"
+"#define K_RECORD RECORD_BYTES(MUSTAFAR_K_KEPT)\n"
+"#define V_RECORD RECORD_BYTES(MUSTAFAR_V_KEPT)\n"
+"#define TILE 16                            /* positions per warp tile = mma M/K */\n"
+"#define ROW (D + 8)                        /* smem row stride in elements: 16 B pad */\n"
+"#define HEAD_ROWS (MUSTAFAR_GROUP < 16 ? MUSTAFAR_GROUP : 16)\n"
+"#define NEG_INF (-__int_as_float(0x7f800000))\n"
+"/* attention blocks per SM the register budget is sized for */\n"
+"#define MIN_BLOCKS (D == 256 ? 1 : 16 / MUSTAFAR_WARPS)\n"
+"\n"
+"typedef unsigned short u16;\n"
+"typedef unsigned int u32;\n"
+"typedef unsigned long long u64;\n"
+"\n"
+"/* Same bytes as mustafar__append_job and mustafar_paged_seq on the host. */\n"
+"struct append_job {\n"
+"    int row, old_length, new_tokens, input_offset;\n"
+"    int old_compressed, new_compressed, compress_offset, window_offset;\n"
+"    int pages_before, first_patch;\n"
+"};\n"
+"struct paged_seq { int row, num_compressed, num_window, reserved; };\n"
+"\n"
+"/* ---- element conversions ------------------------------------------------- */\n"
+"\n"
+"__device__ __forceinline__ float to_float(u16 h)\n"
+"{\n"
+"#if MUSTAFAR_BF16\n"
+"    return __int_as_float((u32)h << 16);\n"
+"#else\n"
+"    float f;\n"
+"    asm(\"{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }\" : \"=f\"(f) : \"h\"(h));\n"
+"    return f;\n"
+"#endif\n"
+"}\n"
+"\n"
+"__device__ __forceinline__ u16 from_float(float f)\n"
+"{\n"
+"#if MUSTAFAR_BF16\n"
+"    u32 x = __float_as_uint(f);\n"
+"    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);\n"
+"    return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);\n"
+"#else\n"
+"    u16 h;\n"
+"    asm(\"{ .reg .b16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }\" : \"=h\"(h) : \"f\"(f));\n"
+"    return h;\n"
+"#endif\n"
+"}\n"
+"\n"
+"__device__ __forceinline__ u32 pack2(float lo, float hi)\n"
+"{\n"
+"    return (u32)from_float(lo) | ((u32)from_float(hi) << 16);\n"
+"}\n"
+"\n"
+"/* ---- warp and shared-memory helpers --------------------------------------- */\n"
+"\n"
+"__device__ __forceinline__ u32 smem_addr(const void *p)\n"
+"{\n"
+"    return (u32)__cvta_generic_to_shared(p);\n"
+"}\n"
+"\n"
+"/* 16-byte global -> shared copy; asynchronous from sm_80 on. */\n"
+"__device__ __forceinline__ void copy16(void *dst, const void *src)\n"
+"{\n"
+"#if MUSTAFAR_SM >= 80\n"
+"    asm volatile(\"cp.async.cg.shared.global [%0], [%1], 16;\" ::\"r\"(smem_addr(dst)), \"l\"(src));\n"
+"#else\n"
+"    *(uint4 *)dst = *(const uint4 *)src;\n"
+"#endif\n"
+"}\n"
+"__device__ __forceinline__ void copy_commit()\n"
+"{\n"
+"#if MUSTAFAR_SM >= 80\n",
+"    asm volatile(\"cp.async.commit_group;\");\n"
+"#endif\n"
+"}\n"
+"/* Waits until at most one committed group is still in flight. */\n"
+"__device__ __forceinline__ void copy_wait_all_but_one()\n"
+"{\n"
+"#if MUSTAFAR_SM >= 80\n"
+"    asm volatile(\"cp.async.wait_group 1;\");\n"
+"#endif\n"
+"}\n"
+"\n"
+"__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void *p)\n"
+"{\n"
+"    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\"\n"
+"                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(smem_addr(p)));\n"
+"}\n"
+"__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void *p)\n"
+"{\n"
+"    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\"\n"
+"                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(smem_addr(p)));\n"
+"}\n"
+"\n"
+"/* c += a * b for one m16n8k16 tile (a: 16x16 row-major fragment, b: 16x8\n"
+"   column fragment, c: 16x8 float), fp32 accumulation.  Before sm_80 (no\n"
+"   bf16/k16 mma) the same fragment contract is computed with shuffles. */\n"
+"__device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 b[2])\n"
+"{\n"
+"#if MUSTAFAR_SM >= 80\n"
+"#if MUSTAFAR_BF16\n"
+"    asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 \"\n"
+"                 \"{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\"\n"
+"                 : \"+f\"(c[0]), \"+f\"(c[1]), \"+f\"(c[2]), \"+f\"(c[3])\n"
+"                 : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b[0]), \"r\"(b[1]));\n"
+"#else\n"
+"    asm volatile(\"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 \"\n"
+"                 \"{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\"\n"
+"                 : \"+f\"(c[0]), \"+f\"(c[1]), \"+f\"(c[2]), \"+f\"(c[3])\n"
+"                 : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"r\"(b[0]), \"r\"(b[1]));\n"
+"#endif\n"
+"#else\n"
+"    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
+"    for (int k = 0; k < 16; k += 2) {\n"
+"        /* a[row][k], a[row][k+1] live in lane 4*row + (k%8)/2, register\n"
+"           (k >= 8 ? 2 : 0) + (row >= 8); b[k][n] in lane 4*n + (k%8)/2,\n"
+"           register k >= 8. */\n"
+"        const int src = (k & 7) >> 1, hi = k >= 8;\n"
+"        u32 a_lo = __shfl_sync(0xffffffffu, hi ? a[2] : a[0], 4 * g + src);\n"
+"        u32 a_hi = __shfl_sync(0xffffffffu, hi ? a[3] : a[1], 4 * g + src);\n"
+"        u32 b0 = __shfl_sync(0xffffffffu, hi ? b[1] : b[0], 4 * (2 * t) + src);\n"
+"        u32 b1 = __shfl_sync(0xffffffffu, hi ? b[1] : b[0], 4 * (2 * t + 1) + src);\n"
+"        float al0 = to_float((u16)a_lo), al1 = to_float((u16)(a_lo >> 16));\n"
+"        float ah0 = to_float((u16)a_hi), ah1 = to_float((u16)(a_hi >> 16));\n"
+"        float b00 = to_float((u16)b0), b01 = to_float((u16)(b0 >> 16));\n"
+"        float b10 = to_float((u16)b1), b11 = to_float((u16)(b1 >> 16));\n"
+"        c[0] += al0 * b00 + al1 * b01;\n"
+"        c[1] += al0 * b10 + al1 * b11;\n"
+"        c[2] += ah0 * b00 + ah1 * b01;\n"
+"        c[3] += ah0 * b10 + ah1 * b11;\n"
+"    }\n"
+"#endif\n"
+"}\n"
+"\n"
+"__device__ __forceinline__ int warp_sum(int v)\n"
+"{\n"
+"    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);\n"
+"    return v;\n"
+"}\n"
+"__device__ __forceinline__ int warp_exclusive_scan(int v)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31;\n"
+"    int s = v;\n"
+"    for (int o = 1; o < 32; o <<= 1) {\n"
+"        int n = __shfl_up_sync(0xffffffffu, s, o);\n"
+"        if (lane >= o) s += n;\n"
+"    }\n"
+"    return s - v;\n"
+"}\n"
+"\n"
+"/* ---- pruning: one warp per token vector ------------------------------------\n"
+"   Lane l holds channels [l*E, l*E+E).  The kept set is the KEPT largest\n"
+"   magnitude keys (bits & 0x7fff), ties to the lower channel: bisection finds\n"
+"   the largest threshold with count(key >= t) >= KEPT, every key above it is\n"
+"   kept, then the first ties in channel order.  Returns the lane's E keep bits. */\n",
+"__device__ __forceinline__ u32 select_kept(const u16 x[E], int kept)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31;\n"
+"    int lo = 0, hi = 0x7fff;\n"
+"    while (lo < hi) {\n"
+"        const int mid = (lo + hi + 1) >> 1;\n"
+"        int count = 0;\n"
+"#pragma unroll\n"
+"        for (int e = 0; e < E; e++) count += __popc(__ballot_sync(0xffffffffu, (x[e] & 0x7fff) >= mid));\n"
+"        if (count >= kept) lo = mid; else hi = mid - 1;\n"
+"    }\n"
+"    u32 greater = 0, ties = 0;\n"
+"#pragma unroll\n"
+"    for (int e = 0; e < E; e++) {\n"
+"        greater |= (u32)((x[e] & 0x7fff) > lo) << e;\n"
+"        ties |= (u32)((x[e] & 0x7fff) == lo) << e;\n"
+"    }\n"
+"    const int need = kept - warp_sum(__popc(greater));\n"
+"    int rank = warp_exclusive_scan(__popc(ties));\n"
+"    u32 keep = greater;\n"
+"    (void)lane;\n"
+"#pragma unroll\n"
+"    for (int e = 0; e < E; e++)\n"
+"        if (ties >> e & 1u) { if (rank < need) keep |= 1u << e; rank++; }\n"
+"    return keep;\n"
+"}\n"
+"\n"
+"__device__ __forceinline__ void load_lane_elements(u16 x[E], const u16 *src)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31;\n"
+"#if E == 2\n"
+"    u32 w = *(const u32 *)(src + lane * E);\n"
+"    x[0] = (u16)w; x[1] = (u16)(w >> 16);\n"
+"#elif E == 4\n"
+"    uint2 w = *(const uint2 *)(src + lane * E);\n"
+"    x[0] = (u16)w.x; x[1] = (u16)(w.x >> 16); x[2] = (u16)w.y; x[3] = (u16)(w.y >> 16);\n"
+"#else\n"
+"    uint4 w = *(const uint4 *)(src + lane * E);\n"
+"    u32 v[4] = {w.x, w.y, w.z, w.w};\n"
+"#pragma unroll\n"
+"    for (int i = 0; i < 4; i++) { x[2 * i] = (u16)v[i]; x[2 * i + 1] = (u16)(v[i] >> 16); }\n"
+"#endif\n"
+"}\n"
+"\n"
+"__device__ __forceinline__ void store_lane_elements(u16 *dst, const u16 x[E])\n"
+"{\n"
+"    const int lane = threadIdx.x & 31;\n"
+"#if E == 2\n"
+"    *(u32 *)(dst + lane * E) = (u32)x[0] | ((u32)x[1] << 16);\n"
+"#elif E == 4\n"
+"    *(uint2 *)(dst + lane * E) = make_uint2((u32)x[0] | ((u32)x[1] << 16),\n"
+"                                            (u32)x[2] | ((u32)x[3] << 16));\n"
+"#else\n"
+"    *(uint4 *)(dst + lane * E) =\n"
+"        make_uint4((u32)x[0] | ((u32)x[1] << 16), (u32)x[2] | ((u32)x[3] << 16),\n"
+"                   (u32)x[4] | ((u32)x[5] << 16), (u32)x[6] | ((u32)x[7] << 16));\n"
+"#endif\n"
+"}\n"
+"\n"
+"/* Prunes the token vector at src and writes its record to dst (global), via\n"
+"   the warp's shared staging buffer so that the record goes out in 16-byte\n"
+"   stores. */\n"
+"__device__ void compress_token(const u16 *src, unsigned char *dst, int kept, int record_bytes,\n"
+"                               unsigned char *stage)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31;\n"
+"    u16 x[E];\n"
+"    load_lane_elements(x, src);\n"
+"    const u32 keep = select_kept(x, kept);\n"
+"    u32 word = keep << ((lane * E) & 31);\n"
+"    for (int o = 1; o < 32 / E; o <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, o);\n"
+"    __syncwarp();\n"
+"    for (int i = lane; i < record_bytes / 4; i += 32) ((u32 *)stage)[i] = 0;\n"
+"    __syncwarp();\n"
+"    if (((lane * E) & 31) == 0) ((u32 *)stage)[(lane * E) >> 5] = word;\n"
+"    u16 *vals = (u16 *)(stage + BITMAP_BYTES);\n"
+"    int j = warp_exclusive_scan(__popc(keep));\n"
+"#pragma unroll\n"
+"    for (int e = 0; e < E; e++)\n"
+"        if (keep >> e & 1u) vals[j++] = x[e];\n"
+"    __syncwarp();\n"
+"    for (int i = lane; i < record_bytes / 16; i += 32)\n"
+"        ((uint4 *)dst)[i] = ((const uint4 *)stage)[i];\n"
+"    __syncwarp();\n"
+"}\n"
+"\n"
+"/* Lane's E channels of a record (shared or global memory), zeros where pruned. */\n"
+"__device__ __forceinline__ void expand_record(u16 x[E], const unsigned char *rec, int kept)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31;\n"
+"    const int word_index = (lane * E) >> 5, shift = (lane * E) & 31;\n"
+"    int base = 0;\n"
+"    u32 word = 0;\n"
+"#pragma unroll\n"
+"    for (int w = 0; w < D / 32; w++) {\n"
+"        const u32 wv = ((const u32 *)rec)[w];\n"
+"        if (w < word_index) base += __popc(wv);\n"
+"        if (w == word_index) word = wv;\n"
+"    }\n"
+"    base += __popc(word & ((1u << shift) - 1u));\n",
+"    const u32 bits = (word >> shift) & ((1u << E) - 1u);\n"
+"    const u16 *vals = (const u16 *)(rec + BITMAP_BYTES);\n"
+"#pragma unroll\n"
+"    for (int e = 0; e < E; e++) {\n"
+"        const int idx = base + __popc(bits & ((1u << e) - 1u));\n"
+"        x[e] = ((bits >> e) & 1u) && idx < kept ? vals[idx] : (u16)0;\n"
+"    }\n"
+"}\n"
+"\n"
+"/* ---- stateless record operations ------------------------------------------ */\n"
+"\n"
+"#define OP_PRUNE 0\n"
+"#define OP_COMPRESS 1\n"
+"#define OP_DECOMPRESS 2\n"
+"\n"
+"extern \"C\" __global__ void __launch_bounds__(256) mustafar_records(int op, const void *in, void *out,\n"
+"                                                                    long long count)\n"
+"{\n"
+"    __shared__ __align__(16) unsigned char stage[8][RECORD_BYTES(D)];\n"
+"    const int warp = threadIdx.x >> 5;\n"
+"    const long long token = (long long)blockIdx.x * 8 + warp;\n"
+"    if (token >= count) return;\n"
+"    if (op == OP_COMPRESS) {\n"
+"        compress_token((const u16 *)in + token * D, (unsigned char *)out + token * K_RECORD,\n"
+"                       MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);\n"
+"    } else if (op == OP_PRUNE) {\n"
+"        u16 x[E];\n"
+"        load_lane_elements(x, (const u16 *)in + token * D);\n"
+"        const u32 keep = select_kept(x, MUSTAFAR_K_KEPT);\n"
+"#pragma unroll\n"
+"        for (int e = 0; e < E; e++) if (!(keep >> e & 1u)) x[e] = 0;\n"
+"        store_lane_elements((u16 *)out + token * D, x);\n"
+"    } else {\n"
+"        u16 x[E];\n"
+"        expand_record(x, (const unsigned char *)in + token * K_RECORD, MUSTAFAR_K_KEPT);\n"
+"        store_lane_elements((u16 *)out + token * D, x);\n"
+"    }\n"
+"}\n"
+"\n"
+"/* ---- append: compress tokens into pages, fill the dense window ------------- */\n"
+"\n"
+"__device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g, bool window)\n"
+"{\n"
+"    int lo = 0, hi = njobs - 1;               /* last job with offset <= g */\n"
+"    while (lo < hi) {\n"
+"        const int mid = (lo + hi + 1) >> 1;\n"
+"        const int off = window ? jobs[mid].window_offset : jobs[mid].compress_offset;\n"
+"        if (off <= g) lo = mid; else hi = mid - 1;\n"
+"    }\n"
+"    return lo;\n"
+"}\n"
+"\n"
+"/* One warp per (compressed position, KV head); block 0 also stores the new\n"
+"   page-table entries (`patches`: index, page pairs). */\n"
+"extern \"C\" __global__ void __launch_bounds__(256) mustafar_append_compress(\n"
+"    const append_job *jobs, int njobs, const int *patches, int npatches, int total,\n"
+"    int num_kv_heads, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,\n"
+"    unsigned char *v_pages, int *page_table, int table_stride, const u16 *k_window,\n"
+"    const u16 *v_window, int window)\n"
+"{\n"
+"    __shared__ __align__(16) unsigned char stage[8][RECORD_BYTES(D)];\n"
+"    const int warp = threadIdx.x >> 5;\n"
+"    if (blockIdx.x == 0)\n"
+"        for (int i = threadIdx.x; i < npatches; i += blockDim.x)\n"
+"            page_table[patches[2 * i]] = patches[2 * i + 1];\n"
+"    const long long item = (long long)blockIdx.x * 8 + warp;\n"
+"    if (item >= (long long)total * num_kv_heads) return;\n"
+"    const int g = (int)(item / num_kv_heads), head = (int)(item % num_kv_heads);\n"
+"    const append_job j = jobs[find_job(jobs, njobs, g, false)];\n"
+"    const int p = j.old_compressed + (g - j.compress_offset);\n"
+"    const int page_index = p / MUSTAFAR_PAGE_SIZE;\n"
+"    const int page = page_index >= j.pages_before\n"
+"                         ? patches[2 * (j.first_patch + page_index - j.pages_before) + 1]\n"
+"                         : page_table[(long long)j.row * table_stride + page_index];\n"
+"    const u16 *ks, *vs;\n"
+"    if (p < j.old_length) {\n"
+"        const long long w = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
+"        ks = k_window + w;\n"
+"        vs = v_window + w;\n"
+"    } else {\n"
+"        const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
+"        ks = k_in + in;\n"
+"        vs = v_in + in;\n",
+"    }\n"
+"    const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
+"                           p % MUSTAFAR_PAGE_SIZE;\n"
+"    compress_token(ks, k_pages + slot * K_RECORD, MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);\n"
+"    compress_token(vs, v_pages + slot * V_RECORD, MUSTAFAR_V_KEPT, V_RECORD, stage[warp]);\n"
+"}\n"
+"\n"
+"/* One thread per 16 bytes of a token's [Hkv][D] block entering the window. */\n"
+"extern \"C\" __global__ void __launch_bounds__(256) mustafar_append_window(\n"
+"    const append_job *jobs, int njobs, int total, int num_kv_heads, const u16 *k_in,\n"
+"    const u16 *v_in, u16 *k_window, u16 *v_window, int window)\n"
+"{\n"
+"    const int chunks = num_kv_heads * D / 8;\n"
+"    const long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
+"    if (item >= (long long)total * chunks) return;\n"
+"    const int g = (int)(item / chunks), c = (int)(item % chunks);\n"
+"    const append_job j = jobs[find_job(jobs, njobs, g, true)];\n"
+"    const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
+"    const int p = first + (g - j.window_offset);\n"
+"    const long long in = (long long)(j.input_offset + p - j.old_length) * num_kv_heads * D + c * 8;\n"
+"    const long long w = ((long long)j.row * window + p % window) * num_kv_heads * D + c * 8;\n"
+"    *(uint4 *)(k_window + w) = *(const uint4 *)(k_in + in);\n"
+"    *(uint4 *)(v_window + w) = *(const uint4 *)(v_in + in);\n"
+"}\n"
+"\n"
+"/* ---- decode attention -------------------------------------------------------\n"
+"   Block (sequence, kv head x head block, split), MUSTAFAR_WARPS warps.  Each\n"
+"   warp walks 16-position tiles of the block's range with its own online\n"
+"   softmax: records are staged into shared memory with 16-byte async copies\n"
+"   one tile ahead, expanded to a dense [16][D] tile, multiplied on the tensor\n"
+"   cores (S = Q K^T, then O += P V), and the warps are merged at the end. */\n"
+"\n"
+"struct warp_state {\n"
+"    float o[D / 8][4];     /* O fragment: rows g, g+8; channels 8n + 2t, +1 */\n"
+"    float m[2], l[2];      /* running max (log2 units) and partial sums, rows g, g+8 */\n"
+"};\n"
+"\n"
+"/* Staged records are spaced so that the 16 rows of a tile start in 8\n"
+"   different bank groups (stride / 16 odd): the decode's loads conflict at\n"
+"   most 2-way instead of 4-way for a 96-byte record. */\n"
+"#define STAGED(rec) ((rec) / 16 % 2 ? (rec) : (rec) + 16)\n"
+"#define K_STAGED STAGED(K_RECORD)\n"
+"#define V_STAGED STAGED(V_RECORD)\n"
+"#define STAGE_BYTES (TILE * (K_STAGED + V_STAGED))\n"
+"#define WARP_SMEM (2 * STAGE_BYTES + TILE * ROW * 2)\n"
+"\n"
+"/* Queues the records of the tile's compressed positions [p0, p0+16) below\n"
+"   `end`: lane l copies the K record (l < 16) or the V record (l >= 16) of\n"
+"   position p0 + l % 16. */\n"
+"__device__ __forceinline__ void prefetch_records(unsigned char *stage, int p0, int end,\n"
+"                                                 const unsigned char *k_pages,\n"
+"                                                 const unsigned char *v_pages, const int *table,\n"
+"                                                 int head, int num_kv_heads)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31, tok = lane & 15, p = p0 + tok;\n"
+"    if (p >= end) return;\n"
+"    const long long slot = ((long long)table[p / MUSTAFAR_PAGE_SIZE] * num_kv_heads + head) *\n"
+"                               MUSTAFAR_PAGE_SIZE + p % MUSTAFAR_PAGE_SIZE;\n"
+"    if (lane < 16) {\n"
+"        const unsigned char *src = k_pages + slot * K_RECORD;\n"
+"        unsigned char *dst = stage + tok * K_STAGED;\n"
+"#pragma unroll\n"
+"        for (int c = 0; c < K_RECORD / 16; c++) copy16(dst + 16 * c, src + 16 * c);\n"
+"    } else {\n"
+"        const unsigned char *src = v_pages + slot * V_RECORD;\n"
+"        unsigned char *dst = stage + TILE * K_STAGED + tok * V_STAGED;\n"
+"#pragma unroll\n"
+"        for (int c = 0; c < V_RECORD / 16; c++) copy16(dst + 16 * c, src + 16 * c);\n"
+"    }\n"
+"}\n"
+"\n",
+"/* Dense tile rows from staged records; rows of positions outside [lo, hi)\n"
+"   are zero.  Lane l decodes half l / 16 of the channels of row l % 16 by\n"
+"   walking its set bits: the work is per kept element, not per channel. */\n"
+"__device__ __forceinline__ void expand_tile(u16 *tile, const unsigned char *records, int record_bytes,\n"
+"                                            int kept, int p0, int lo, int hi)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31, tok = lane & 15, half = lane >> 4;\n"
+"    const int p = p0 + tok;\n"
+"    u16 *row = tile + tok * ROW + half * (D / 2);\n"
+"#pragma unroll\n"
+"    for (int c = 0; c < D / 16; c++) ((uint4 *)row)[c] = make_uint4(0, 0, 0, 0);\n"
+"    if (p < lo || p >= hi) return;\n"
+"    if (kept == D) {                       /* nothing pruned: the values are the row */\n"
+"        const u32 *src = (const u32 *)(records + tok * record_bytes + BITMAP_BYTES) + half * (D / 4);\n"
+"#pragma unroll\n"
+"        for (int c = 0; c < D / 4; c++) ((u32 *)row)[c] = src[c];\n"
+"        return;\n"
+"    }\n"
+"    const u32 *bitmap = (const u32 *)(records + tok * record_bytes);\n"
+"    const u16 *vals = (const u16 *)(records + tok * record_bytes + BITMAP_BYTES);\n"
+"    u32 words[D / 64];\n"
+"    int before = 0, total = 0;\n"
+"#pragma unroll\n"
+"    for (int w = 0; w < D / 64; w++) {\n"
+"        const u32 lo = bitmap[w], hi = bitmap[D / 64 + w];\n"
+"        before += __popc(lo);\n"
+"        total += __popc(lo) + __popc(hi);\n"
+"        words[w] = half ? hi : lo;\n"
+"    }\n"
+"    if (total != kept) return;             /* corrupt record: its row stays zero */\n"
+"    vals += half ? before : 0;\n"
+"#pragma unroll\n"
+"    for (int w = 0; w < D / 64; w++) {\n"
+"        u32 word = words[w];\n"
+"        u16 *out = row + 32 * w;\n"
+"        while (word) {\n"
+"            const int b = __ffs(word) - 1;\n"
+"            word &= word - 1;\n"
+"            out[b] = *vals++;\n"
+"        }\n"
+"    }\n"
+"}\n"
+"\n"
+"/* Dense tile rows from the window ring; rows outside [lo, hi) are zero. */\n"
+"__device__ __forceinline__ void window_tile(u16 *tile, const u16 *ring, int row, int window,\n"
+"                                            int head, int num_kv_heads, int p0, int lo, int hi)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31;\n"
+"    for (int i = lane; i < TILE * (D / 8); i += 32) {\n"
+"        const int r = i / (D / 8), c = i % (D / 8), p = p0 + r;\n"
+"        uint4 v = make_uint4(0, 0, 0, 0);\n"
+"        if (p >= lo && p < hi)\n"
+"            v = *(const uint4 *)(ring + (((long long)row * window + p % window) * num_kv_heads + head) * D + c * 8);\n"
+"        *(uint4 *)(tile + r * ROW + c * 8) = v;\n"
+"    }\n"
+"}\n"
+"\n"
+"/* S = Q K^T for 16 positions, scaled to log2 units; positions outside\n"
+"   [lo, hi) get -inf.  s[j][..]: n-tile j (positions 8j..8j+7). */\n"
+"__device__ __forceinline__ void tile_scores(float s[2][4], const u16 *q_tile, const u16 *tile,\n"
+"                                            float scale_log2, int p0, int lo, int hi)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31, t = lane & 3;\n"
+"#pragma unroll\n"
+"    for (int j = 0; j < 2; j++)\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) s[j][i] = 0.0f;\n"
+"    const int mat = lane >> 3;\n"
+"    const u16 *k_base = tile + ((mat >> 1) * 8 + (lane & 7)) * ROW + (mat & 1) * 8;\n"
+"    const u16 *q_base = q_tile + ((mat & 1) * 8 + (lane & 7)) * ROW + (mat >> 1) * 8;\n"
+"#pragma unroll\n"
+"    for (int kk = 0; kk < D / 16; kk++) {\n"
+"        u32 a[4], b[4];\n"
+"        ldmatrix_x4(a, q_base + kk * 16);\n"
+"        ldmatrix_x4(b, k_base + kk * 16);\n"
+"        mma_16816(s[0], a, b);\n"
+"        mma_16816(s[1], a, b + 2);\n"
+"    }\n"
+"#pragma unroll\n"
+"    for (int j = 0; j < 2; j++)\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) {\n"
+"            const int p = p0 + 8 * j + 2 * t + (i & 1);\n"
+"            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;\n"
+"        }\n"
+"}\n"
+"\n"
+"/* Online softmax step: rescales the state to the new row maxima and turns s\n",
+"   into the P fragment (as the A operand of the P V product). */\n"
+"__device__ __forceinline__ void tile_softmax(warp_state &st, float s[2][4], u32 pa[4])\n"
+"{\n"
+"#pragma unroll\n"
+"    for (int h = 0; h < 2; h++) {\n"
+"        float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));\n"
+"        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));\n"
+"        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));\n"
+"        const float m_new = fmaxf(st.m[h], mx);\n"
+"        const float ref = m_new == NEG_INF ? 0.0f : m_new;\n"
+"        const float corr = exp2f(st.m[h] - ref);\n"
+"        st.m[h] = m_new;\n"
+"        st.l[h] *= corr;\n"
+"        if (__any_sync(0xffffffffu, corr != 1.0f)) {\n"
+"#pragma unroll\n"
+"            for (int n = 0; n < D / 8; n++) { st.o[n][2 * h] *= corr; st.o[n][2 * h + 1] *= corr; }\n"
+"        }\n"
+"#pragma unroll\n"
+"        for (int j = 0; j < 2; j++) {\n"
+"            s[j][2 * h] = exp2f(s[j][2 * h] - ref);\n"
+"            s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - ref);\n"
+"            st.l[h] += s[j][2 * h] + s[j][2 * h + 1];\n"
+"        }\n"
+"    }\n"
+"    pa[0] = pack2(s[0][0], s[0][1]);\n"
+"    pa[1] = pack2(s[0][2], s[0][3]);\n"
+"    pa[2] = pack2(s[1][0], s[1][1]);\n"
+"    pa[3] = pack2(s[1][2], s[1][3]);\n"
+"}\n"
+"\n"
+"/* O += P V for the 16 positions of the dense V tile. */\n"
+"__device__ __forceinline__ void tile_pv(warp_state &st, const u32 pa[4], const u16 *tile)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31, mat = lane >> 3;\n"
+"    const u16 *base = tile + ((mat & 1) * 8 + (lane & 7)) * ROW + (mat >> 1) * 8;\n"
+"#pragma unroll\n"
+"    for (int n = 0; n < D / 8; n += 2) {\n"
+"        u32 b[4];\n"
+"        ldmatrix_x4_trans(b, base + n * 8);\n"
+"        mma_16816(st.o[n], pa, b);\n"
+"        mma_16816(st.o[n + 1], pa, b + 2);\n"
+"    }\n"
+"}\n"
+"\n"
+"extern \"C\" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(\n"
+"    const unsigned char *k_pages, const unsigned char *v_pages, const int *page_table,\n"
+"    int table_stride, const u16 *k_window, const u16 *v_window, int window,\n"
+"    const paged_seq *seqs, const u16 *q, u16 *out, float *partial_o, float *partial_ml,\n"
+"    int num_kv_heads, int chunk, int splits, float scale_log2)\n"
+"{\n"
+"    extern __shared__ __align__(16) unsigned char smem[];\n"
+"    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;\n"
+"    const int head_blocks = (MUSTAFAR_GROUP + 15) / 16;\n"
+"    const int kv_head = blockIdx.y / head_blocks, head_block = blockIdx.y % head_blocks;\n"
+"    const int split = blockIdx.z, seq_index = blockIdx.x;\n"
+"    const int q_head0 = kv_head * MUSTAFAR_GROUP + head_block * 16;\n"
+"    const int rows = MUSTAFAR_GROUP - head_block * 16 < 16 ? MUSTAFAR_GROUP - head_block * 16 : 16;\n"
+"    const int num_q_heads = num_kv_heads * MUSTAFAR_GROUP;\n"
+"    const paged_seq sq = seqs[seq_index];\n"
+"    const int length = sq.num_compressed + sq.num_window;\n"
+"    const int begin = split * chunk;\n"
+"    const int end = begin + chunk < length ? begin + chunk : length;\n"
+"    const int *table = page_table + (long long)sq.row * table_stride;\n"
+"\n"
+"    u16 *q_tile = (u16 *)smem;                                   /* [16][ROW] */\n"
+"    unsigned char *warp_smem = smem + 16 * ROW * 2 + warp * WARP_SMEM;\n"
+"    u16 *tile = (u16 *)(warp_smem + 2 * STAGE_BYTES);\n"
+"\n"
+"    for (int i = threadIdx.x; i < 16 * (D / 8); i += blockDim.x) {\n"
+"        const int r = i / (D / 8), c = i % (D / 8);\n"
+"        uint4 v = make_uint4(0, 0, 0, 0);\n"
+"        if (r < rows)\n"
+"            v = *(const uint4 *)(q + ((long long)seq_index * num_q_heads + q_head0 + r) * D + c * 8);\n"
+"        *(uint4 *)(q_tile + r * ROW + c * 8) = v;\n"
+"    }\n"
+"    __syncthreads();\n"
+"\n"
+"    warp_state st;\n"
+"#pragma unroll\n"
+"    for (int n = 0; n < D / 8; n++)\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) st.o[n][i] = 0.0f;\n"
+"    st.m[0] = st.m[1] = NEG_INF;\n"
+"    st.l[0] = st.l[1] = 0.0f;\n"
+"\n",
+"    const int compressed_end = end < sq.num_compressed ? end : sq.num_compressed;\n"
+"    int p0 = begin + warp * TILE, stage_index = 0;\n"
+"    if (p0 < compressed_end)\n"
+"        prefetch_records(warp_smem, p0, compressed_end, k_pages, v_pages, table, kv_head, num_kv_heads);\n"
+"    copy_commit();\n"
+"    for (; p0 < end; p0 += MUSTAFAR_WARPS * TILE, stage_index ^= 1) {\n"
+"        const int next = p0 + MUSTAFAR_WARPS * TILE;\n"
+"        unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;\n"
+"        if (next < compressed_end)\n"
+"            prefetch_records(warp_smem + (stage_index ^ 1) * STAGE_BYTES, next, compressed_end,\n"
+"                             k_pages, v_pages, table, kv_head, num_kv_heads);\n"
+"        copy_commit();\n"
+"        copy_wait_all_but_one();\n"
+"        __syncwarp();\n"
+"        if (p0 < compressed_end) {\n"
+"            float s[2][4];\n"
+"            u32 pa[4];\n"
+"            expand_tile(tile, stage, K_STAGED, MUSTAFAR_K_KEPT, p0, begin, compressed_end);\n"
+"            __syncwarp();\n"
+"            tile_scores(s, q_tile, tile, scale_log2, p0, begin, compressed_end);\n"
+"            tile_softmax(st, s, pa);\n"
+"            __syncwarp();\n"
+"            expand_tile(tile, stage + TILE * K_STAGED, V_STAGED, MUSTAFAR_V_KEPT, p0, begin,\n"
+"                        compressed_end);\n"
+"            __syncwarp();\n"
+"            tile_pv(st, pa, tile);\n"
+"            __syncwarp();\n"
+"        }\n"
+"        if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {\n"
+"            const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;\n"
+"            float s[2][4];\n"
+"            u32 pa[4];\n"
+"            window_tile(tile, k_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);\n"
+"            __syncwarp();\n"
+"            tile_scores(s, q_tile, tile, scale_log2, p0, lo, end);\n"
+"            tile_softmax(st, s, pa);\n"
+"            __syncwarp();\n"
+"            window_tile(tile, v_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);\n"
+"            __syncwarp();\n"
+"            tile_pv(st, pa, tile);\n"
+"            __syncwarp();\n"
+"        }\n"
+"    }\n"
+"\n"
+"    /* merge the warps: [warps][rows] max and sum, [warps][rows][D] O */\n"
+"#pragma unroll\n"
+"    for (int h = 0; h < 2; h++) {\n"
+"        st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);\n"
+"        st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);\n"
+"    }\n"
+"    __syncthreads();\n"
+"    float *ml = (float *)smem;                                   /* [warps][16][2] */\n"
+"    float *o = ml + MUSTAFAR_WARPS * 32;                         /* [warps][HEAD_ROWS][D] */\n"
+"#pragma unroll\n"
+"    for (int h = 0; h < 2; h++) {\n"
+"        const int r = g + 8 * h;\n"
+"        if (r < rows) {\n"
+"            if (t == 0) {\n"
+"                ml[(warp * 16 + r) * 2] = st.m[h];\n"
+"                ml[(warp * 16 + r) * 2 + 1] = st.l[h];\n"
+"            }\n"
+"#pragma unroll\n"
+"            for (int n = 0; n < D / 8; n++) {\n"
+"                o[(warp * HEAD_ROWS + r) * D + 8 * n + 2 * t] = st.o[n][2 * h];\n"
+"                o[(warp * HEAD_ROWS + r) * D + 8 * n + 2 * t + 1] = st.o[n][2 * h + 1];\n"
+"            }\n"
+"        }\n"
+"    }\n"
+"    __syncthreads();\n"
+"    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {\n"
+"        const int r = i / D, c = i % D;\n"
+"        float m = NEG_INF, l = 0.0f, acc = 0.0f;\n"
+"        for (int w = 0; w < MUSTAFAR_WARPS; w++) m = fmaxf(m, ml[(w * 16 + r) * 2]);\n"
+"        const float ref = m == NEG_INF ? 0.0f : m;\n"
+"        for (int w = 0; w < MUSTAFAR_WARPS; w++) {\n"
+"            const float f = exp2f(ml[(w * 16 + r) * 2] - ref);\n"
+"            l += f * ml[(w * 16 + r) * 2 + 1];\n"
+"            acc += f * o[(w * HEAD_ROWS + r) * D + c];\n"
+"        }\n"
+"        const long long head = (long long)seq_index * num_q_heads + q_head0 + r;\n"
+"        if (splits == 1) {\n"
+"            out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);\n"
+"        } else {\n"
+"            partial_o[(head * splits + split) * D + c] = acc;\n",
+"            if (c == 0) {\n"
+"                partial_ml[(head * splits + split) * 2] = m;\n"
+"                partial_ml[(head * splits + split) * 2 + 1] = l;\n"
+"            }\n"
+"        }\n"
+"    }\n"
+"}\n"
+"\n"
+"/* Merges the splits of every (sequence, query head): one block each, D threads. */\n"
+"extern \"C\" __global__ void __launch_bounds__(256) mustafar_combine(const float *partial_o,\n"
+"                                                                   const float *partial_ml,\n"
+"                                                                   u16 *out, int splits)\n"
+"{\n"
+"    const long long head = blockIdx.x;\n"
+"    const int c = threadIdx.x;\n"
+"    float m = NEG_INF, l = 0.0f, acc = 0.0f;\n"
+"    for (int s = 0; s < splits; s++) m = fmaxf(m, partial_ml[(head * splits + s) * 2]);\n"
+"    const float ref = m == NEG_INF ? 0.0f : m;\n"
+"    for (int s = 0; s < splits; s++) {\n"
+"        const float f = exp2f(partial_ml[(head * splits + s) * 2] - ref);\n"
+"        l += f * partial_ml[(head * splits + s) * 2 + 1];\n"
+"        acc += f * partial_o[(head * splits + s) * D + c];\n"
+"    }\n"
+"    out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);\n"
+"}\n",
+0};
+/* END EMBEDDED mustafar_kernels.cuh */
+
+/* ---- CUDA backend: JIT compilation, disk cache, module table -------------------
+   One library per kernel configuration (head_dim, dtype, kept counts, GQA
+   group, page size, warps, arch), compiled by NVRTC to a real cubin, cached on
+   disk under a key that hashes the source, the options, the arch and the NVRTC
+   version, and loaded with cudaLibraryLoadData. */
+
+struct mustafar__module {
+    mustafar__module *next;
+    char options[320];
+    cudaLibrary_t library;
+    cudaKernel_t records, append_compress, append_window, attention, combine;
+    int warps, blocks_per_sm;      /* attention blocks, and how many fit an SM */
+    size_t attention_smem;
+};
+
+#define MUSTAFAR__CUDA_CHECK(ctx, call)                                                     \
+    do {                                                                                    \
+        cudaError_t mustafar__e = (call);                                                   \
+        if (mustafar__e != cudaSuccess)                                                     \
+            return mustafar__fail((ctx), MUSTAFAR_ERROR_CUDA, "%s failed: %s (%s)", #call,  \
+                                  cudaGetErrorName(mustafar__e),                            \
+                                  cudaGetErrorString(mustafar__e));                         \
+    } while (0)
+
+static uint64_t mustafar__fnv1a(uint64_t h, const void *data, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static char *mustafar__kernel_text(void)
+{
+    size_t n = 0, i;
+    char *text;
+    for (i = 0; mustafar__kernel_source[i]; i++) n += strlen(mustafar__kernel_source[i]);
+    text = (char *)MUSTAFAR_MALLOC(n + 1);
+    if (!text) return NULL;
+    n = 0;
+    for (i = 0; mustafar__kernel_source[i]; i++) {
+        size_t m = strlen(mustafar__kernel_source[i]);
+        memcpy(text + n, mustafar__kernel_source[i], m);
+        n += m;
+    }
+    text[n] = 0;
+    return text;
+}
+
+static void mustafar__resolve_cache_dir(mustafar__cuda *cu, const mustafar_context_desc *desc)
+{
+    const char *env = getenv("MUSTAFAR_CACHE_DIR"), *base;
+    cu->cache_dir[0] = 0;
+    if (desc->disable_jit_cache) return;
+    if (desc->jit_cache_dir) {
+        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", desc->jit_cache_dir);
+        return;
+    }
+    if (env) {
+        if (strcmp(env, "off") && env[0]) snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", env);
+        return;
+    }
+    if ((base = getenv("XDG_CACHE_HOME")) && base[0])
+        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
+    else if ((base = getenv("HOME")) && base[0])
+        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/.cache/mustafar", base);
+    else if ((base = getenv("LOCALAPPDATA")) && base[0])
+        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
+}
+
+static void mustafar__mkdirs(const char *path)
+{
+    char buf[1024];
+    size_t i, n = strlen(path);
+    if (n >= sizeof buf) return;
+    memcpy(buf, path, n + 1);
+    for (i = 1; i <= n; i++) {
+        if (buf[i] == '/' || buf[i] == '\\' || buf[i] == 0) {
+            char c = buf[i];
+            buf[i] = 0;
+#ifdef _WIN32
+            _mkdir(buf);
+#else
+            mkdir(buf, 0755);
+#endif
+            buf[i] = c;
+        }
+    }
+}
+
+/* Disk cache entry: "MUSTAFAR" | u64 payload bytes | u64 FNV-1a of payload | cubin.
+   Returns the cubin (caller frees) or NULL if absent, truncated or corrupt. */
+static void *mustafar__disk_read(const char *path, size_t *size)
+{
+    unsigned char head[24];
+    uint64_t n, h;
+    void *data;
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    if (fread(head, 1, 24, f) != 24 || memcmp(head, "MUSTAFAR", 8)) { fclose(f); return NULL; }
+    memcpy(&n, head + 8, 8);
+    memcpy(&h, head + 16, 8);
+    if (n == 0 || n > ((uint64_t)1 << 30) || !(data = MUSTAFAR_MALLOC((size_t)n))) {
+        fclose(f);
+        return NULL;
+    }
+    if (fread(data, 1, (size_t)n, f) != n || fgetc(f) != EOF ||
+        mustafar__fnv1a(1469598103934665603ull, data, (size_t)n) != h) {
+        fclose(f);
+        MUSTAFAR_FREE(data);
+        return NULL;
+    }
+    fclose(f);
+    *size = (size_t)n;
+    return data;
+}
+
+/* Written to a temporary name and renamed, so readers never see half a file. */
+static void mustafar__disk_write(const char *dir, const char *path, const void *data, size_t n)
+{
+    char tmp[1232];
+    unsigned char head[24];
+    uint64_t size = n, h = mustafar__fnv1a(1469598103934665603ull, data, n);
+    FILE *f;
+    int ok;
+    mustafar__mkdirs(dir);
+    snprintf(tmp, sizeof tmp, "%s.%08lx.tmp",
+             path, (unsigned long)((uintptr_t)&f ^ (uintptr_t)time(NULL) ^ (uintptr_t)clock()));
+    if (!(f = fopen(tmp, "wb"))) return;
+    memcpy(head, "MUSTAFAR", 8);
+    memcpy(head + 8, &size, 8);
+    memcpy(head + 16, &h, 8);
+    ok = fwrite(head, 1, 24, f) == 24 && fwrite(data, 1, n, f) == n;
+    ok = (fclose(f) == 0) && ok;
+#ifdef _WIN32
+    if (ok) remove(path);
+#endif
+    if (!ok || rename(tmp, path) != 0) remove(tmp);
+}
+
+static mustafar_status mustafar__nvrtc_compile(mustafar_context *ctx, const char *source,
+                                               const char *const *options, int noptions,
+                                               void **cubin, size_t *size)
+{
+    nvrtcProgram prog;
+    nvrtcResult r = nvrtcCreateProgram(&prog, source, "mustafar_kernels.cu", 0, NULL, NULL);
+    if (r != NVRTC_SUCCESS)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "nvrtcCreateProgram failed: %s",
+                              nvrtcGetErrorString(r));
+    r = nvrtcCompileProgram(prog, noptions, options);
+    if (r != NVRTC_SUCCESS) {
+        size_t log_size = 0;
+        char *log = NULL;
+        nvrtcGetProgramLogSize(prog, &log_size);
+        if (log_size && (log = (char *)MUSTAFAR_MALLOC(log_size + 1)) != NULL) {
+            nvrtcGetProgramLog(prog, log);
+            log[log_size] = 0;
+        }
+        mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC compile failed (%s): %s",
+                       nvrtcGetErrorString(r), log ? log : "(no log)");
+        MUSTAFAR_FREE(log);
+        nvrtcDestroyProgram(&prog);
+        return MUSTAFAR_ERROR_JIT;
+    }
+    if ((r = nvrtcGetCUBINSize(prog, size)) != NVRTC_SUCCESS || !*size ||
+        !(*cubin = MUSTAFAR_MALLOC(*size)) || (r = nvrtcGetCUBIN(prog, (char *)*cubin)) != NVRTC_SUCCESS) {
+        nvrtcDestroyProgram(&prog);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC produced no cubin: %s",
+                              nvrtcGetErrorString(r));
+    }
+    nvrtcDestroyProgram(&prog);
+    return MUSTAFAR_OK;
+}
+
+static mustafar_status mustafar__load_library(mustafar_context *ctx, mustafar__module *m,
+                                              const void *cubin)
+{
+    cudaError_t e = cudaLibraryLoadData(&m->library, cubin, NULL, NULL, 0, NULL, NULL, 0);
+    if (e != cudaSuccess)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "cudaLibraryLoadData failed: %s (%s)",
+                              cudaGetErrorName(e), cudaGetErrorString(e));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->records, m->library, "mustafar_records"));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->append_compress, m->library,
+                                                   "mustafar_append_compress"));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->append_window, m->library,
+                                                   "mustafar_append_window"));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->attention, m->library,
+                                                   "mustafar_attention"));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine"));
+    return MUSTAFAR_OK;
+}
+
+/* Shared memory of the attention kernel; must match the layout in the kernel. */
+static size_t mustafar__attention_smem(int d, int group, size_t k_rec, size_t v_rec, int warps)
+{
+    size_t rows = group < 16 ? (size_t)group : 16;
+    size_t k_staged = k_rec / 16 % 2 ? k_rec : k_rec + 16;   /* STAGED() in the kernels */
+    size_t v_staged = v_rec / 16 % 2 ? v_rec : v_rec + 16;
+    size_t loop = 16 * (size_t)(d + 8) * 2 +
+                  (size_t)warps * (2 * 16 * (k_staged + v_staged) + 16 * (size_t)(d + 8) * 2);
+    size_t merge = (size_t)warps * 32 * 4 + (size_t)warps * rows * d * 4;
+    return loop > merge ? loop : merge;
+}
+
+/* The compiled library for a configuration, compiled or read from disk once. */
+static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustafar_dtype dtype,
+                                            int k_kept, int v_kept, int group, int page_size,
+                                            mustafar__module **out)
+{
+    mustafar__cuda *cu = &ctx->cuda;
+    mustafar__module *m;
+    char options[320], arch[32], path[1200];
+    const char *argv[16];
+    int argc = 0, nvrtc_major = 0, nvrtc_minor = 0, optin = 0, warps = 4;
+    size_t k_rec = mustafar__round_up((size_t)d / 8 + 2 * (size_t)k_kept, 16);
+    size_t v_rec = mustafar__round_up((size_t)d / 8 + 2 * (size_t)v_kept, 16);
+    size_t smem, size = 0;
+    void *cubin = NULL;
+    char *text, *tok;
+    uint64_t key;
+    mustafar_status st;
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cu->device);
+    while (warps > 1 && mustafar__attention_smem(d, group, k_rec, v_rec, warps) > (size_t)optin)
+        warps /= 2;
+    smem = mustafar__attention_smem(d, group, k_rec, v_rec, warps);
+    snprintf(options, sizeof options,
+             "-DMUSTAFAR_D=%d -DMUSTAFAR_BF16=%d -DMUSTAFAR_K_KEPT=%d -DMUSTAFAR_V_KEPT=%d "
+             "-DMUSTAFAR_GROUP=%d -DMUSTAFAR_PAGE_SIZE=%d -DMUSTAFAR_WARPS=%d -DMUSTAFAR_SM=%d",
+             d, dtype == MUSTAFAR_DTYPE_BF16, k_kept, v_kept, group, page_size, warps, cu->sm);
+    for (m = cu->modules; m; m = m->next)
+        if (!strcmp(m->options, options)) { *out = m; return MUSTAFAR_OK; }
+    m = (mustafar__module *)mustafar__calloc(sizeof *m);
+    text = mustafar__kernel_text();
+    if (!m || !text) {
+        MUSTAFAR_FREE(m);
+        MUSTAFAR_FREE(text);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    }
+    memcpy(m->options, options, sizeof options);
+    m->warps = warps;
+    m->attention_smem = smem;
+    snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", cu->sm);
+    nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+    key = mustafar__fnv1a(1469598103934665603ull, text, strlen(text));
+    key = mustafar__fnv1a(key, options, strlen(options));
+    key = mustafar__fnv1a(key, arch, strlen(arch));
+    key = mustafar__fnv1a(key, &nvrtc_major, sizeof nvrtc_major);
+    key = mustafar__fnv1a(key, &nvrtc_minor, sizeof nvrtc_minor);
+    path[0] = 0;
+    if (cu->cache_dir[0]) {
+        snprintf(path, sizeof path, "%s/mustafar-%016llx.cubin", cu->cache_dir,
+                 (unsigned long long)key);
+        cubin = mustafar__disk_read(path, &size);
+        if (cubin && mustafar__load_library(ctx, m, cubin) != MUSTAFAR_OK) {
+            MUSTAFAR_FREE(cubin);          /* unloadable entry: compile again */
+            cubin = NULL;
+        }
+    }
+    if (!cubin) {
+        argv[argc++] = arch;
+        argv[argc++] = "-lineinfo";
+        for (tok = strtok(options, " "); tok && argc < 16; tok = strtok(NULL, " ")) argv[argc++] = tok;
+        st = mustafar__nvrtc_compile(ctx, text, argv, argc, &cubin, &size);
+        if (!st) st = mustafar__load_library(ctx, m, cubin);
+        if (st) {
+            MUSTAFAR_FREE(cubin);
+            MUSTAFAR_FREE(text);
+            MUSTAFAR_FREE(m);
+            return st;
+        }
+        if (path[0]) mustafar__disk_write(cu->cache_dir, path, cubin, size);
+    }
+    MUSTAFAR_FREE(cubin);
+    MUSTAFAR_FREE(text);
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute((const void *)m->attention,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) {
+            cudaLibraryUnload(m->library);
+            MUSTAFAR_FREE(m);
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA,
+                                  "cudaFuncSetAttribute(%zu bytes of shared memory) failed: %s",
+                                  smem, cudaGetErrorName(e));
+        }
+    }
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&m->blocks_per_sm, (const void *)m->attention,
+                                                      32 * warps, smem) != cudaSuccess ||
+        m->blocks_per_sm < 1)
+        m->blocks_per_sm = 1;
+    m->next = cu->modules;
+    cu->modules = m;
+    *out = m;
+    return MUSTAFAR_OK;
+}
+
+/* ---- CUDA backend: context, memory, uploads ---------------------------------------- */
+
+static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar_context_desc *desc)
+{
+    mustafar__cuda *cu = &ctx->cuda;
+    int count = 0, driver = 0, major = 0, minor = 0, narch = 0, i, best = 0;
+    int archs[64];
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE, "no CUDA device: %s",
+                              e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+    if (desc->cuda_device < 0 || desc->cuda_device >= count)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "CUDA device %d does not exist (%d found)", desc->cuda_device, count);
+    cudaDriverGetVersion(&driver);
+    if (driver < 12000)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "the CUDA driver supports CUDA %d.%d; 12.0 or newer is needed",
+                              driver / 1000, driver % 1000 / 10);
+    cu->device = desc->cuda_device;
+    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(cu->device));
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cu->device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, cu->device);
+    cudaDeviceGetAttribute(&cu->num_sms, cudaDevAttrMultiProcessorCount, cu->device);
+    if (major * 10 + minor < 75)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "GPU sm_%d%d is older than sm_75", major, minor);
+    /* a cubin runs on its own major version at an equal or higher minor */
+    if (nvrtcGetNumSupportedArchs(&narch) == NVRTC_SUCCESS && narch > 0 && narch <= 64 &&
+        nvrtcGetSupportedArchs(archs) == NVRTC_SUCCESS)
+        for (i = 0; i < narch; i++)
+            if (archs[i] / 10 == major && archs[i] <= major * 10 + minor && archs[i] > best)
+                best = archs[i];
+    if (!best)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "this NVRTC cannot compile for sm_%d%d", major, minor);
+    cu->sm = best;
+    cu->stream = (cudaStream_t)desc->cuda_stream;
+    mustafar__resolve_cache_dir(cu, desc);
+    MUSTAFAR__CUDA_CHECK(ctx, cudaEventCreateWithFlags(&cu->staging_free, cudaEventDisableTiming));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaEventRecord(cu->staging_free, cu->stream));
+    snprintf(ctx->message, sizeof ctx->message, "CUDA backend on device %d (sm_%d%d, kernels for sm_%d)",
+             cu->device, major, minor, best);
+    return MUSTAFAR_OK;
+}
+
+static void mustafar__cuda_shutdown(mustafar_context *ctx)
+{
+    mustafar__cuda *cu = &ctx->cuda;
+    mustafar__module *m = cu->modules;
+    cudaSetDevice(cu->device);
+    cudaStreamSynchronize(cu->stream);
+    while (m) {
+        mustafar__module *next = m->next;
+        cudaLibraryUnload(m->library);
+        MUSTAFAR_FREE(m);
+        m = next;
+    }
+    if (cu->scratch) cudaFree(cu->scratch);
+    if (cu->staging) cudaFreeHost(cu->staging);
+    cudaEventDestroy(cu->staging_free);
+}
+
+static mustafar_status mustafar__cuda_alloc(mustafar_context *ctx, void **p, size_t bytes)
+{
+    cudaError_t e;
+    *p = NULL;
+    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
+    e = cudaMalloc(p, bytes ? bytes : 16);
+    if (e != cudaSuccess) {
+        *p = NULL;
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                              "cudaMalloc of %zu bytes failed: %s", bytes, cudaGetErrorName(e));
+    }
+    MUSTAFAR__CUDA_CHECK(ctx, cudaMemsetAsync(*p, 0, bytes ? bytes : 16, ctx->cuda.stream));
+    return MUSTAFAR_OK;
+}
+
+static void mustafar__cuda_free(mustafar_context *ctx, void *p)
+{
+    cudaSetDevice(ctx->cuda.device);
+    cudaFree(p);
+}
+
+/* Device scratch of at least `bytes`; grows (after the stream drains) when needed. */
+static mustafar_status mustafar__cuda_scratch(mustafar_context *ctx, size_t bytes, void **out)
+{
+    mustafar__cuda *cu = &ctx->cuda;
+    if (bytes > cu->scratch_bytes) {
+        size_t grow = bytes > 2 * cu->scratch_bytes ? bytes : 2 * cu->scratch_bytes;
+        MUSTAFAR__CUDA_CHECK(ctx, cudaStreamSynchronize(cu->stream));
+        if (cu->scratch) cudaFree(cu->scratch);
+        cu->scratch = NULL;
+        cu->scratch_bytes = 0;
+        if (cudaMalloc(&cu->scratch, grow) != cudaSuccess) {
+            cu->scratch = NULL;
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                                  "cudaMalloc of %zu bytes of scratch failed", grow);
+        }
+        cu->scratch_bytes = grow;
+    }
+    *out = cu->scratch;
+    return MUSTAFAR_OK;
+}
+
+/* Host -> device copy on the stream through pinned staging, so the caller's
+   buffer is free on return and the host does not wait for the stream. */
+static mustafar_status mustafar__cuda_upload(mustafar_context *ctx, void *dst, const void *src,
+                                             size_t bytes)
+{
+    mustafar__cuda *cu = &ctx->cuda;
+    MUSTAFAR__CUDA_CHECK(ctx, cudaEventSynchronize(cu->staging_free));
+    if (bytes > cu->staging_bytes) {
+        size_t grow = bytes > 2 * cu->staging_bytes ? bytes : 2 * cu->staging_bytes;
+        if (cu->staging) cudaFreeHost(cu->staging);
+        cu->staging = NULL;
+        cu->staging_bytes = 0;
+        if (cudaMallocHost(&cu->staging, grow) != cudaSuccess) {
+            cu->staging = NULL;
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                                  "cudaMallocHost of %zu bytes failed", grow);
+        }
+        cu->staging_bytes = grow;
+    }
+    memcpy(cu->staging, src, bytes);
+    MUSTAFAR__CUDA_CHECK(ctx, cudaMemcpyAsync(dst, cu->staging, bytes, cudaMemcpyHostToDevice,
+                                              cu->stream));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaEventRecord(cu->staging_free, cu->stream));
+    return MUSTAFAR_OK;
+}
+
+static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kernel, const char *name,
+                                        unsigned gx, unsigned gy, unsigned gz, unsigned block,
+                                        size_t smem, void **args)
+{
+    dim3 grid, threads;
+    cudaError_t e;
+    grid.x = gx; grid.y = gy; grid.z = gz;
+    threads.x = block; threads.y = 1; threads.z = 1;
+    e = cudaLaunchKernel((const void *)kernel, grid, threads, args, smem, ctx->cuda.stream);
+    if (e == cudaSuccess) e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA, "launch of %s (grid %u x %u x %u) failed: %s (%s)",
+                              name, gx, gy, gz, cudaGetErrorName(e), cudaGetErrorString(e));
+    return MUSTAFAR_OK;
+}
+
+/* ---- CUDA backend: operations ---------------------------------------------------------- */
+
+static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int head_dim,
+                                              float sparsity, mustafar_dtype dtype, const void *in,
+                                              void *out, size_t count)
+{
+    mustafar__module *m;
+    int kept = mustafar_kept_count(head_dim, sparsity), opi = op;
+    long long n = (long long)count;
+    void *args[4];
+    mustafar_status st;
+    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
+    st = mustafar__get_module(ctx, head_dim, dtype, kept, kept, 1, 16, &m);
+    if (st) return st;
+    if ((count + 7) / 8 > 0x7fffffffu)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "count %zu too large", count);
+    args[0] = &opi; args[1] = &in; args[2] = &out; args[3] = &n;
+    return mustafar__launch(ctx, m->records, "mustafar_records", (unsigned)((count + 7) / 8), 1, 1,
+                            256, 0, args);
+}
+
+static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
+                                             const mustafar_paged_kv *kv,
+                                             const mustafar__append_job *jobs, int njobs,
+                                             const int32_t *patches, int npatches,
+                                             const void *k, const void *v)
+{
+    const mustafar__append_job *last = &jobs[njobs - 1];
+    int compress_total = last->compress_offset + last->new_compressed - last->old_compressed;
+    int window_total = last->window_offset + last->old_length + last->new_tokens -
+                       mustafar__job_window_first(last);
+    size_t job_bytes = sizeof *jobs * (size_t)njobs, bytes = job_bytes + 8 * (size_t)npatches;
+    unsigned char *blob, *dev;
+    mustafar__module *m;
+    mustafar_status st;
+    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
+    st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
+                              L->page_size, &m);
+    if (st) return st;
+    st = mustafar__cuda_scratch(ctx, bytes, (void **)&dev);
+    if (st) return st;
+    blob = (unsigned char *)MUSTAFAR_MALLOC(bytes);
+    if (!blob) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    memcpy(blob, jobs, job_bytes);
+    if (npatches) memcpy(blob + job_bytes, patches, 8 * (size_t)npatches);
+    st = mustafar__cuda_upload(ctx, dev, blob, bytes);
+    MUSTAFAR_FREE(blob);
+    if (st) return st;
+    if (compress_total > 0) {
+        const int32_t *dev_patches = (const int32_t *)(dev + job_bytes);
+        int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
+        long long warps = (long long)compress_total * hkv;
+        void *args[15];
+        args[0] = &dev; args[1] = &njobs; args[2] = &dev_patches; args[3] = &npatches;
+        args[4] = &compress_total; args[5] = &hkv; args[6] = (void *)&k; args[7] = (void *)&v;
+        args[8] = (void *)&kv->k_pages; args[9] = (void *)&kv->v_pages;
+        args[10] = (void *)&kv->page_table; args[11] = &stride; args[12] = (void *)&kv->k_window;
+        args[13] = (void *)&kv->v_window; args[14] = &window;
+        if ((warps + 7) / 8 > 0x7fffffff)
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "append too large");
+        st = mustafar__launch(ctx, m->append_compress, "mustafar_append_compress",
+                              (unsigned)((warps + 7) / 8), 1, 1, 256, 0, args);
+        if (st) return st;
+    }
+    if (window_total > 0) {
+        int hkv = L->num_kv_heads, window = L->window;
+        long long threads = (long long)window_total * hkv * L->head_dim / 8;
+        void *args[9];
+        args[0] = &dev; args[1] = &njobs; args[2] = &window_total; args[3] = &hkv;
+        args[4] = (void *)&k; args[5] = (void *)&v; args[6] = (void *)&kv->k_window;
+        args[7] = (void *)&kv->v_window; args[8] = &window;
+        st = mustafar__launch(ctx, m->append_window, "mustafar_append_window",
+                              (unsigned)((threads + 255) / 256), 1, 1, 256, 0, args);
+    }
+    return st;
+}
+
+/* Positions per split.  Time is modelled as waves x tiles per block: the
+   grid of (sequences x KV-head blocks x splits) blocks runs in waves of
+   (SMs x resident blocks); more splits shorten each block but can add a
+   partly empty wave, and each split costs a little in the combine step. */
+static int mustafar__choose_chunk(const mustafar_context *ctx, const mustafar__module *m, int nseq,
+                                  int blocks_per_seq, int32_t max_len)
+{
+    const int64_t sweep = 16 * (int64_t)m->warps;
+    const int64_t slots = (int64_t)ctx->cuda.num_sms * m->blocks_per_sm;
+    const int64_t base = (int64_t)nseq * blocks_per_seq;
+    int64_t splits, best_chunk = sweep, tiles_total = (max_len + sweep - 1) / sweep;
+    double best = -1.0;
+    if (max_len <= 0) return (int)sweep;
+    for (splits = 1; splits <= 1024 && splits <= tiles_total; splits++) {
+        int64_t chunk_tiles = (tiles_total + splits - 1) / splits;
+        int64_t real_splits = (tiles_total + chunk_tiles - 1) / chunk_tiles;
+        int64_t waves = (base * real_splits + slots - 1) / slots;
+        double cost = (double)waves * (chunk_tiles + 2) + 0.02 * (double)real_splits;
+        if (best < 0 || cost < best) { best = cost; best_chunk = chunk_tiles * sweep; }
+    }
+    return (int)best_chunk;
+}
+
+static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mustafar__layout *L,
+                                                const mustafar_paged_kv *kv, int nseq,
+                                                const mustafar_paged_seq *seqs, int seqs_on_host,
+                                                int32_t max_len, const void *q, void *out,
+                                                float scale)
+{
+    mustafar__module *m;
+    mustafar_status st;
+    int head_blocks = (L->group + 15) / 16, chunk, splits, stride = kv->page_table_stride;
+    int window = L->window, hkv = L->num_kv_heads;
+    size_t seq_bytes = seqs_on_host ? mustafar__round_up(sizeof *seqs * (size_t)nseq, 256) : 0;
+    size_t partial_o, partial_ml;
+    unsigned char *dev;
+    const void *dev_seqs = seqs;
+    float *po, *pml, scale_log2 = scale * 1.4426950408889634f;
+    void *args[16];
+    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
+    if (nseq > 0x7fffffff / 2)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "nseq %d too large", nseq);
+    st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
+                              L->page_size, &m);
+    if (st) return st;
+    chunk = mustafar__choose_chunk(ctx, m, nseq, hkv * head_blocks, max_len);
+    splits = max_len > 0 ? (int)((max_len + (int64_t)chunk - 1) / chunk) : 1;
+    if (splits > 65535) {
+        chunk = (int)((max_len + 65534) / 65535);
+        splits = (int)((max_len + (int64_t)chunk - 1) / chunk);
+    }
+    partial_o = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * L->head_dim * 4 : 0;
+    partial_ml = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * 2 * 4 : 0;
+    st = mustafar__cuda_scratch(ctx, seq_bytes + partial_o + partial_ml, (void **)&dev);
+    if (st) return st;
+    if (seqs_on_host) {
+        st = mustafar__cuda_upload(ctx, dev, seqs, sizeof *seqs * (size_t)nseq);
+        if (st) return st;
+        dev_seqs = dev;
+    }
+    po = (float *)(dev + seq_bytes);
+    pml = (float *)(dev + seq_bytes + partial_o);
+    args[0] = (void *)&kv->k_pages; args[1] = (void *)&kv->v_pages; args[2] = (void *)&kv->page_table;
+    args[3] = &stride; args[4] = (void *)&kv->k_window; args[5] = (void *)&kv->v_window;
+    args[6] = &window; args[7] = &dev_seqs; args[8] = (void *)&q; args[9] = &out;
+    args[10] = &po; args[11] = &pml; args[12] = &hkv; args[13] = &chunk; args[14] = &splits;
+    args[15] = &scale_log2;
+    st = mustafar__launch(ctx, m->attention, "mustafar_attention", (unsigned)nseq,
+                          (unsigned)(hkv * head_blocks), (unsigned)splits,
+                          (unsigned)(32 * m->warps), m->attention_smem, args);
+    if (st || splits == 1) return st;
+    args[0] = &po; args[1] = &pml; args[2] = &out; args[3] = &splits;
+    return mustafar__launch(ctx, m->combine, "mustafar_combine",
+                            (unsigned)((size_t)nseq * L->num_q_heads), 1, 1,
+                            (unsigned)L->head_dim, 0, args);
+}
+
+#endif /* MUSTAFAR_NO_CUDA */
+
+#endif /* MUSTAFAR_IMPLEMENTATION_DONE */
+#endif /* MUSTAFAR_IMPLEMENTATION */

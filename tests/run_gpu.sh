@@ -1,0 +1,24 @@
+#!/bin/sh
+# GPU checks: the suite on the CUDA backend, then under compute-sanitizer
+# memcheck and racecheck.  Ends with one line "N passed, M failed".
+BUILD=${BUILD:-build}
+passed=0; failed=0
+out=$BUILD/gpu_out.txt
+count() {
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$1" | tail -n 1)
+    if [ -z "$line" ]; then failed=$((failed + 1)); echo "FAIL $2: no summary line"; tail -n 20 "$1"; return; fi
+    p=$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')
+    f=$(echo "$line" | sed -E 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/')
+    passed=$((passed + p)); failed=$((failed + f))
+    echo "$2: $line"
+}
+"./$BUILD/test_main" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed)' "$out"; count "$out" "suite on CUDA"
+for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 "./$BUILD/test_main" --backend cuda --quick > "$out" 2>&1
+    rc=$?
+    grep -E '^(FAIL|=========)' "$out" | head -n 30
+    count "$out" "suite under compute-sanitizer $tool"
+    if [ $rc -ne 0 ]; then failed=$((failed + 1)); echo "FAIL compute-sanitizer $tool exited $rc"; fi
+done
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
