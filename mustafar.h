@@ -481,6 +481,29 @@ static uint16_t mustafar__store(mustafar_dtype dt, float f)
 
 #ifndef MUSTAFAR_NO_CUDA
 typedef struct mustafar__module mustafar__module;
+typedef struct mustafar__append_job mustafar__append_job;
+/* Small job and sequence lists travel in the kernel parameters instead of
+   being uploaded; these match append_inline and seqs_inline in the kernels. */
+#define MUSTAFAR__INLINE_JOBS 48
+#define MUSTAFAR__INLINE_PATCHES 96
+#define MUSTAFAR__INLINE_SEQS 192
+struct mustafar__append_job {
+    int32_t row, old_length, new_tokens, input_offset;
+    int32_t old_compressed, new_compressed;
+    int32_t compress_offset;       /* exclusive prefix of compressed counts */
+    int32_t window_offset;         /* exclusive prefix of window writes */
+    int32_t pages_before;          /* table entries of the row valid before the call */
+    int32_t first_patch;           /* this row's first new entry in the patch list */
+};
+typedef struct mustafar__append_inline {
+    int32_t njobs, npatches;
+    mustafar__append_job jobs[MUSTAFAR__INLINE_JOBS];
+    int32_t patches[2 * MUSTAFAR__INLINE_PATCHES];
+} mustafar__append_inline;
+typedef struct mustafar__seqs_inline {
+    int32_t count;
+    mustafar_paged_seq seqs[MUSTAFAR__INLINE_SEQS];
+} mustafar__seqs_inline;
 typedef struct mustafar__cuda {
     int device, sm, num_sms;
     cudaStream_t stream;
@@ -491,6 +514,8 @@ typedef struct mustafar__cuda {
     void *staging;                 /* pinned host staging for uploads */
     size_t staging_bytes;
     cudaEvent_t staging_free;      /* recorded after the last upload from staging */
+    mustafar__append_inline append_params;
+    mustafar__seqs_inline seq_params;
 } mustafar__cuda;
 #endif
 
@@ -667,6 +692,7 @@ typedef struct mustafar__layout {
    the input), then positions [max(old_length, new_compressed), old_length +
    new_tokens) are copied from the input into the window ring.  The layout of
    this struct is shared with the kernels. */
+#ifdef MUSTAFAR_NO_CUDA
 typedef struct mustafar__append_job {
     int32_t row, old_length, new_tokens, input_offset;
     int32_t old_compressed, new_compressed;
@@ -675,6 +701,7 @@ typedef struct mustafar__append_job {
     int32_t pages_before;          /* table entries of the row valid before the call */
     int32_t first_patch;           /* this row's first new entry in the patch list */
 } mustafar__append_job;
+#endif
 
 static int32_t mustafar__job_window_first(const mustafar__append_job *j)
 {
@@ -1666,11 +1693,10 @@ static const char *const mustafar__kernel_source[] = {
 "#define K_RECORD RECORD_BYTES(MUSTAFAR_K_KEPT)\n"
 "#define V_RECORD RECORD_BYTES(MUSTAFAR_V_KEPT)\n"
 "#define TILE 16                            /* positions per warp tile = mma M/K */\n"
-"#define ROW (D + 8)                        /* smem row stride in elements: 16 B pad */\n"
 "#define HEAD_ROWS (MUSTAFAR_GROUP < 16 ? MUSTAFAR_GROUP : 16)\n"
 "#define NEG_INF (-__int_as_float(0x7f800000))\n"
 "/* attention blocks per SM the register budget is sized for */\n"
-"#define MIN_BLOCKS (D == 256 ? 1 : 16 / MUSTAFAR_WARPS)\n"
+"#define MIN_BLOCKS (D == 256 ? 1 : D == 128 ? 12 / MUSTAFAR_WARPS : 16 / MUSTAFAR_WARPS)\n"
 "\n"
 "typedef unsigned short u16;\n"
 "typedef unsigned int u32;\n"
@@ -1733,27 +1759,16 @@ static const char *const mustafar__kernel_source[] = {
 "}\n"
 "__device__ __forceinline__ void copy_commit()\n"
 "{\n"
-"#if MUSTAFAR_SM >= 80\n",
+"#if MUSTAFAR_SM >= 80\n"
 "    asm volatile(\"cp.async.commit_group;\");\n"
 "#endif\n"
-"}\n"
+"}\n",
 "/* Waits until at most one committed group is still in flight. */\n"
 "__device__ __forceinline__ void copy_wait_all_but_one()\n"
 "{\n"
 "#if MUSTAFAR_SM >= 80\n"
 "    asm volatile(\"cp.async.wait_group 1;\");\n"
 "#endif\n"
-"}\n"
-"\n"
-"__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void *p)\n"
-"{\n"
-"    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\"\n"
-"                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(smem_addr(p)));\n"
-"}\n"
-"__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void *p)\n"
-"{\n"
-"    asm volatile(\"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\"\n"
-"                 : \"=r\"(r[0]), \"=r\"(r[1]), \"=r\"(r[2]), \"=r\"(r[3]) : \"r\"(smem_addr(p)));\n"
 "}\n"
 "\n"
 "/* c += a * b for one m16n8k16 tile (a: 16x16 row-major fragment, b: 16x8\n"
@@ -1816,23 +1831,32 @@ static const char *const mustafar__kernel_source[] = {
 "   Lane l holds channels [l*E, l*E+E).  The kept set is the KEPT largest\n"
 "   magnitude keys (bits & 0x7fff), ties to the lower channel: bisection finds\n"
 "   the largest threshold with count(key >= t) >= KEPT, every key above it is\n"
-"   kept, then the first ties in channel order.  Returns the lane's E keep bits. */\n",
+"   kept, then the first ties in channel order.  Returns the lane's E keep bits. */\n"
 "__device__ __forceinline__ u32 select_kept(const u16 x[E], int kept)\n"
 "{\n"
 "    const int lane = threadIdx.x & 31;\n"
+"    int key[E];\n"
+"#pragma unroll\n"
+"    for (int e = 0; e < E; e++) key[e] = x[e] & 0x7fff;\n"
 "    int lo = 0, hi = 0x7fff;\n"
 "    while (lo < hi) {\n"
 "        const int mid = (lo + hi + 1) >> 1;\n"
 "        int count = 0;\n"
+"#if MUSTAFAR_SM >= 80\n"
 "#pragma unroll\n"
-"        for (int e = 0; e < E; e++) count += __popc(__ballot_sync(0xffffffffu, (x[e] & 0x7fff) >= mid));\n"
+"        for (int e = 0; e < E; e++) count += key[e] >= mid;\n"
+"        asm(\"redux.sync.add.s32 %0, %0, 0xffffffff;\" : \"+r\"(count));\n"
+"#else\n"
+"#pragma unroll\n"
+"        for (int e = 0; e < E; e++) count += __popc(__ballot_sync(0xffffffffu, key[e] >= mid));\n"
+"#endif\n",
 "        if (count >= kept) lo = mid; else hi = mid - 1;\n"
 "    }\n"
 "    u32 greater = 0, ties = 0;\n"
 "#pragma unroll\n"
 "    for (int e = 0; e < E; e++) {\n"
-"        greater |= (u32)((x[e] & 0x7fff) > lo) << e;\n"
-"        ties |= (u32)((x[e] & 0x7fff) == lo) << e;\n"
+"        greater |= (u32)(key[e] > lo) << e;\n"
+"        ties |= (u32)(key[e] == lo) << e;\n"
 "    }\n"
 "    const int need = kept - warp_sum(__popc(greater));\n"
 "    int rank = warp_exclusive_scan(__popc(ties));\n"
@@ -1916,7 +1940,7 @@ static const char *const mustafar__kernel_source[] = {
 "        if (w < word_index) base += __popc(wv);\n"
 "        if (w == word_index) word = wv;\n"
 "    }\n"
-"    base += __popc(word & ((1u << shift) - 1u));\n",
+"    base += __popc(word & ((1u << shift) - 1u));\n"
 "    const u32 bits = (word >> shift) & ((1u << E) - 1u);\n"
 "    const u16 *vals = (const u16 *)(rec + BITMAP_BYTES);\n"
 "#pragma unroll\n"
@@ -1925,7 +1949,7 @@ static const char *const mustafar__kernel_source[] = {
 "        x[e] = ((bits >> e) & 1u) && idx < kept ? vals[idx] : (u16)0;\n"
 "    }\n"
 "}\n"
-"\n"
+"\n",
 "/* ---- stateless record operations ------------------------------------------ */\n"
 "\n"
 "#define OP_PRUNE 0\n"
@@ -1956,7 +1980,24 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "}\n"
 "\n"
-"/* ---- append: compress tokens into pages, fill the dense window ------------- */\n"
+"/* ---- append: compress tokens into pages, fill the dense window -------------\n"
+"   One warp per (item, KV head).  Items [0, compress_total) are positions\n"
+"   compressed into pages (from the window ring or the input); the rest are\n"
+"   positions entering the window.  A new position p goes to ring slot\n"
+"   p % window, whose current occupant (the old window position q with the\n"
+"   same slot) may be compressed by this same call: then the warp that\n"
+"   compresses q writes p after it has read the slot, and the window item of\n"
+"   p does nothing.  Window entries span at most `window` positions, so each\n"
+"   slot receives at most one. */\n"
+"\n"
+"#define INLINE_JOBS 48\n"
+"#define INLINE_PATCHES 96\n"
+"/* Small appends travel in the kernel parameters (no upload). */\n"
+"struct append_inline {\n"
+"    int njobs, npatches;                     /* 0: use the global arrays */\n"
+"    append_job jobs[INLINE_JOBS];\n"
+"    int patches[2 * INLINE_PATCHES];\n"
+"};\n"
 "\n"
 "__device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g, bool window)\n"
 "{\n"
@@ -1969,82 +2010,114 @@ static const char *const mustafar__kernel_source[] = {
 "    return lo;\n"
 "}\n"
 "\n"
-"/* One warp per (compressed position, KV head); block 0 also stores the new\n"
-"   page-table entries (`patches`: index, page pairs). */\n"
-"extern \"C\" __global__ void __launch_bounds__(256) mustafar_append_compress(\n"
-"    const append_job *jobs, int njobs, const int *patches, int npatches, int total,\n"
+"/* Copies one head of one token vector, each lane its own E elements (so a\n"
+"   lane overwrites only what it read itself). */\n"
+"__device__ __forceinline__ void copy_vector(u16 *dst, const u16 *src)\n"
+"{\n"
+"    u16 x[E];\n"
+"    load_lane_elements(x, src);\n"
+"    store_lane_elements(dst, x);\n"
+"}\n"
+"\n"
+"extern \"C\" __global__ void __launch_bounds__(256) mustafar_append(\n"
+"    const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,\n"
+"    const int *global_patches, int npatches, int compress_total, int window_total,\n"
 "    int num_kv_heads, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,\n"
-"    unsigned char *v_pages, int *page_table, int table_stride, const u16 *k_window,\n"
-"    const u16 *v_window, int window)\n"
+"    unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window, u16 *v_window,\n"
+"    int window)\n"
 "{\n"
 "    __shared__ __align__(16) unsigned char stage[8][RECORD_BYTES(D)];\n"
+"    const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;\n"
+"    const int *patches = inl.njobs ? inl.patches : global_patches;\n"
 "    const int warp = threadIdx.x >> 5;\n"
 "    if (blockIdx.x == 0)\n"
 "        for (int i = threadIdx.x; i < npatches; i += blockDim.x)\n"
 "            page_table[patches[2 * i]] = patches[2 * i + 1];\n"
-"    const long long item = (long long)blockIdx.x * 8 + warp;\n"
-"    if (item >= (long long)total * num_kv_heads) return;\n"
+"    const long long item = (long long)blockIdx.x * 8 + warp;\n",
+"    if (item >= (long long)(compress_total + window_total) * num_kv_heads) return;\n"
 "    const int g = (int)(item / num_kv_heads), head = (int)(item % num_kv_heads);\n"
-"    const append_job j = jobs[find_job(jobs, njobs, g, false)];\n"
-"    const int p = j.old_compressed + (g - j.compress_offset);\n"
-"    const int page_index = p / MUSTAFAR_PAGE_SIZE;\n"
-"    const int page = page_index >= j.pages_before\n"
-"                         ? patches[2 * (j.first_patch + page_index - j.pages_before) + 1]\n"
-"                         : page_table[(long long)j.row * table_stride + page_index];\n"
-"    const u16 *ks, *vs;\n"
-"    if (p < j.old_length) {\n"
-"        const long long w = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
-"        ks = k_window + w;\n"
-"        vs = v_window + w;\n"
+"    if (g < compress_total) {\n"
+"        const append_job j = jobs[find_job(jobs, njobs, g, false)];\n"
+"        const int p = j.old_compressed + (g - j.compress_offset);\n"
+"        const int page_index = p / MUSTAFAR_PAGE_SIZE;\n"
+"        const int page = page_index >= j.pages_before\n"
+"                             ? patches[2 * (j.first_patch + page_index - j.pages_before) + 1]\n"
+"                             : page_table[(long long)j.row * table_stride + page_index];\n"
+"        const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
+"                               p % MUSTAFAR_PAGE_SIZE;\n"
+"        const u16 *ks, *vs;\n"
+"        long long ring = 0;\n"
+"        if (p < j.old_length) {\n"
+"            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
+"            ks = k_window + ring;\n"
+"            vs = v_window + ring;\n"
+"        } else {\n"
+"            const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
+"            ks = k_in + in;\n"
+"            vs = v_in + in;\n"
+"        }\n"
+"        compress_token(ks, k_pages + slot * K_RECORD, MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);\n"
+"        compress_token(vs, v_pages + slot * V_RECORD, MUSTAFAR_V_KEPT, V_RECORD, stage[warp]);\n"
+"        if (p < j.old_length) {               /* p leaves the ring: write its slot's new entry */\n"
+"            const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
+"            const int successor = first + ((p - first) % window + window) % window;\n"
+"            if (successor < j.old_length + j.new_tokens) {\n"
+"                const long long in = ((long long)(j.input_offset + successor - j.old_length) * num_kv_heads + head) * D;\n"
+"                copy_vector(k_window + ring, k_in + in);\n"
+"                copy_vector(v_window + ring, v_in + in);\n"
+"            }\n"
+"        }\n"
 "    } else {\n"
+"        const int w = g - compress_total;\n"
+"        const append_job j = jobs[find_job(jobs, njobs, w, true)];\n"
+"        const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
+"        const int p = first + (w - j.window_offset);\n"
+"        const int occupant = j.old_compressed + ((p - j.old_compressed) % window + window) % window;\n"
+"        if (occupant < j.old_length && occupant < j.new_compressed) return;  /* written above */\n"
 "        const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
-"        ks = k_in + in;\n"
-"        vs = v_in + in;\n",
+"        const long long ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
+"        copy_vector(k_window + ring, k_in + in);\n"
+"        copy_vector(v_window + ring, v_in + in);\n"
 "    }\n"
-"    const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
-"                           p % MUSTAFAR_PAGE_SIZE;\n"
-"    compress_token(ks, k_pages + slot * K_RECORD, MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);\n"
-"    compress_token(vs, v_pages + slot * V_RECORD, MUSTAFAR_V_KEPT, V_RECORD, stage[warp]);\n"
-"}\n"
-"\n"
-"/* One thread per 16 bytes of a token's [Hkv][D] block entering the window. */\n"
-"extern \"C\" __global__ void __launch_bounds__(256) mustafar_append_window(\n"
-"    const append_job *jobs, int njobs, int total, int num_kv_heads, const u16 *k_in,\n"
-"    const u16 *v_in, u16 *k_window, u16 *v_window, int window)\n"
-"{\n"
-"    const int chunks = num_kv_heads * D / 8;\n"
-"    const long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
-"    if (item >= (long long)total * chunks) return;\n"
-"    const int g = (int)(item / chunks), c = (int)(item % chunks);\n"
-"    const append_job j = jobs[find_job(jobs, njobs, g, true)];\n"
-"    const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
-"    const int p = first + (g - j.window_offset);\n"
-"    const long long in = (long long)(j.input_offset + p - j.old_length) * num_kv_heads * D + c * 8;\n"
-"    const long long w = ((long long)j.row * window + p % window) * num_kv_heads * D + c * 8;\n"
-"    *(uint4 *)(k_window + w) = *(const uint4 *)(k_in + in);\n"
-"    *(uint4 *)(v_window + w) = *(const uint4 *)(v_in + in);\n"
 "}\n"
 "\n"
 "/* ---- decode attention -------------------------------------------------------\n"
 "   Block (sequence, kv head x head block, split), MUSTAFAR_WARPS warps.  Each\n"
 "   warp walks 16-position tiles of the block's range with its own online\n"
 "   softmax: records are staged into shared memory with 16-byte async copies\n"
-"   one tile ahead, expanded to a dense [16][D] tile, multiplied on the tensor\n"
-"   cores (S = Q K^T, then O += P V), and the warps are merged at the end. */\n"
+"   one tile ahead and decoded straight into tensor-core fragments in\n"
+"   registers (S = Q K^T, then O += P V, fp32 accumulation); the warps are\n"
+"   merged at the end.\n"
+"\n"
+"   Channel permutation.  A dot product does not depend on the order of its\n"
+"   terms, so each thread takes whole runs of channels instead of the mma\n"
+"   fragment's interleave, and decodes a run with one popcount:\n"
+"     S = Q K^T  k index {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel\n"
+"                KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4\n"
+"     O += P V   column g of n-tile j is channel VC*g + j: thread g owns a run\n"
+"                of VC = D/8 channels.\n"
+"   Lane = 4*g + t as in the mma fragments. */\n"
+"\n"
+"#define KC (D / 4)\n",
+"#define VC (D / 8)\n"
+"#if KC > 32\n"
+"typedef u64 k_run;                          /* D = 256: a K run is 64 channels */\n"
+"#else\n"
+"typedef u32 k_run;\n"
+"#endif\n"
 "\n"
 "struct warp_state {\n"
-"    float o[D / 8][4];     /* O fragment: rows g, g+8; channels 8n + 2t, +1 */\n"
+"    float o[VC][4];        /* O fragment: rows g, g+8; channels VC*(2t) + j, VC*(2t+1) + j */\n"
 "    float m[2], l[2];      /* running max (log2 units) and partial sums, rows g, g+8 */\n"
 "};\n"
 "\n"
 "/* Staged records are spaced so that the 16 rows of a tile start in 8\n"
-"   different bank groups (stride / 16 odd): the decode's loads conflict at\n"
-"   most 2-way instead of 4-way for a 96-byte record. */\n"
+"   different bank groups (stride / 16 odd): decode loads conflict at most\n"
+"   2-way instead of 4-way for a 96-byte record. */\n"
 "#define STAGED(rec) ((rec) / 16 % 2 ? (rec) : (rec) + 16)\n"
 "#define K_STAGED STAGED(K_RECORD)\n"
 "#define V_STAGED STAGED(V_RECORD)\n"
 "#define STAGE_BYTES (TILE * (K_STAGED + V_STAGED))\n"
-"#define WARP_SMEM (2 * STAGE_BYTES + TILE * ROW * 2)\n"
 "\n"
 "/* Queues the records of the tile's compressed positions [p0, p0+16) below\n"
 "   `end`: lane l copies the K record (l < 16) or the V record (l >= 16) of\n"
@@ -2070,84 +2143,83 @@ static const char *const mustafar__kernel_source[] = {
 "        for (int c = 0; c < V_RECORD / 16; c++) copy16(dst + 16 * c, src + 16 * c);\n"
 "    }\n"
 "}\n"
-"\n",
-"/* Dense tile rows from staged records; rows of positions outside [lo, hi)\n"
-"   are zero.  Lane l decodes half l / 16 of the channels of row l % 16 by\n"
-"   walking its set bits: the work is per kept element, not per channel. */\n"
-"__device__ __forceinline__ void expand_tile(u16 *tile, const unsigned char *records, int record_bytes,\n"
-"                                            int kept, int p0, int lo, int hi)\n"
+"\n"
+"/* The bits of channels [first, first + n) of a staged record (n = 8..64,\n"
+"   first a multiple of n), zero for a position outside the range. */\n"
+"__device__ __forceinline__ u64 run_bits(const unsigned char *rec, int first, int n, bool valid)\n"
 "{\n"
-"    const int lane = threadIdx.x & 31, tok = lane & 15, half = lane >> 4;\n"
-"    const int p = p0 + tok;\n"
-"    u16 *row = tile + tok * ROW + half * (D / 2);\n"
-"#pragma unroll\n"
-"    for (int c = 0; c < D / 16; c++) ((uint4 *)row)[c] = make_uint4(0, 0, 0, 0);\n"
-"    if (p < lo || p >= hi) return;\n"
-"    if (kept == D) {                       /* nothing pruned: the values are the row */\n"
-"        const u32 *src = (const u32 *)(records + tok * record_bytes + BITMAP_BYTES) + half * (D / 4);\n"
-"#pragma unroll\n"
-"        for (int c = 0; c < D / 4; c++) ((u32 *)row)[c] = src[c];\n"
-"        return;\n"
-"    }\n"
-"    const u32 *bitmap = (const u32 *)(records + tok * record_bytes);\n"
-"    const u16 *vals = (const u16 *)(records + tok * record_bytes + BITMAP_BYTES);\n"
-"    u32 words[D / 64];\n"
-"    int before = 0, total = 0;\n"
-"#pragma unroll\n"
-"    for (int w = 0; w < D / 64; w++) {\n"
-"        const u32 lo = bitmap[w], hi = bitmap[D / 64 + w];\n"
-"        before += __popc(lo);\n"
-"        total += __popc(lo) + __popc(hi);\n"
-"        words[w] = half ? hi : lo;\n"
-"    }\n"
-"    if (total != kept) return;             /* corrupt record: its row stays zero */\n"
-"    vals += half ? before : 0;\n"
-"#pragma unroll\n"
-"    for (int w = 0; w < D / 64; w++) {\n"
-"        u32 word = words[w];\n"
-"        u16 *out = row + 32 * w;\n"
-"        while (word) {\n"
-"            const int b = __ffs(word) - 1;\n"
-"            word &= word - 1;\n"
-"            out[b] = *vals++;\n"
-"        }\n"
-"    }\n"
+"    const u32 *w = (const u32 *)rec;\n"
+"    u64 bits;\n"
+"    if (n == 64) bits = w[first / 32] | ((u64)w[first / 32 + 1] << 32);\n"
+"    else if (n == 32) bits = w[first / 32];\n"
+"    else bits = (w[first / 32] >> (first % 32)) & ((1u << n) - 1u);\n"
+"    return valid ? bits : 0;\n"
 "}\n"
 "\n"
-"/* Dense tile rows from the window ring; rows outside [lo, hi) are zero. */\n"
-"__device__ __forceinline__ void window_tile(u16 *tile, const u16 *ring, int row, int window,\n"
-"                                            int head, int num_kv_heads, int p0, int lo, int hi)\n"
+"/* Exclusive prefix sum over the `count` lanes lane % stride + stride * i that\n"
+"   hold consecutive runs of one record: the index of a run's first kept value.\n"
+"   Records are trusted to keep exactly KEPT elements; a corrupt one can only\n"
+"   make the decode read other bytes of the shared-memory staging (padded for\n"
+"   that), never outside it. */\n"
+"__device__ __forceinline__ int run_offset(int count_bits, int stride, int count)\n"
 "{\n"
-"    const int lane = threadIdx.x & 31;\n"
-"    for (int i = lane; i < TILE * (D / 8); i += 32) {\n"
-"        const int r = i / (D / 8), c = i % (D / 8), p = p0 + r;\n"
-"        uint4 v = make_uint4(0, 0, 0, 0);\n"
-"        if (p >= lo && p < hi)\n"
-"            v = *(const uint4 *)(ring + (((long long)row * window + p % window) * num_kv_heads + head) * D + c * 8);\n"
-"        *(uint4 *)(tile + r * ROW + c * 8) = v;\n"
+"    const int lane = threadIdx.x & 31, index = (lane / stride) % count;\n"
+"    int sum = count_bits;\n"
+"#pragma unroll\n"
+"    for (int d = 1; d < count; d <<= 1) {\n"
+"        const int n = __shfl_up_sync(0xffffffffu, sum, d * stride);\n"
+"        if (index >= d) sum += n;\n"
 "    }\n"
+"    return sum - count_bits;\n"
 "}\n"
 "\n"
-"/* S = Q K^T for 16 positions, scaled to log2 units; positions outside\n"
-"   [lo, hi) get -inf.  s[j][..]: n-tile j (positions 8j..8j+7). */\n"
-"__device__ __forceinline__ void tile_scores(float s[2][4], const u16 *q_tile, const u16 *tile,\n"
-"                                            float scale_log2, int p0, int lo, int hi)\n"
+"/* Two packed elements (channels c, c+1 of a run): value or zero, taking\n"
+"   kept values from *v onwards. */\n"
+"__device__ __forceinline__ u32 take_pair(u32 bits2, const u16 *&v)\n"
 "{\n"
-"    const int lane = threadIdx.x & 31, t = lane & 3;\n"
-"#pragma unroll\n"
-"    for (int j = 0; j < 2; j++)\n"
-"#pragma unroll\n"
-"        for (int i = 0; i < 4; i++) s[j][i] = 0.0f;\n"
-"    const int mat = lane >> 3;\n"
-"    const u16 *k_base = tile + ((mat >> 1) * 8 + (lane & 7)) * ROW + (mat & 1) * 8;\n"
-"    const u16 *q_base = q_tile + ((mat & 1) * 8 + (lane & 7)) * ROW + (mat >> 1) * 8;\n"
+"    u32 lo = 0, hi = 0;\n"
+"    if (bits2 & 1u) lo = *v++;\n"
+"    if (bits2 & 2u) hi = *v++;\n"
+"    return lo | (hi << 16);\n"
+"}\n"
+"\n"
+"/* Q fragments (A operand) for the KC-channel run of this thread, rows >= rows zero. */\n"
+"__device__ __forceinline__ void load_q(u32 qa[D / 16][4], const u16 *q, int rows)\n"
+"{\n",
+"    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
 "#pragma unroll\n"
 "    for (int kk = 0; kk < D / 16; kk++) {\n"
-"        u32 a[4], b[4];\n"
-"        ldmatrix_x4(a, q_base + kk * 16);\n"
-"        ldmatrix_x4(b, k_base + kk * 16);\n"
-"        mma_16816(s[0], a, b);\n"
-"        mma_16816(s[1], a, b + 2);\n"
+"        uint2 lo = make_uint2(0, 0), hi = make_uint2(0, 0);\n"
+"        if (g < rows) lo = *(const uint2 *)(q + g * D + KC * t + 4 * kk);\n"
+"        if (g + 8 < rows) hi = *(const uint2 *)(q + (g + 8) * D + KC * t + 4 * kk);\n"
+"        qa[kk][0] = lo.x; qa[kk][1] = hi.x; qa[kk][2] = lo.y; qa[kk][3] = hi.y;\n"
+"    }\n"
+"}\n"
+"\n"
+"/* S = Q K^T for the 16 staged records of a tile, scaled to log2 units;\n"
+"   positions outside [lo, hi) get -inf.  s[j][..]: n-tile j (positions 8j..8j+7). */\n"
+"__device__ __forceinline__ void scores_staged(float s[2][4], const u32 qa[D / 16][4],\n"
+"                                              const unsigned char *records, float scale_log2,\n"
+"                                              int p0, int lo, int hi)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
+"#pragma unroll\n"
+"    for (int j = 0; j < 2; j++) {\n"
+"        const int p = p0 + 8 * j + g;\n"
+"        const unsigned char *rec = records + (8 * j + g) * K_STAGED;\n"
+"        const k_run run = (k_run)run_bits(rec, KC * t, KC, p >= lo && p < hi);\n"
+"        const u16 *v = (const u16 *)(rec + BITMAP_BYTES) + run_offset(KC > 32 ? __popcll(run) : __popc((u32)run), 1, 4);\n"
+"        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};\n"
+"#pragma unroll\n"
+"        for (int kk = 0; kk < D / 16; kk++) {\n"
+"            const u32 nib = (u32)(run >> (4 * kk)) & 15u;\n"
+"            u32 b[2];\n"
+"            b[0] = take_pair(nib, v);\n"
+"            b[1] = take_pair(nib >> 2, v);\n"
+"            mma_16816(acc[kk & 1], qa[kk], b);   /* two chains: half the HMMA latency */\n"
+"        }\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) s[j][i] = acc[0][i] + acc[1][i];\n"
 "    }\n"
 "#pragma unroll\n"
 "    for (int j = 0; j < 2; j++)\n"
@@ -2158,14 +2230,43 @@ static const char *const mustafar__kernel_source[] = {
 "        }\n"
 "}\n"
 "\n"
-"/* Online softmax step: rescales the state to the new row maxima and turns s\n",
+"/* The same from dense window rows (global memory). */\n"
+"__device__ __forceinline__ void scores_window(float s[2][4], const u32 qa[D / 16][4],\n"
+"                                              const u16 *ring, int row, int window, int head,\n"
+"                                              int num_kv_heads, float scale_log2, int p0, int lo,\n"
+"                                              int hi)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
+"#pragma unroll\n"
+"    for (int j = 0; j < 2; j++) {\n"
+"        const int p = p0 + 8 * j + g;\n"
+"        const bool valid = p >= lo && p < hi;\n"
+"        const u16 *src = ring + (((long long)row * window + (valid ? p : lo) % window) * num_kv_heads + head) * D + KC * t;\n"
+"        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;\n"
+"#pragma unroll\n"
+"        for (int kk = 0; kk < D / 16; kk++) {\n"
+"            const uint2 v = valid ? *(const uint2 *)(src + 4 * kk) : make_uint2(0, 0);\n"
+"            const u32 b[2] = {v.x, v.y};\n"
+"            mma_16816(s[j], qa[kk], b);\n"
+"        }\n"
+"    }\n"
+"#pragma unroll\n"
+"    for (int j = 0; j < 2; j++)\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) {\n"
+"            const int p = p0 + 8 * j + 2 * t + (i & 1);\n"
+"            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;\n"
+"        }\n"
+"}\n"
+"\n"
+"/* Online softmax step: rescales the state to the new row maxima and turns s\n"
 "   into the P fragment (as the A operand of the P V product). */\n"
 "__device__ __forceinline__ void tile_softmax(warp_state &st, float s[2][4], u32 pa[4])\n"
 "{\n"
 "#pragma unroll\n"
 "    for (int h = 0; h < 2; h++) {\n"
 "        float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));\n"
-"        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));\n"
+"        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));\n",
 "        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));\n"
 "        const float m_new = fmaxf(st.m[h], mx);\n"
 "        const float ref = m_new == NEG_INF ? 0.0f : m_new;\n"
@@ -2174,7 +2275,7 @@ static const char *const mustafar__kernel_source[] = {
 "        st.l[h] *= corr;\n"
 "        if (__any_sync(0xffffffffu, corr != 1.0f)) {\n"
 "#pragma unroll\n"
-"            for (int n = 0; n < D / 8; n++) { st.o[n][2 * h] *= corr; st.o[n][2 * h + 1] *= corr; }\n"
+"            for (int n = 0; n < VC; n++) { st.o[n][2 * h] *= corr; st.o[n][2 * h + 1] *= corr; }\n"
 "        }\n"
 "#pragma unroll\n"
 "        for (int j = 0; j < 2; j++) {\n"
@@ -2189,25 +2290,80 @@ static const char *const mustafar__kernel_source[] = {
 "    pa[3] = pack2(s[1][2], s[1][3]);\n"
 "}\n"
 "\n"
-"/* O += P V for the 16 positions of the dense V tile. */\n"
-"__device__ __forceinline__ void tile_pv(warp_state &st, const u32 pa[4], const u16 *tile)\n"
+"/* O += P V for the 16 staged V records of a tile.  Thread (g, t) decodes\n"
+"   positions 2t, 2t+1, 2t+8, 2t+9 over its channel run VC*g + [0, VC);\n"
+"   positions outside [lo, hi) read as zero. */\n"
+"__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pa[4],\n"
+"                                          const unsigned char *records, int p0, int lo, int hi)\n"
 "{\n"
-"    const int lane = threadIdx.x & 31, mat = lane >> 3;\n"
-"    const u16 *base = tile + ((mat & 1) * 8 + (lane & 7)) * ROW + (mat >> 1) * 8;\n"
+"    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
+"    u32 run[4];\n"
+"    const u16 *v[4];\n"
 "#pragma unroll\n"
-"    for (int n = 0; n < D / 8; n += 2) {\n"
-"        u32 b[4];\n"
-"        ldmatrix_x4_trans(b, base + n * 8);\n"
-"        mma_16816(st.o[n], pa, b);\n"
-"        mma_16816(st.o[n + 1], pa, b + 2);\n"
+"    for (int i = 0; i < 4; i++) {\n"
+"        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;\n"
+"        const unsigned char *rec = records + tok * V_STAGED;\n"
+"        run[i] = (u32)run_bits(rec, VC * g, VC, p >= lo && p < hi);\n"
+"        v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_offset(__popc(run[i]), 4, 8);\n"
+"    }\n"
+"#pragma unroll\n"
+"    for (int k = 0; k < VC; k++) {\n"
+"        u32 x[4];\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) {\n"
+"            x[i] = 0;\n"
+"            if (run[i] >> k & 1u) x[i] = *v[i]++;\n"
+"        }\n"
+"        const u32 b[2] = {x[0] | (x[1] << 16), x[2] | (x[3] << 16)};\n"
+"        mma_16816(st.o[k], pa, b);\n"
 "    }\n"
 "}\n"
 "\n"
+"/* The same from dense window rows (global memory). */\n"
+"__device__ __forceinline__ void pv_window(warp_state &st, const u32 pa[4], const u16 *ring, int row,\n"
+"                                          int window, int head, int num_kv_heads, int p0, int lo,\n"
+"                                          int hi)\n"
+"{\n"
+"    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
+"    const u16 *src[4];\n"
+"#pragma unroll\n"
+"    for (int i = 0; i < 4; i++) {\n"
+"        const int p = p0 + 2 * t + (i & 1) + 8 * (i >> 1);\n"
+"        src[i] = p >= lo && p < hi\n"
+"                     ? ring + (((long long)row * window + p % window) * num_kv_heads + head) * D + VC * g\n"
+"                     : 0;\n"
+"    }\n"
+"#pragma unroll\n"
+"    for (int c = 0; c < VC; c += 8) {\n"
+"        u32 w[4][4];\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) {\n"
+"            const uint4 v = src[i] ? *(const uint4 *)(src[i] + c) : make_uint4(0, 0, 0, 0);\n"
+"            w[i][0] = v.x; w[i][1] = v.y; w[i][2] = v.z; w[i][3] = v.w;\n"
+"        }\n"
+"#pragma unroll\n"
+"        for (int e = 0; e < 8; e++) {\n"
+"            const int sh = 16 * (e & 1);\n"
+"            const u32 b[2] = {((w[0][e / 2] >> sh) & 0xffffu) | ((w[1][e / 2] >> sh) << 16),\n"
+"                              ((w[2][e / 2] >> sh) & 0xffffu) | ((w[3][e / 2] >> sh) << 16)};\n"
+"            mma_16816(st.o[c + e], pa, b);\n"
+"        }\n"
+"    }\n"
+"}\n"
+"\n"
+"#define INLINE_SEQS 192\n"
+"/* Small batches travel in the kernel parameters (no upload). */\n"
+"struct seqs_inline {\n"
+"    int count;                               /* 0: use the global array */\n"
+"    paged_seq seqs[INLINE_SEQS];\n"
+"};\n"
+"\n"
 "extern \"C\" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(\n"
-"    const unsigned char *k_pages, const unsigned char *v_pages, const int *page_table,\n"
-"    int table_stride, const u16 *k_window, const u16 *v_window, int window,\n"
-"    const paged_seq *seqs, const u16 *q, u16 *out, float *partial_o, float *partial_ml,\n"
-"    int num_kv_heads, int chunk, int splits, float scale_log2)\n"
+"    const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,\n",
+"    const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,\n"
+"    const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,\n"
+"    float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,\n"
+"    float scale_log2)\n"
 "{\n"
 "    extern __shared__ __align__(16) unsigned char smem[];\n"
 "    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;\n"
@@ -2217,33 +2373,24 @@ static const char *const mustafar__kernel_source[] = {
 "    const int q_head0 = kv_head * MUSTAFAR_GROUP + head_block * 16;\n"
 "    const int rows = MUSTAFAR_GROUP - head_block * 16 < 16 ? MUSTAFAR_GROUP - head_block * 16 : 16;\n"
 "    const int num_q_heads = num_kv_heads * MUSTAFAR_GROUP;\n"
-"    const paged_seq sq = seqs[seq_index];\n"
+"    const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];\n"
 "    const int length = sq.num_compressed + sq.num_window;\n"
 "    const int begin = split * chunk;\n"
 "    const int end = begin + chunk < length ? begin + chunk : length;\n"
 "    const int *table = page_table + (long long)sq.row * table_stride;\n"
+"    unsigned char *warp_smem = smem + warp * 2 * STAGE_BYTES;\n"
 "\n"
-"    u16 *q_tile = (u16 *)smem;                                   /* [16][ROW] */\n"
-"    unsigned char *warp_smem = smem + 16 * ROW * 2 + warp * WARP_SMEM;\n"
-"    u16 *tile = (u16 *)(warp_smem + 2 * STAGE_BYTES);\n"
-"\n"
-"    for (int i = threadIdx.x; i < 16 * (D / 8); i += blockDim.x) {\n"
-"        const int r = i / (D / 8), c = i % (D / 8);\n"
-"        uint4 v = make_uint4(0, 0, 0, 0);\n"
-"        if (r < rows)\n"
-"            v = *(const uint4 *)(q + ((long long)seq_index * num_q_heads + q_head0 + r) * D + c * 8);\n"
-"        *(uint4 *)(q_tile + r * ROW + c * 8) = v;\n"
-"    }\n"
-"    __syncthreads();\n"
+"    u32 qa[D / 16][4];\n"
+"    load_q(qa, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);\n"
 "\n"
 "    warp_state st;\n"
 "#pragma unroll\n"
-"    for (int n = 0; n < D / 8; n++)\n"
+"    for (int n = 0; n < VC; n++)\n"
 "#pragma unroll\n"
 "        for (int i = 0; i < 4; i++) st.o[n][i] = 0.0f;\n"
 "    st.m[0] = st.m[1] = NEG_INF;\n"
 "    st.l[0] = st.l[1] = 0.0f;\n"
-"\n",
+"\n"
 "    const int compressed_end = end < sq.num_compressed ? end : sq.num_compressed;\n"
 "    int p0 = begin + warp * TILE, stage_index = 0;\n"
 "    if (p0 < compressed_end)\n"
@@ -2251,7 +2398,7 @@ static const char *const mustafar__kernel_source[] = {
 "    copy_commit();\n"
 "    for (; p0 < end; p0 += MUSTAFAR_WARPS * TILE, stage_index ^= 1) {\n"
 "        const int next = p0 + MUSTAFAR_WARPS * TILE;\n"
-"        unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;\n"
+"        const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;\n"
 "        if (next < compressed_end)\n"
 "            prefetch_records(warp_smem + (stage_index ^ 1) * STAGE_BYTES, next, compressed_end,\n"
 "                             k_pages, v_pages, table, kv_head, num_kv_heads);\n"
@@ -2261,54 +2408,42 @@ static const char *const mustafar__kernel_source[] = {
 "        if (p0 < compressed_end) {\n"
 "            float s[2][4];\n"
 "            u32 pa[4];\n"
-"            expand_tile(tile, stage, K_STAGED, MUSTAFAR_K_KEPT, p0, begin, compressed_end);\n"
-"            __syncwarp();\n"
-"            tile_scores(s, q_tile, tile, scale_log2, p0, begin, compressed_end);\n"
+"            scores_staged(s, qa, stage, scale_log2, p0, begin, compressed_end);\n"
 "            tile_softmax(st, s, pa);\n"
-"            __syncwarp();\n"
-"            expand_tile(tile, stage + TILE * K_STAGED, V_STAGED, MUSTAFAR_V_KEPT, p0, begin,\n"
-"                        compressed_end);\n"
-"            __syncwarp();\n"
-"            tile_pv(st, pa, tile);\n"
-"            __syncwarp();\n"
+"            pv_staged(st, pa, stage + TILE * K_STAGED, p0, begin, compressed_end);\n"
 "        }\n"
 "        if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {\n"
 "            const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;\n"
 "            float s[2][4];\n"
 "            u32 pa[4];\n"
-"            window_tile(tile, k_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);\n"
-"            __syncwarp();\n"
-"            tile_scores(s, q_tile, tile, scale_log2, p0, lo, end);\n"
+"            scores_window(s, qa, k_window, sq.row, window, kv_head, num_kv_heads, scale_log2, p0, lo, end);\n"
 "            tile_softmax(st, s, pa);\n"
-"            __syncwarp();\n"
-"            window_tile(tile, v_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);\n"
-"            __syncwarp();\n"
-"            tile_pv(st, pa, tile);\n"
-"            __syncwarp();\n"
+"            pv_window(st, pa, v_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);\n"
 "        }\n"
+"        __syncwarp();                      /* the stage is refilled next iteration */\n"
 "    }\n"
 "\n"
-"    /* merge the warps: [warps][rows] max and sum, [warps][rows][D] O */\n"
+"    /* merge the warps: [warps][16] (max, sum) pairs, then [warps][HEAD_ROWS][D] O */\n"
 "#pragma unroll\n"
 "    for (int h = 0; h < 2; h++) {\n"
 "        st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);\n"
 "        st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);\n"
 "    }\n"
 "    __syncthreads();\n"
-"    float *ml = (float *)smem;                                   /* [warps][16][2] */\n"
-"    float *o = ml + MUSTAFAR_WARPS * 32;                         /* [warps][HEAD_ROWS][D] */\n"
+"    float *ml = (float *)smem;\n"
+"    float *o = ml + MUSTAFAR_WARPS * 32;\n"
 "#pragma unroll\n"
 "    for (int h = 0; h < 2; h++) {\n"
 "        const int r = g + 8 * h;\n"
 "        if (r < rows) {\n"
 "            if (t == 0) {\n"
 "                ml[(warp * 16 + r) * 2] = st.m[h];\n"
-"                ml[(warp * 16 + r) * 2 + 1] = st.l[h];\n"
+"                ml[(warp * 16 + r) * 2 + 1] = st.l[h];\n",
 "            }\n"
 "#pragma unroll\n"
-"            for (int n = 0; n < D / 8; n++) {\n"
-"                o[(warp * HEAD_ROWS + r) * D + 8 * n + 2 * t] = st.o[n][2 * h];\n"
-"                o[(warp * HEAD_ROWS + r) * D + 8 * n + 2 * t + 1] = st.o[n][2 * h + 1];\n"
+"            for (int n = 0; n < VC; n++) {\n"
+"                o[(warp * HEAD_ROWS + r) * D + VC * (2 * t) + n] = st.o[n][2 * h];\n"
+"                o[(warp * HEAD_ROWS + r) * D + VC * (2 * t + 1) + n] = st.o[n][2 * h + 1];\n"
 "            }\n"
 "        }\n"
 "    }\n"
@@ -2327,7 +2462,7 @@ static const char *const mustafar__kernel_source[] = {
 "        if (splits == 1) {\n"
 "            out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);\n"
 "        } else {\n"
-"            partial_o[(head * splits + split) * D + c] = acc;\n",
+"            partial_o[(head * splits + split) * D + c] = acc;\n"
 "            if (c == 0) {\n"
 "                partial_ml[(head * splits + split) * 2] = m;\n"
 "                partial_ml[(head * splits + split) * 2 + 1] = l;\n"
@@ -2364,9 +2499,10 @@ static const char *const mustafar__kernel_source[] = {
 
 struct mustafar__module {
     mustafar__module *next;
+    int config[6];                 /* d, dtype, k_kept, v_kept, group, page_size */
     char options[320];
     cudaLibrary_t library;
-    cudaKernel_t records, append_compress, append_window, attention, combine;
+    cudaKernel_t records, append, attention, combine;
     int warps, blocks_per_sm;      /* attention blocks, and how many fit an SM */
     size_t attention_smem;
 };
@@ -2538,26 +2674,25 @@ static mustafar_status mustafar__load_library(mustafar_context *ctx, mustafar__m
         return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "cudaLibraryLoadData failed: %s (%s)",
                               cudaGetErrorName(e), cudaGetErrorString(e));
     MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->records, m->library, "mustafar_records"));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->append_compress, m->library,
-                                                   "mustafar_append_compress"));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->append_window, m->library,
-                                                   "mustafar_append_window"));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->append, m->library, "mustafar_append"));
     MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->attention, m->library,
                                                    "mustafar_attention"));
     MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine"));
     return MUSTAFAR_OK;
 }
 
-/* Shared memory of the attention kernel; must match the layout in the kernel. */
+/* Shared memory of the attention kernel; must match the layout in the kernel:
+   per warp two stages of 16 K and 16 V records, each record spaced to an odd
+   number of 16-byte units (STAGED()); then reused for the merge. */
 static size_t mustafar__attention_smem(int d, int group, size_t k_rec, size_t v_rec, int warps)
 {
     size_t rows = group < 16 ? (size_t)group : 16;
-    size_t k_staged = k_rec / 16 % 2 ? k_rec : k_rec + 16;   /* STAGED() in the kernels */
+    size_t k_staged = k_rec / 16 % 2 ? k_rec : k_rec + 16;
     size_t v_staged = v_rec / 16 % 2 ? v_rec : v_rec + 16;
-    size_t loop = 16 * (size_t)(d + 8) * 2 +
-                  (size_t)warps * (2 * 16 * (k_staged + v_staged) + 16 * (size_t)(d + 8) * 2);
+    size_t loop = (size_t)warps * 2 * 16 * (k_staged + v_staged);
     size_t merge = (size_t)warps * 32 * 4 + (size_t)warps * rows * d * 4;
-    return loop > merge ? loop : merge;
+    /* + slack: a corrupt record's decode may read up to 2*d bytes past it */
+    return (loop > merge ? loop : merge) + 2 * (size_t)d;
 }
 
 /* The compiled library for a configuration, compiled or read from disk once. */
@@ -2577,6 +2712,9 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
     char *text, *tok;
     uint64_t key;
     mustafar_status st;
+    const int config[6] = {d, (int)dtype, k_kept, v_kept, group, page_size};
+    for (m = cu->modules; m; m = m->next)
+        if (!memcmp(m->config, config, sizeof config)) { *out = m; return MUSTAFAR_OK; }
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cu->device);
     while (warps > 1 && mustafar__attention_smem(d, group, k_rec, v_rec, warps) > (size_t)optin)
         warps /= 2;
@@ -2585,8 +2723,6 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
              "-DMUSTAFAR_D=%d -DMUSTAFAR_BF16=%d -DMUSTAFAR_K_KEPT=%d -DMUSTAFAR_V_KEPT=%d "
              "-DMUSTAFAR_GROUP=%d -DMUSTAFAR_PAGE_SIZE=%d -DMUSTAFAR_WARPS=%d -DMUSTAFAR_SM=%d",
              d, dtype == MUSTAFAR_DTYPE_BF16, k_kept, v_kept, group, page_size, warps, cu->sm);
-    for (m = cu->modules; m; m = m->next)
-        if (!strcmp(m->options, options)) { *out = m; return MUSTAFAR_OK; }
     m = (mustafar__module *)mustafar__calloc(sizeof *m);
     text = mustafar__kernel_text();
     if (!m || !text) {
@@ -2595,6 +2731,7 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
     }
     memcpy(m->options, options, sizeof options);
+    memcpy(m->config, config, sizeof config);
     m->warps = warps;
     m->attention_smem = smem;
     snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", cu->sm);
@@ -2829,50 +2966,47 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     int compress_total = last->compress_offset + last->new_compressed - last->old_compressed;
     int window_total = last->window_offset + last->old_length + last->new_tokens -
                        mustafar__job_window_first(last);
-    size_t job_bytes = sizeof *jobs * (size_t)njobs, bytes = job_bytes + 8 * (size_t)npatches;
-    unsigned char *blob, *dev;
+    mustafar__append_inline *inl = &ctx->cuda.append_params;
+    int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
+    long long warps = ((long long)compress_total + window_total) * hkv;
+    const void *dev_jobs = NULL, *dev_patches = NULL;
     mustafar__module *m;
     mustafar_status st;
+    void *args[18];
     MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
     st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
                               L->page_size, &m);
     if (st) return st;
-    st = mustafar__cuda_scratch(ctx, bytes, (void **)&dev);
-    if (st) return st;
-    blob = (unsigned char *)MUSTAFAR_MALLOC(bytes);
-    if (!blob) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
-    memcpy(blob, jobs, job_bytes);
-    if (npatches) memcpy(blob + job_bytes, patches, 8 * (size_t)npatches);
-    st = mustafar__cuda_upload(ctx, dev, blob, bytes);
-    MUSTAFAR_FREE(blob);
-    if (st) return st;
-    if (compress_total > 0) {
-        const int32_t *dev_patches = (const int32_t *)(dev + job_bytes);
-        int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
-        long long warps = (long long)compress_total * hkv;
-        void *args[15];
-        args[0] = &dev; args[1] = &njobs; args[2] = &dev_patches; args[3] = &npatches;
-        args[4] = &compress_total; args[5] = &hkv; args[6] = (void *)&k; args[7] = (void *)&v;
-        args[8] = (void *)&kv->k_pages; args[9] = (void *)&kv->v_pages;
-        args[10] = (void *)&kv->page_table; args[11] = &stride; args[12] = (void *)&kv->k_window;
-        args[13] = (void *)&kv->v_window; args[14] = &window;
-        if ((warps + 7) / 8 > 0x7fffffff)
-            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "append too large");
-        st = mustafar__launch(ctx, m->append_compress, "mustafar_append_compress",
-                              (unsigned)((warps + 7) / 8), 1, 1, 256, 0, args);
+    if ((warps + 7) / 8 > 0x7fffffff)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "append too large");
+    inl->njobs = inl->npatches = 0;
+    if (njobs <= MUSTAFAR__INLINE_JOBS && npatches <= MUSTAFAR__INLINE_PATCHES) {
+        inl->njobs = njobs;
+        inl->npatches = npatches;
+        memcpy(inl->jobs, jobs, sizeof *jobs * (size_t)njobs);
+        if (npatches) memcpy(inl->patches, patches, 8 * (size_t)npatches);
+    } else {
+        size_t job_bytes = sizeof *jobs * (size_t)njobs, bytes = job_bytes + 8 * (size_t)npatches;
+        unsigned char *blob, *dev;
+        st = mustafar__cuda_scratch(ctx, bytes, (void **)&dev);
         if (st) return st;
+        blob = (unsigned char *)MUSTAFAR_MALLOC(bytes);
+        if (!blob) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+        memcpy(blob, jobs, job_bytes);
+        if (npatches) memcpy(blob + job_bytes, patches, 8 * (size_t)npatches);
+        st = mustafar__cuda_upload(ctx, dev, blob, bytes);
+        MUSTAFAR_FREE(blob);
+        if (st) return st;
+        dev_jobs = dev;
+        dev_patches = dev + job_bytes;
     }
-    if (window_total > 0) {
-        int hkv = L->num_kv_heads, window = L->window;
-        long long threads = (long long)window_total * hkv * L->head_dim / 8;
-        void *args[9];
-        args[0] = &dev; args[1] = &njobs; args[2] = &window_total; args[3] = &hkv;
-        args[4] = (void *)&k; args[5] = (void *)&v; args[6] = (void *)&kv->k_window;
-        args[7] = (void *)&kv->v_window; args[8] = &window;
-        st = mustafar__launch(ctx, m->append_window, "mustafar_append_window",
-                              (unsigned)((threads + 255) / 256), 1, 1, 256, 0, args);
-    }
-    return st;
+    args[0] = inl; args[1] = &dev_jobs; args[2] = &njobs; args[3] = &dev_patches;
+    args[4] = &npatches; args[5] = &compress_total; args[6] = &window_total; args[7] = &hkv;
+    args[8] = (void *)&k; args[9] = (void *)&v; args[10] = (void *)&kv->k_pages;
+    args[11] = (void *)&kv->v_pages; args[12] = (void *)&kv->page_table; args[13] = &stride;
+    args[14] = (void *)&kv->k_window; args[15] = (void *)&kv->v_window; args[16] = &window;
+    return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)((warps + 7) / 8), 1, 1,
+                            256, 0, args);
 }
 
 /* Positions per split.  Time is modelled as waves x tiles per block: the
@@ -2908,12 +3042,14 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
     mustafar_status st;
     int head_blocks = (L->group + 15) / 16, chunk, splits, stride = kv->page_table_stride;
     int window = L->window, hkv = L->num_kv_heads;
-    size_t seq_bytes = seqs_on_host ? mustafar__round_up(sizeof *seqs * (size_t)nseq, 256) : 0;
+    mustafar__seqs_inline *inl = &ctx->cuda.seq_params;
+    int inline_seqs = seqs_on_host && nseq <= MUSTAFAR__INLINE_SEQS;
+    size_t seq_bytes = seqs_on_host && !inline_seqs ? mustafar__round_up(sizeof *seqs * (size_t)nseq, 256) : 0;
     size_t partial_o, partial_ml;
     unsigned char *dev;
     const void *dev_seqs = seqs;
     float *po, *pml, scale_log2 = scale * 1.4426950408889634f;
-    void *args[16];
+    void *args[17];
     MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
     if (nseq > 0x7fffffff / 2)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "nseq %d too large", nseq);
@@ -2930,18 +3066,23 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
     partial_ml = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * 2 * 4 : 0;
     st = mustafar__cuda_scratch(ctx, seq_bytes + partial_o + partial_ml, (void **)&dev);
     if (st) return st;
-    if (seqs_on_host) {
+    inl->count = 0;
+    if (inline_seqs) {
+        inl->count = nseq;
+        memcpy(inl->seqs, seqs, sizeof *seqs * (size_t)nseq);
+        dev_seqs = NULL;
+    } else if (seqs_on_host) {
         st = mustafar__cuda_upload(ctx, dev, seqs, sizeof *seqs * (size_t)nseq);
         if (st) return st;
         dev_seqs = dev;
     }
     po = (float *)(dev + seq_bytes);
     pml = (float *)(dev + seq_bytes + partial_o);
-    args[0] = (void *)&kv->k_pages; args[1] = (void *)&kv->v_pages; args[2] = (void *)&kv->page_table;
-    args[3] = &stride; args[4] = (void *)&kv->k_window; args[5] = (void *)&kv->v_window;
-    args[6] = &window; args[7] = &dev_seqs; args[8] = (void *)&q; args[9] = &out;
-    args[10] = &po; args[11] = &pml; args[12] = &hkv; args[13] = &chunk; args[14] = &splits;
-    args[15] = &scale_log2;
+    args[0] = inl; args[1] = (void *)&kv->k_pages; args[2] = (void *)&kv->v_pages;
+    args[3] = (void *)&kv->page_table; args[4] = &stride; args[5] = (void *)&kv->k_window;
+    args[6] = (void *)&kv->v_window; args[7] = &window; args[8] = &dev_seqs; args[9] = (void *)&q;
+    args[10] = &out; args[11] = &po; args[12] = &pml; args[13] = &hkv; args[14] = &chunk;
+    args[15] = &splits; args[16] = &scale_log2;
     st = mustafar__launch(ctx, m->attention, "mustafar_attention", (unsigned)nseq,
                           (unsigned)(hkv * head_blocks), (unsigned)splits,
                           (unsigned)(32 * m->warps), m->attention_smem, args);

@@ -27,11 +27,10 @@
 #define K_RECORD RECORD_BYTES(MUSTAFAR_K_KEPT)
 #define V_RECORD RECORD_BYTES(MUSTAFAR_V_KEPT)
 #define TILE 16                            /* positions per warp tile = mma M/K */
-#define ROW (D + 8)                        /* smem row stride in elements: 16 B pad */
 #define HEAD_ROWS (MUSTAFAR_GROUP < 16 ? MUSTAFAR_GROUP : 16)
 #define NEG_INF (-__int_as_float(0x7f800000))
 /* attention blocks per SM the register budget is sized for */
-#define MIN_BLOCKS (D == 256 ? 1 : 16 / MUSTAFAR_WARPS)
+#define MIN_BLOCKS (D == 256 ? 1 : D == 128 ? 12 / MUSTAFAR_WARPS : 16 / MUSTAFAR_WARPS)
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -106,17 +105,6 @@ __device__ __forceinline__ void copy_wait_all_but_one()
 #endif
 }
 
-__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void *p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void *p)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-
 /* c += a * b for one m16n8k16 tile (a: 16x16 row-major fragment, b: 16x8
    column fragment, c: 16x8 float), fp32 accumulation.  Before sm_80 (no
    bf16/k16 mma) the same fragment contract is computed with shuffles. */
@@ -181,19 +169,28 @@ __device__ __forceinline__ int warp_exclusive_scan(int v)
 __device__ __forceinline__ u32 select_kept(const u16 x[E], int kept)
 {
     const int lane = threadIdx.x & 31;
+    int key[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) key[e] = x[e] & 0x7fff;
     int lo = 0, hi = 0x7fff;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
         int count = 0;
+#if MUSTAFAR_SM >= 80
 #pragma unroll
-        for (int e = 0; e < E; e++) count += __popc(__ballot_sync(0xffffffffu, (x[e] & 0x7fff) >= mid));
+        for (int e = 0; e < E; e++) count += key[e] >= mid;
+        asm("redux.sync.add.s32 %0, %0, 0xffffffff;" : "+r"(count));
+#else
+#pragma unroll
+        for (int e = 0; e < E; e++) count += __popc(__ballot_sync(0xffffffffu, key[e] >= mid));
+#endif
         if (count >= kept) lo = mid; else hi = mid - 1;
     }
     u32 greater = 0, ties = 0;
 #pragma unroll
     for (int e = 0; e < E; e++) {
-        greater |= (u32)((x[e] & 0x7fff) > lo) << e;
-        ties |= (u32)((x[e] & 0x7fff) == lo) << e;
+        greater |= (u32)(key[e] > lo) << e;
+        ties |= (u32)(key[e] == lo) << e;
     }
     const int need = kept - warp_sum(__popc(greater));
     int rank = warp_exclusive_scan(__popc(ties));
@@ -317,7 +314,24 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const
     }
 }
 
-/* ---- append: compress tokens into pages, fill the dense window ------------- */
+/* ---- append: compress tokens into pages, fill the dense window -------------
+   One warp per (item, KV head).  Items [0, compress_total) are positions
+   compressed into pages (from the window ring or the input); the rest are
+   positions entering the window.  A new position p goes to ring slot
+   p % window, whose current occupant (the old window position q with the
+   same slot) may be compressed by this same call: then the warp that
+   compresses q writes p after it has read the slot, and the window item of
+   p does nothing.  Window entries span at most `window` positions, so each
+   slot receives at most one. */
+
+#define INLINE_JOBS 48
+#define INLINE_PATCHES 96
+/* Small appends travel in the kernel parameters (no upload). */
+struct append_inline {
+    int njobs, npatches;                     /* 0: use the global arrays */
+    append_job jobs[INLINE_JOBS];
+    int patches[2 * INLINE_PATCHES];
+};
 
 __device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g, bool window)
 {
@@ -330,82 +344,114 @@ __device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g
     return lo;
 }
 
-/* One warp per (compressed position, KV head); block 0 also stores the new
-   page-table entries (`patches`: index, page pairs). */
-extern "C" __global__ void __launch_bounds__(256) mustafar_append_compress(
-    const append_job *jobs, int njobs, const int *patches, int npatches, int total,
+/* Copies one head of one token vector, each lane its own E elements (so a
+   lane overwrites only what it read itself). */
+__device__ __forceinline__ void copy_vector(u16 *dst, const u16 *src)
+{
+    u16 x[E];
+    load_lane_elements(x, src);
+    store_lane_elements(dst, x);
+}
+
+extern "C" __global__ void __launch_bounds__(256) mustafar_append(
+    const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,
+    const int *global_patches, int npatches, int compress_total, int window_total,
     int num_kv_heads, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,
-    unsigned char *v_pages, int *page_table, int table_stride, const u16 *k_window,
-    const u16 *v_window, int window)
+    unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window, u16 *v_window,
+    int window)
 {
     __shared__ __align__(16) unsigned char stage[8][RECORD_BYTES(D)];
+    const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;
+    const int *patches = inl.njobs ? inl.patches : global_patches;
     const int warp = threadIdx.x >> 5;
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < npatches; i += blockDim.x)
             page_table[patches[2 * i]] = patches[2 * i + 1];
     const long long item = (long long)blockIdx.x * 8 + warp;
-    if (item >= (long long)total * num_kv_heads) return;
+    if (item >= (long long)(compress_total + window_total) * num_kv_heads) return;
     const int g = (int)(item / num_kv_heads), head = (int)(item % num_kv_heads);
-    const append_job j = jobs[find_job(jobs, njobs, g, false)];
-    const int p = j.old_compressed + (g - j.compress_offset);
-    const int page_index = p / MUSTAFAR_PAGE_SIZE;
-    const int page = page_index >= j.pages_before
-                         ? patches[2 * (j.first_patch + page_index - j.pages_before) + 1]
-                         : page_table[(long long)j.row * table_stride + page_index];
-    const u16 *ks, *vs;
-    if (p < j.old_length) {
-        const long long w = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
-        ks = k_window + w;
-        vs = v_window + w;
+    if (g < compress_total) {
+        const append_job j = jobs[find_job(jobs, njobs, g, false)];
+        const int p = j.old_compressed + (g - j.compress_offset);
+        const int page_index = p / MUSTAFAR_PAGE_SIZE;
+        const int page = page_index >= j.pages_before
+                             ? patches[2 * (j.first_patch + page_index - j.pages_before) + 1]
+                             : page_table[(long long)j.row * table_stride + page_index];
+        const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
+                               p % MUSTAFAR_PAGE_SIZE;
+        const u16 *ks, *vs;
+        long long ring = 0;
+        if (p < j.old_length) {
+            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
+            ks = k_window + ring;
+            vs = v_window + ring;
+        } else {
+            const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;
+            ks = k_in + in;
+            vs = v_in + in;
+        }
+        compress_token(ks, k_pages + slot * K_RECORD, MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);
+        compress_token(vs, v_pages + slot * V_RECORD, MUSTAFAR_V_KEPT, V_RECORD, stage[warp]);
+        if (p < j.old_length) {               /* p leaves the ring: write its slot's new entry */
+            const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
+            const int successor = first + ((p - first) % window + window) % window;
+            if (successor < j.old_length + j.new_tokens) {
+                const long long in = ((long long)(j.input_offset + successor - j.old_length) * num_kv_heads + head) * D;
+                copy_vector(k_window + ring, k_in + in);
+                copy_vector(v_window + ring, v_in + in);
+            }
+        }
     } else {
+        const int w = g - compress_total;
+        const append_job j = jobs[find_job(jobs, njobs, w, true)];
+        const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
+        const int p = first + (w - j.window_offset);
+        const int occupant = j.old_compressed + ((p - j.old_compressed) % window + window) % window;
+        if (occupant < j.old_length && occupant < j.new_compressed) return;  /* written above */
         const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;
-        ks = k_in + in;
-        vs = v_in + in;
+        const long long ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
+        copy_vector(k_window + ring, k_in + in);
+        copy_vector(v_window + ring, v_in + in);
     }
-    const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
-                           p % MUSTAFAR_PAGE_SIZE;
-    compress_token(ks, k_pages + slot * K_RECORD, MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);
-    compress_token(vs, v_pages + slot * V_RECORD, MUSTAFAR_V_KEPT, V_RECORD, stage[warp]);
-}
-
-/* One thread per 16 bytes of a token's [Hkv][D] block entering the window. */
-extern "C" __global__ void __launch_bounds__(256) mustafar_append_window(
-    const append_job *jobs, int njobs, int total, int num_kv_heads, const u16 *k_in,
-    const u16 *v_in, u16 *k_window, u16 *v_window, int window)
-{
-    const int chunks = num_kv_heads * D / 8;
-    const long long item = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (item >= (long long)total * chunks) return;
-    const int g = (int)(item / chunks), c = (int)(item % chunks);
-    const append_job j = jobs[find_job(jobs, njobs, g, true)];
-    const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
-    const int p = first + (g - j.window_offset);
-    const long long in = (long long)(j.input_offset + p - j.old_length) * num_kv_heads * D + c * 8;
-    const long long w = ((long long)j.row * window + p % window) * num_kv_heads * D + c * 8;
-    *(uint4 *)(k_window + w) = *(const uint4 *)(k_in + in);
-    *(uint4 *)(v_window + w) = *(const uint4 *)(v_in + in);
 }
 
 /* ---- decode attention -------------------------------------------------------
    Block (sequence, kv head x head block, split), MUSTAFAR_WARPS warps.  Each
    warp walks 16-position tiles of the block's range with its own online
    softmax: records are staged into shared memory with 16-byte async copies
-   one tile ahead, expanded to a dense [16][D] tile, multiplied on the tensor
-   cores (S = Q K^T, then O += P V), and the warps are merged at the end. */
+   one tile ahead and decoded straight into tensor-core fragments in
+   registers (S = Q K^T, then O += P V, fp32 accumulation); the warps are
+   merged at the end.
+
+   Channel permutation.  A dot product does not depend on the order of its
+   terms, so each thread takes whole runs of channels instead of the mma
+   fragment's interleave, and decodes a run with one popcount:
+     S = Q K^T  k index {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel
+                KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4
+     O += P V   column g of n-tile j is channel VC*g + j: thread g owns a run
+                of VC = D/8 channels.
+   Lane = 4*g + t as in the mma fragments. */
+
+#define KC (D / 4)
+#define VC (D / 8)
+#if KC > 32
+typedef u64 k_run;                          /* D = 256: a K run is 64 channels */
+#else
+typedef u32 k_run;
+#endif
 
 struct warp_state {
-    float o[D / 8][4];     /* O fragment: rows g, g+8; channels 8n + 2t, +1 */
+    float o[VC][4];        /* O fragment: rows g, g+8; channels VC*(2t) + j, VC*(2t+1) + j */
     float m[2], l[2];      /* running max (log2 units) and partial sums, rows g, g+8 */
 };
 
 /* Staged records are spaced so that the 16 rows of a tile start in 8
-   different bank groups (stride / 16 odd): the decode's loads conflict at
-   most 2-way instead of 4-way for a 96-byte record. */
+   different bank groups (stride / 16 odd): decode loads conflict at most
+   2-way instead of 4-way for a 96-byte record. */
 #define STAGED(rec) ((rec) / 16 % 2 ? (rec) : (rec) + 16)
 #define K_STAGED STAGED(K_RECORD)
 #define V_STAGED STAGED(V_RECORD)
 #define STAGE_BYTES (TILE * (K_STAGED + V_STAGED))
-#define WARP_SMEM (2 * STAGE_BYTES + TILE * ROW * 2)
 
 /* Queues the records of the tile's compressed positions [p0, p0+16) below
    `end`: lane l copies the K record (l < 16) or the V record (l >= 16) of
@@ -432,83 +478,111 @@ __device__ __forceinline__ void prefetch_records(unsigned char *stage, int p0, i
     }
 }
 
-/* Dense tile rows from staged records; rows of positions outside [lo, hi)
-   are zero.  Lane l decodes half l / 16 of the channels of row l % 16 by
-   walking its set bits: the work is per kept element, not per channel. */
-__device__ __forceinline__ void expand_tile(u16 *tile, const unsigned char *records, int record_bytes,
-                                            int kept, int p0, int lo, int hi)
+/* The bits of channels [first, first + n) of a staged record (n = 8..64,
+   first a multiple of n), zero for a position outside the range. */
+__device__ __forceinline__ u64 run_bits(const unsigned char *rec, int first, int n, bool valid)
 {
-    const int lane = threadIdx.x & 31, tok = lane & 15, half = lane >> 4;
-    const int p = p0 + tok;
-    u16 *row = tile + tok * ROW + half * (D / 2);
+    const u32 *w = (const u32 *)rec;
+    u64 bits;
+    if (n == 64) bits = w[first / 32] | ((u64)w[first / 32 + 1] << 32);
+    else if (n == 32) bits = w[first / 32];
+    else bits = (w[first / 32] >> (first % 32)) & ((1u << n) - 1u);
+    return valid ? bits : 0;
+}
+
+/* Exclusive prefix sum over the `count` lanes lane % stride + stride * i that
+   hold consecutive runs of one record: the index of a run's first kept value.
+   Records are trusted to keep exactly KEPT elements; a corrupt one can only
+   make the decode read other bytes of the shared-memory staging (padded for
+   that), never outside it. */
+__device__ __forceinline__ int run_offset(int count_bits, int stride, int count)
+{
+    const int lane = threadIdx.x & 31, index = (lane / stride) % count;
+    int sum = count_bits;
 #pragma unroll
-    for (int c = 0; c < D / 16; c++) ((uint4 *)row)[c] = make_uint4(0, 0, 0, 0);
-    if (p < lo || p >= hi) return;
-    if (kept == D) {                       /* nothing pruned: the values are the row */
-        const u32 *src = (const u32 *)(records + tok * record_bytes + BITMAP_BYTES) + half * (D / 4);
-#pragma unroll
-        for (int c = 0; c < D / 4; c++) ((u32 *)row)[c] = src[c];
-        return;
+    for (int d = 1; d < count; d <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, sum, d * stride);
+        if (index >= d) sum += n;
     }
-    const u32 *bitmap = (const u32 *)(records + tok * record_bytes);
-    const u16 *vals = (const u16 *)(records + tok * record_bytes + BITMAP_BYTES);
-    u32 words[D / 64];
-    int before = 0, total = 0;
+    return sum - count_bits;
+}
+
+/* Two packed elements (channels c, c+1 of a run): value or zero, taking
+   kept values from *v onwards. */
+__device__ __forceinline__ u32 take_pair(u32 bits2, const u16 *&v)
+{
+    u32 lo = 0, hi = 0;
+    if (bits2 & 1u) lo = *v++;
+    if (bits2 & 2u) hi = *v++;
+    return lo | (hi << 16);
+}
+
+/* Q fragments (A operand) for the KC-channel run of this thread, rows >= rows zero. */
+__device__ __forceinline__ void load_q(u32 qa[D / 16][4], const u16 *q, int rows)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int w = 0; w < D / 64; w++) {
-        const u32 lo = bitmap[w], hi = bitmap[D / 64 + w];
-        before += __popc(lo);
-        total += __popc(lo) + __popc(hi);
-        words[w] = half ? hi : lo;
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint2 lo = make_uint2(0, 0), hi = make_uint2(0, 0);
+        if (g < rows) lo = *(const uint2 *)(q + g * D + KC * t + 4 * kk);
+        if (g + 8 < rows) hi = *(const uint2 *)(q + (g + 8) * D + KC * t + 4 * kk);
+        qa[kk][0] = lo.x; qa[kk][1] = hi.x; qa[kk][2] = lo.y; qa[kk][3] = hi.y;
     }
-    if (total != kept) return;             /* corrupt record: its row stays zero */
-    vals += half ? before : 0;
+}
+
+/* S = Q K^T for the 16 staged records of a tile, scaled to log2 units;
+   positions outside [lo, hi) get -inf.  s[j][..]: n-tile j (positions 8j..8j+7). */
+__device__ __forceinline__ void scores_staged(float s[2][4], const u32 qa[D / 16][4],
+                                              const unsigned char *records, float scale_log2,
+                                              int p0, int lo, int hi)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int w = 0; w < D / 64; w++) {
-        u32 word = words[w];
-        u16 *out = row + 32 * w;
-        while (word) {
-            const int b = __ffs(word) - 1;
-            word &= word - 1;
-            out[b] = *vals++;
+    for (int j = 0; j < 2; j++) {
+        const int p = p0 + 8 * j + g;
+        const unsigned char *rec = records + (8 * j + g) * K_STAGED;
+        const k_run run = (k_run)run_bits(rec, KC * t, KC, p >= lo && p < hi);
+        const u16 *v = (const u16 *)(rec + BITMAP_BYTES) + run_offset(KC > 32 ? __popcll(run) : __popc((u32)run), 1, 4);
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 nib = (u32)(run >> (4 * kk)) & 15u;
+            u32 b[2];
+            b[0] = take_pair(nib, v);
+            b[1] = take_pair(nib >> 2, v);
+            mma_16816(acc[kk & 1], qa[kk], b);   /* two chains: half the HMMA latency */
         }
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[j][i] = acc[0][i] + acc[1][i];
     }
-}
-
-/* Dense tile rows from the window ring; rows outside [lo, hi) are zero. */
-__device__ __forceinline__ void window_tile(u16 *tile, const u16 *ring, int row, int window,
-                                            int head, int num_kv_heads, int p0, int lo, int hi)
-{
-    const int lane = threadIdx.x & 31;
-    for (int i = lane; i < TILE * (D / 8); i += 32) {
-        const int r = i / (D / 8), c = i % (D / 8), p = p0 + r;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (p >= lo && p < hi)
-            v = *(const uint4 *)(ring + (((long long)row * window + p % window) * num_kv_heads + head) * D + c * 8);
-        *(uint4 *)(tile + r * ROW + c * 8) = v;
-    }
-}
-
-/* S = Q K^T for 16 positions, scaled to log2 units; positions outside
-   [lo, hi) get -inf.  s[j][..]: n-tile j (positions 8j..8j+7). */
-__device__ __forceinline__ void tile_scores(float s[2][4], const u16 *q_tile, const u16 *tile,
-                                            float scale_log2, int p0, int lo, int hi)
-{
-    const int lane = threadIdx.x & 31, t = lane & 3;
 #pragma unroll
     for (int j = 0; j < 2; j++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) s[j][i] = 0.0f;
-    const int mat = lane >> 3;
-    const u16 *k_base = tile + ((mat >> 1) * 8 + (lane & 7)) * ROW + (mat & 1) * 8;
-    const u16 *q_base = q_tile + ((mat & 1) * 8 + (lane & 7)) * ROW + (mat >> 1) * 8;
+        for (int i = 0; i < 4; i++) {
+            const int p = p0 + 8 * j + 2 * t + (i & 1);
+            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;
+        }
+}
+
+/* The same from dense window rows (global memory). */
+__device__ __forceinline__ void scores_window(float s[2][4], const u32 qa[D / 16][4],
+                                              const u16 *ring, int row, int window, int head,
+                                              int num_kv_heads, float scale_log2, int p0, int lo,
+                                              int hi)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        u32 a[4], b[4];
-        ldmatrix_x4(a, q_base + kk * 16);
-        ldmatrix_x4(b, k_base + kk * 16);
-        mma_16816(s[0], a, b);
-        mma_16816(s[1], a, b + 2);
+    for (int j = 0; j < 2; j++) {
+        const int p = p0 + 8 * j + g;
+        const bool valid = p >= lo && p < hi;
+        const u16 *src = ring + (((long long)row * window + (valid ? p : lo) % window) * num_kv_heads + head) * D + KC * t;
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint2 v = valid ? *(const uint2 *)(src + 4 * kk) : make_uint2(0, 0);
+            const u32 b[2] = {v.x, v.y};
+            mma_16816(s[j], qa[kk], b);
+        }
     }
 #pragma unroll
     for (int j = 0; j < 2; j++)
@@ -535,7 +609,7 @@ __device__ __forceinline__ void tile_softmax(warp_state &st, float s[2][4], u32 
         st.l[h] *= corr;
         if (__any_sync(0xffffffffu, corr != 1.0f)) {
 #pragma unroll
-            for (int n = 0; n < D / 8; n++) { st.o[n][2 * h] *= corr; st.o[n][2 * h + 1] *= corr; }
+            for (int n = 0; n < VC; n++) { st.o[n][2 * h] *= corr; st.o[n][2 * h + 1] *= corr; }
         }
 #pragma unroll
         for (int j = 0; j < 2; j++) {
@@ -550,25 +624,80 @@ __device__ __forceinline__ void tile_softmax(warp_state &st, float s[2][4], u32 
     pa[3] = pack2(s[1][2], s[1][3]);
 }
 
-/* O += P V for the 16 positions of the dense V tile. */
-__device__ __forceinline__ void tile_pv(warp_state &st, const u32 pa[4], const u16 *tile)
+/* O += P V for the 16 staged V records of a tile.  Thread (g, t) decodes
+   positions 2t, 2t+1, 2t+8, 2t+9 over its channel run VC*g + [0, VC);
+   positions outside [lo, hi) read as zero. */
+__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pa[4],
+                                          const unsigned char *records, int p0, int lo, int hi)
 {
-    const int lane = threadIdx.x & 31, mat = lane >> 3;
-    const u16 *base = tile + ((mat & 1) * 8 + (lane & 7)) * ROW + (mat >> 1) * 8;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    u32 run[4];
+    const u16 *v[4];
 #pragma unroll
-    for (int n = 0; n < D / 8; n += 2) {
-        u32 b[4];
-        ldmatrix_x4_trans(b, base + n * 8);
-        mma_16816(st.o[n], pa, b);
-        mma_16816(st.o[n + 1], pa, b + 2);
+    for (int i = 0; i < 4; i++) {
+        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
+        const unsigned char *rec = records + tok * V_STAGED;
+        run[i] = (u32)run_bits(rec, VC * g, VC, p >= lo && p < hi);
+        v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_offset(__popc(run[i]), 4, 8);
+    }
+#pragma unroll
+    for (int k = 0; k < VC; k++) {
+        u32 x[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            x[i] = 0;
+            if (run[i] >> k & 1u) x[i] = *v[i]++;
+        }
+        const u32 b[2] = {x[0] | (x[1] << 16), x[2] | (x[3] << 16)};
+        mma_16816(st.o[k], pa, b);
     }
 }
 
+/* The same from dense window rows (global memory). */
+__device__ __forceinline__ void pv_window(warp_state &st, const u32 pa[4], const u16 *ring, int row,
+                                          int window, int head, int num_kv_heads, int p0, int lo,
+                                          int hi)
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const u16 *src[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int p = p0 + 2 * t + (i & 1) + 8 * (i >> 1);
+        src[i] = p >= lo && p < hi
+                     ? ring + (((long long)row * window + p % window) * num_kv_heads + head) * D + VC * g
+                     : 0;
+    }
+#pragma unroll
+    for (int c = 0; c < VC; c += 8) {
+        u32 w[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint4 v = src[i] ? *(const uint4 *)(src[i] + c) : make_uint4(0, 0, 0, 0);
+            w[i][0] = v.x; w[i][1] = v.y; w[i][2] = v.z; w[i][3] = v.w;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const int sh = 16 * (e & 1);
+            const u32 b[2] = {((w[0][e / 2] >> sh) & 0xffffu) | ((w[1][e / 2] >> sh) << 16),
+                              ((w[2][e / 2] >> sh) & 0xffffu) | ((w[3][e / 2] >> sh) << 16)};
+            mma_16816(st.o[c + e], pa, b);
+        }
+    }
+}
+
+#define INLINE_SEQS 192
+/* Small batches travel in the kernel parameters (no upload). */
+struct seqs_inline {
+    int count;                               /* 0: use the global array */
+    paged_seq seqs[INLINE_SEQS];
+};
+
 extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(
-    const unsigned char *k_pages, const unsigned char *v_pages, const int *page_table,
-    int table_stride, const u16 *k_window, const u16 *v_window, int window,
-    const paged_seq *seqs, const u16 *q, u16 *out, float *partial_o, float *partial_ml,
-    int num_kv_heads, int chunk, int splits, float scale_log2)
+    const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,
+    const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,
+    const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,
+    float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,
+    float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -578,28 +707,19 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     const int q_head0 = kv_head * MUSTAFAR_GROUP + head_block * 16;
     const int rows = MUSTAFAR_GROUP - head_block * 16 < 16 ? MUSTAFAR_GROUP - head_block * 16 : 16;
     const int num_q_heads = num_kv_heads * MUSTAFAR_GROUP;
-    const paged_seq sq = seqs[seq_index];
+    const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];
     const int length = sq.num_compressed + sq.num_window;
     const int begin = split * chunk;
     const int end = begin + chunk < length ? begin + chunk : length;
     const int *table = page_table + (long long)sq.row * table_stride;
+    unsigned char *warp_smem = smem + warp * 2 * STAGE_BYTES;
 
-    u16 *q_tile = (u16 *)smem;                                   /* [16][ROW] */
-    unsigned char *warp_smem = smem + 16 * ROW * 2 + warp * WARP_SMEM;
-    u16 *tile = (u16 *)(warp_smem + 2 * STAGE_BYTES);
-
-    for (int i = threadIdx.x; i < 16 * (D / 8); i += blockDim.x) {
-        const int r = i / (D / 8), c = i % (D / 8);
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < rows)
-            v = *(const uint4 *)(q + ((long long)seq_index * num_q_heads + q_head0 + r) * D + c * 8);
-        *(uint4 *)(q_tile + r * ROW + c * 8) = v;
-    }
-    __syncthreads();
+    u32 qa[D / 16][4];
+    load_q(qa, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);
 
     warp_state st;
 #pragma unroll
-    for (int n = 0; n < D / 8; n++)
+    for (int n = 0; n < VC; n++)
 #pragma unroll
         for (int i = 0; i < 4; i++) st.o[n][i] = 0.0f;
     st.m[0] = st.m[1] = NEG_INF;
@@ -612,7 +732,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     copy_commit();
     for (; p0 < end; p0 += MUSTAFAR_WARPS * TILE, stage_index ^= 1) {
         const int next = p0 + MUSTAFAR_WARPS * TILE;
-        unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;
+        const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;
         if (next < compressed_end)
             prefetch_records(warp_smem + (stage_index ^ 1) * STAGE_BYTES, next, compressed_end,
                              k_pages, v_pages, table, kv_head, num_kv_heads);
@@ -622,42 +742,30 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
         if (p0 < compressed_end) {
             float s[2][4];
             u32 pa[4];
-            expand_tile(tile, stage, K_STAGED, MUSTAFAR_K_KEPT, p0, begin, compressed_end);
-            __syncwarp();
-            tile_scores(s, q_tile, tile, scale_log2, p0, begin, compressed_end);
+            scores_staged(s, qa, stage, scale_log2, p0, begin, compressed_end);
             tile_softmax(st, s, pa);
-            __syncwarp();
-            expand_tile(tile, stage + TILE * K_STAGED, V_STAGED, MUSTAFAR_V_KEPT, p0, begin,
-                        compressed_end);
-            __syncwarp();
-            tile_pv(st, pa, tile);
-            __syncwarp();
+            pv_staged(st, pa, stage + TILE * K_STAGED, p0, begin, compressed_end);
         }
         if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {
             const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;
             float s[2][4];
             u32 pa[4];
-            window_tile(tile, k_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);
-            __syncwarp();
-            tile_scores(s, q_tile, tile, scale_log2, p0, lo, end);
+            scores_window(s, qa, k_window, sq.row, window, kv_head, num_kv_heads, scale_log2, p0, lo, end);
             tile_softmax(st, s, pa);
-            __syncwarp();
-            window_tile(tile, v_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);
-            __syncwarp();
-            tile_pv(st, pa, tile);
-            __syncwarp();
+            pv_window(st, pa, v_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);
         }
+        __syncwarp();                      /* the stage is refilled next iteration */
     }
 
-    /* merge the warps: [warps][rows] max and sum, [warps][rows][D] O */
+    /* merge the warps: [warps][16] (max, sum) pairs, then [warps][HEAD_ROWS][D] O */
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
         st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
     }
     __syncthreads();
-    float *ml = (float *)smem;                                   /* [warps][16][2] */
-    float *o = ml + MUSTAFAR_WARPS * 32;                         /* [warps][HEAD_ROWS][D] */
+    float *ml = (float *)smem;
+    float *o = ml + MUSTAFAR_WARPS * 32;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int r = g + 8 * h;
@@ -667,9 +775,9 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
                 ml[(warp * 16 + r) * 2 + 1] = st.l[h];
             }
 #pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                o[(warp * HEAD_ROWS + r) * D + 8 * n + 2 * t] = st.o[n][2 * h];
-                o[(warp * HEAD_ROWS + r) * D + 8 * n + 2 * t + 1] = st.o[n][2 * h + 1];
+            for (int n = 0; n < VC; n++) {
+                o[(warp * HEAD_ROWS + r) * D + VC * (2 * t) + n] = st.o[n][2 * h];
+                o[(warp * HEAD_ROWS + r) * D + VC * (2 * t + 1) + n] = st.o[n][2 * h + 1];
             }
         }
     }

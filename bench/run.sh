@@ -5,6 +5,6 @@ set -e
 BUILD=${BUILD:-build}
 OUTDIR=${OUT:-bench}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
-"./$BUILD/bench" ${BENCH_ARGS:-} --csv "$OUTDIR/results.csv"
+"$BUILD/bench" ${BENCH_ARGS:-} --csv "$OUTDIR/results.csv"
 python3 bench/sdpa.py ${BENCH_ARGS:-} --csv "$OUTDIR/sdpa.csv"
 python3 bench/report.py "$OUTDIR/results.csv" "$OUTDIR/sdpa.csv" --plot "$OUTDIR/results.png"

@@ -3,6 +3,7 @@
 # Each step is a test program ending with such a line, or a compile check that
 # counts as one test.
 BUILD=${BUILD:-build}
+case $BUILD in /*) ;; *) BUILD=./$BUILD ;; esac
 passed=0; failed=0; skipped=0
 log=$BUILD/test.log
 : > "$log"
@@ -38,13 +39,13 @@ step "compile example with MUSTAFAR_STATIC" gcc -std=c99 -Wall -Wextra -Wpedanti
     -DMUSTAFAR_NO_CUDA -DMUSTAFAR_STATIC -c examples/quickstart.c -o "$BUILD/compile_check.o"
 
 out=$BUILD/out.txt
-"./$BUILD/test_main" > "$out" 2>&1; cat "$out" | grep -E '^(FAIL|GPU|seed)' ; count "$out" "test suite"
-"./$BUILD/test_main_san" --backend cpu --quick > "$out" 2>&1
+"$BUILD/test_main" > "$out" 2>&1; cat "$out" | grep -E '^(FAIL|GPU|seed)' ; count "$out" "test suite"
+"$BUILD/test_main_san" --backend cpu --quick > "$out" 2>&1
 grep -E '^(FAIL|seed)|runtime error|AddressSanitizer' "$out"; count "$out" "test suite under ASan+UBSan"
 
 if [ "$HAVE_CUDA" = 1 ]; then
     make --no-print-directory "$BUILD/test_nvrtc" >>"$log" 2>&1
-    "./$BUILD/test_nvrtc" > "$out" 2>&1; grep FAIL "$out"; count "$out" "NVRTC compile of every arch"
+    "$BUILD/test_nvrtc" > "$out" 2>&1; grep FAIL "$out"; count "$out" "NVRTC compile of every arch"
 else
     echo "NVRTC compile skipped: no CUDA toolkit"; skipped=$((skipped + 1))
 fi

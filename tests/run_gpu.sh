@@ -2,6 +2,7 @@
 # GPU checks: the suite on the CUDA backend, then under compute-sanitizer
 # memcheck and racecheck.  Ends with one line "N passed, M failed".
 BUILD=${BUILD:-build}
+case $BUILD in /*) ;; *) BUILD=./$BUILD ;; esac
 passed=0; failed=0
 out=$BUILD/gpu_out.txt
 count() {
@@ -12,9 +13,9 @@ count() {
     passed=$((passed + p)); failed=$((failed + f))
     echo "$2: $line"
 }
-"./$BUILD/test_main" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed)' "$out"; count "$out" "suite on CUDA"
+"$BUILD/test_main" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed)' "$out"; count "$out" "suite on CUDA"
 for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 "./$BUILD/test_main" --backend cuda --quick > "$out" 2>&1
+    compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/test_main" --backend cuda --quick > "$out" 2>&1
     rc=$?
     grep -E '^(FAIL|=========)' "$out" | head -n 30
     count "$out" "suite under compute-sanitizer $tool"
