@@ -8,7 +8,7 @@
    dense_window positions are dense. */
 
 #define TM_MAX_LAYERS 4
-#define TM_MAX_SEQS 16
+#define TM_MAX_SEQS 64
 
 typedef struct tm_seq {
     int id, live, cap;

@@ -167,6 +167,7 @@ static void test_cache_attention_long(mustafar_context *ctx)
 {
     static const int lens_long[4] = {4100, 1000, 17, 1};
     static const int lens_long_q[2] = {700, 5};
+    static const int lens_32k[1] = {32768};   /* a 32k-token sequence: many splits */
     int wide[TM_MAX_SEQS], i;
     tb_rng r;
     tb_rng_for_test(&r, g_cur_test);
@@ -176,6 +177,7 @@ static void test_cache_attention_long(mustafar_context *ctx)
     }
     long_case(ctx, &r, 128, MUSTAFAR_DTYPE_F16, 2, 16, 32, 0.7f, 0.7f, 4, lens_long);
     long_case(ctx, &r, 256, MUSTAFAR_DTYPE_BF16, 1, 8, 0, 0.5f, 0.7f, 4, lens_long);
+    long_case(ctx, &r, 128, MUSTAFAR_DTYPE_BF16, 1, 4, 64, 0.7f, 0.7f, 1, lens_32k);
     for (i = 0; i < TM_MAX_SEQS; i++) wide[i] = tb_int(&r, 0, 300);
     long_case(ctx, &r, 64, MUSTAFAR_DTYPE_F16, 4, 32, 16, 0.7f, 0.5f, TM_MAX_SEQS, wide);
 }
