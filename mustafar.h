@@ -1675,6 +1675,7 @@ static const char *const mustafar__kernel_source[] = {
 "     MUSTAFAR_GROUP       query heads per KV head\n"
 "     MUSTAFAR_PAGE_SIZE   token positions per page\n"
 "     MUSTAFAR_WARPS       warps per attention block\n"
+"     MUSTAFAR_STAGES      tiles of records in flight per warp, plus one (2 or 3)\n"
 "     MUSTAFAR_SM          target SM (75, 80, 86, 89, 90, ...)\n"
 "\n"
 "   Buffers (element = 16-bit fp16/bf16 bits; shapes outermost first):\n"
@@ -1759,15 +1760,15 @@ static const char *const mustafar__kernel_source[] = {
 "}\n"
 "__device__ __forceinline__ void copy_commit()\n"
 "{\n"
-"#if MUSTAFAR_SM >= 80\n"
+"#if MUSTAFAR_SM >= 80\n",
 "    asm volatile(\"cp.async.commit_group;\");\n"
 "#endif\n"
-"}\n",
-"/* Waits until at most one committed group is still in flight. */\n"
-"__device__ __forceinline__ void copy_wait_all_but_one()\n"
+"}\n"
+"/* Waits until at most `pending` committed groups are still in flight. */\n"
+"template <int pending> __device__ __forceinline__ void copy_wait()\n"
 "{\n"
 "#if MUSTAFAR_SM >= 80\n"
-"    asm volatile(\"cp.async.wait_group 1;\");\n"
+"    asm volatile(\"cp.async.wait_group %0;\" ::\"n\"(pending));\n"
 "#endif\n"
 "}\n"
 "\n"
@@ -1847,9 +1848,9 @@ static const char *const mustafar__kernel_source[] = {
 "        for (int e = 0; e < E; e++) count += key[e] >= mid;\n"
 "        asm(\"redux.sync.add.s32 %0, %0, 0xffffffff;\" : \"+r\"(count));\n"
 "#else\n"
-"#pragma unroll\n"
+"#pragma unroll\n",
 "        for (int e = 0; e < E; e++) count += __popc(__ballot_sync(0xffffffffu, key[e] >= mid));\n"
-"#endif\n",
+"#endif\n"
 "        if (count >= kept) lo = mid; else hi = mid - 1;\n"
 "    }\n"
 "    u32 greater = 0, ties = 0;\n"
@@ -1945,11 +1946,11 @@ static const char *const mustafar__kernel_source[] = {
 "    const u16 *vals = (const u16 *)(rec + BITMAP_BYTES);\n"
 "#pragma unroll\n"
 "    for (int e = 0; e < E; e++) {\n"
-"        const int idx = base + __popc(bits & ((1u << e) - 1u));\n"
+"        const int idx = base + __popc(bits & ((1u << e) - 1u));\n",
 "        x[e] = ((bits >> e) & 1u) && idx < kept ? vals[idx] : (u16)0;\n"
 "    }\n"
 "}\n"
-"\n",
+"\n"
 "/* ---- stateless record operations ------------------------------------------ */\n"
 "\n"
 "#define OP_PRUNE 0\n"
@@ -2032,8 +2033,8 @@ static const char *const mustafar__kernel_source[] = {
 "    const int warp = threadIdx.x >> 5;\n"
 "    if (blockIdx.x == 0)\n"
 "        for (int i = threadIdx.x; i < npatches; i += blockDim.x)\n"
-"            page_table[patches[2 * i]] = patches[2 * i + 1];\n"
-"    const long long item = (long long)blockIdx.x * 8 + warp;\n",
+"            page_table[patches[2 * i]] = patches[2 * i + 1];\n",
+"    const long long item = (long long)blockIdx.x * 8 + warp;\n"
 "    if (item >= (long long)(compress_total + window_total) * num_kv_heads) return;\n"
 "    const int g = (int)(item / num_kv_heads), head = (int)(item % num_kv_heads);\n"
 "    if (g < compress_total) {\n"
@@ -2095,10 +2096,10 @@ static const char *const mustafar__kernel_source[] = {
 "     S = Q K^T  k index {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel\n"
 "                KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4\n"
 "     O += P V   column g of n-tile j is channel VC*g + j: thread g owns a run\n"
-"                of VC = D/8 channels.\n"
+"                of VC = D/8 channels.\n",
 "   Lane = 4*g + t as in the mma fragments. */\n"
 "\n"
-"#define KC (D / 4)\n",
+"#define KC (D / 4)\n"
 "#define VC (D / 8)\n"
 "#if KC > 32\n"
 "typedef u64 k_run;                          /* D = 256: a K run is 64 channels */\n"
@@ -2183,9 +2184,9 @@ static const char *const mustafar__kernel_source[] = {
 "    return lo | (hi << 16);\n"
 "}\n"
 "\n"
-"/* Q fragments (A operand) for the KC-channel run of this thread, rows >= rows zero. */\n"
+"/* Q fragments (A operand) for the KC-channel run of this thread, rows >= rows zero. */\n",
 "__device__ __forceinline__ void load_q(u32 qa[D / 16][4], const u16 *q, int rows)\n"
-"{\n",
+"{\n"
 "    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
 "#pragma unroll\n"
 "    for (int kk = 0; kk < D / 16; kk++) {\n"
@@ -2207,9 +2208,20 @@ static const char *const mustafar__kernel_source[] = {
 "    for (int j = 0; j < 2; j++) {\n"
 "        const int p = p0 + 8 * j + g;\n"
 "        const unsigned char *rec = records + (8 * j + g) * K_STAGED;\n"
+"        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};\n"
+"#if MUSTAFAR_K_KEPT == D\n"
+"        /* nothing pruned: the values are the dense row */\n"
+"        const u16 *v = (const u16 *)(rec + BITMAP_BYTES) + KC * t;\n"
+"        const bool valid = p >= lo && p < hi;\n"
+"#pragma unroll\n"
+"        for (int kk = 0; kk < D / 16; kk++) {\n"
+"            const uint2 x = valid ? *(const uint2 *)(v + 4 * kk) : make_uint2(0, 0);\n"
+"            const u32 b[2] = {x.x, x.y};\n"
+"            mma_16816(acc[kk & 1], qa[kk], b);\n"
+"        }\n"
+"#else\n"
 "        const k_run run = (k_run)run_bits(rec, KC * t, KC, p >= lo && p < hi);\n"
 "        const u16 *v = (const u16 *)(rec + BITMAP_BYTES) + run_offset(KC > 32 ? __popcll(run) : __popc((u32)run), 1, 4);\n"
-"        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};\n"
 "#pragma unroll\n"
 "        for (int kk = 0; kk < D / 16; kk++) {\n"
 "            const u32 nib = (u32)(run >> (4 * kk)) & 15u;\n"
@@ -2218,6 +2230,7 @@ static const char *const mustafar__kernel_source[] = {
 "            b[1] = take_pair(nib >> 2, v);\n"
 "            mma_16816(acc[kk & 1], qa[kk], b);   /* two chains: half the HMMA latency */\n"
 "        }\n"
+"#endif\n"
 "#pragma unroll\n"
 "        for (int i = 0; i < 4; i++) s[j][i] = acc[0][i] + acc[1][i];\n"
 "    }\n"
@@ -2254,7 +2267,7 @@ static const char *const mustafar__kernel_source[] = {
 "    for (int j = 0; j < 2; j++)\n"
 "#pragma unroll\n"
 "        for (int i = 0; i < 4; i++) {\n"
-"            const int p = p0 + 8 * j + 2 * t + (i & 1);\n"
+"            const int p = p0 + 8 * j + 2 * t + (i & 1);\n",
 "            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;\n"
 "        }\n"
 "}\n"
@@ -2266,7 +2279,7 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "    for (int h = 0; h < 2; h++) {\n"
 "        float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));\n"
-"        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));\n",
+"        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));\n"
 "        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));\n"
 "        const float m_new = fmaxf(st.m[h], mx);\n"
 "        const float ref = m_new == NEG_INF ? 0.0f : m_new;\n"
@@ -2297,6 +2310,25 @@ static const char *const mustafar__kernel_source[] = {
 "                                          const unsigned char *records, int p0, int lo, int hi)\n"
 "{\n"
 "    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
+"#if MUSTAFAR_V_KEPT == D\n"
+"    /* nothing pruned: the values are the dense rows */\n"
+"    const u16 *src[4];\n"
+"#pragma unroll\n"
+"    for (int i = 0; i < 4; i++) {\n"
+"        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;\n"
+"        src[i] = p >= lo && p < hi ? (const u16 *)(records + tok * V_STAGED + BITMAP_BYTES) + VC * g : 0;\n"
+"    }\n"
+"#pragma unroll\n"
+"    for (int k = 0; k < VC; k += 2) {\n"
+"        u32 w[4];\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) w[i] = src[i] ? *(const u32 *)(src[i] + k) : 0u;\n"
+"        const u32 b0[2] = {(w[0] & 0xffffu) | (w[1] << 16), (w[2] & 0xffffu) | (w[3] << 16)};\n"
+"        const u32 b1[2] = {(w[0] >> 16) | (w[1] & 0xffff0000u), (w[2] >> 16) | (w[3] & 0xffff0000u)};\n"
+"        mma_16816(st.o[k], pa, b0);\n"
+"        mma_16816(st.o[k + 1], pa, b1);\n"
+"    }\n"
+"#else\n"
 "    u32 run[4];\n"
 "    const u16 *v[4];\n"
 "#pragma unroll\n"
@@ -2317,6 +2349,7 @@ static const char *const mustafar__kernel_source[] = {
 "        const u32 b[2] = {x[0] | (x[1] << 16), x[2] | (x[3] << 16)};\n"
 "        mma_16816(st.o[k], pa, b);\n"
 "    }\n"
+"#endif\n"
 "}\n"
 "\n"
 "/* The same from dense window rows (global memory). */\n"
@@ -2326,7 +2359,7 @@ static const char *const mustafar__kernel_source[] = {
 "{\n"
 "    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
 "    const u16 *src[4];\n"
-"#pragma unroll\n"
+"#pragma unroll\n",
 "    for (int i = 0; i < 4; i++) {\n"
 "        const int p = p0 + 2 * t + (i & 1) + 8 * (i >> 1);\n"
 "        src[i] = p >= lo && p < hi\n"
@@ -2359,7 +2392,7 @@ static const char *const mustafar__kernel_source[] = {
 "};\n"
 "\n"
 "extern \"C\" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(\n"
-"    const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,\n",
+"    const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,\n"
 "    const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,\n"
 "    const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,\n"
 "    float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,\n"
@@ -2378,7 +2411,7 @@ static const char *const mustafar__kernel_source[] = {
 "    const int begin = split * chunk;\n"
 "    const int end = begin + chunk < length ? begin + chunk : length;\n"
 "    const int *table = page_table + (long long)sq.row * table_stride;\n"
-"    unsigned char *warp_smem = smem + warp * 2 * STAGE_BYTES;\n"
+"    unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;\n"
 "\n"
 "    u32 qa[D / 16][4];\n"
 "    load_q(qa, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);\n"
@@ -2392,18 +2425,26 @@ static const char *const mustafar__kernel_source[] = {
 "    st.l[0] = st.l[1] = 0.0f;\n"
 "\n"
 "    const int compressed_end = end < sq.num_compressed ? end : sq.num_compressed;\n"
-"    int p0 = begin + warp * TILE, stage_index = 0;\n"
-"    if (p0 < compressed_end)\n"
-"        prefetch_records(warp_smem, p0, compressed_end, k_pages, v_pages, table, kv_head, num_kv_heads);\n"
-"    copy_commit();\n"
-"    for (; p0 < end; p0 += MUSTAFAR_WARPS * TILE, stage_index ^= 1) {\n"
-"        const int next = p0 + MUSTAFAR_WARPS * TILE;\n"
-"        const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;\n"
-"        if (next < compressed_end)\n"
-"            prefetch_records(warp_smem + (stage_index ^ 1) * STAGE_BYTES, next, compressed_end,\n"
+"    const int sweep = MUSTAFAR_WARPS * TILE;\n"
+"    /* stage i % STAGES holds tile i of this warp; STAGES - 1 tiles ahead */\n"
+"#pragma unroll\n"
+"    for (int i = 0; i < MUSTAFAR_STAGES - 1; i++) {\n"
+"        const int pi = begin + warp * TILE + i * sweep;\n"
+"        if (pi < compressed_end)\n"
+"            prefetch_records(warp_smem + i * STAGE_BYTES, pi, compressed_end, k_pages, v_pages,\n"
+"                             table, kv_head, num_kv_heads);\n"
+"        copy_commit();\n"
+"    }\n"
+"    int stage_index = 0;\n"
+"    for (int p0 = begin + warp * TILE; p0 < end; p0 += sweep) {\n"
+"        const int ahead = p0 + (MUSTAFAR_STAGES - 1) * sweep;\n"
+"        const int ahead_stage = stage_index == 0 ? MUSTAFAR_STAGES - 1 : stage_index - 1;\n"
+"        const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;\n",
+"        if (ahead < compressed_end)\n"
+"            prefetch_records(warp_smem + ahead_stage * STAGE_BYTES, ahead, compressed_end,\n"
 "                             k_pages, v_pages, table, kv_head, num_kv_heads);\n"
 "        copy_commit();\n"
-"        copy_wait_all_but_one();\n"
+"        copy_wait<MUSTAFAR_STAGES - 1>();\n"
 "        __syncwarp();\n"
 "        if (p0 < compressed_end) {\n"
 "            float s[2][4];\n"
@@ -2421,6 +2462,7 @@ static const char *const mustafar__kernel_source[] = {
 "            pv_window(st, pa, v_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);\n"
 "        }\n"
 "        __syncwarp();                      /* the stage is refilled next iteration */\n"
+"        stage_index = stage_index == MUSTAFAR_STAGES - 1 ? 0 : stage_index + 1;\n"
 "    }\n"
 "\n"
 "    /* merge the warps: [warps][16] (max, sum) pairs, then [warps][HEAD_ROWS][D] O */\n"
@@ -2438,7 +2480,7 @@ static const char *const mustafar__kernel_source[] = {
 "        if (r < rows) {\n"
 "            if (t == 0) {\n"
 "                ml[(warp * 16 + r) * 2] = st.m[h];\n"
-"                ml[(warp * 16 + r) * 2 + 1] = st.l[h];\n",
+"                ml[(warp * 16 + r) * 2 + 1] = st.l[h];\n"
 "            }\n"
 "#pragma unroll\n"
 "            for (int n = 0; n < VC; n++) {\n"
@@ -2481,7 +2523,7 @@ static const char *const mustafar__kernel_source[] = {
 "    float m = NEG_INF, l = 0.0f, acc = 0.0f;\n"
 "    for (int s = 0; s < splits; s++) m = fmaxf(m, partial_ml[(head * splits + s) * 2]);\n"
 "    const float ref = m == NEG_INF ? 0.0f : m;\n"
-"    for (int s = 0; s < splits; s++) {\n"
+"    for (int s = 0; s < splits; s++) {\n",
 "        const float f = exp2f(partial_ml[(head * splits + s) * 2] - ref);\n"
 "        l += f * partial_ml[(head * splits + s) * 2 + 1];\n"
 "        acc += f * partial_o[(head * splits + s) * D + c];\n"
@@ -2682,14 +2724,15 @@ static mustafar_status mustafar__load_library(mustafar_context *ctx, mustafar__m
 }
 
 /* Shared memory of the attention kernel; must match the layout in the kernel:
-   per warp two stages of 16 K and 16 V records, each record spaced to an odd
+   per warp `stages` stages of 16 K and 16 V records, each record spaced to an odd
    number of 16-byte units (STAGED()); then reused for the merge. */
-static size_t mustafar__attention_smem(int d, int group, size_t k_rec, size_t v_rec, int warps)
+static size_t mustafar__attention_smem(int d, int group, size_t k_rec, size_t v_rec, int warps,
+                                       int stages)
 {
     size_t rows = group < 16 ? (size_t)group : 16;
     size_t k_staged = k_rec / 16 % 2 ? k_rec : k_rec + 16;
     size_t v_staged = v_rec / 16 % 2 ? v_rec : v_rec + 16;
-    size_t loop = (size_t)warps * 2 * 16 * (k_staged + v_staged);
+    size_t loop = (size_t)warps * stages * 16 * (k_staged + v_staged);
     size_t merge = (size_t)warps * 32 * 4 + (size_t)warps * rows * d * 4;
     /* + slack: a corrupt record's decode may read up to 2*d bytes past it */
     return (loop > merge ? loop : merge) + 2 * (size_t)d;
@@ -2703,8 +2746,8 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
     mustafar__cuda *cu = &ctx->cuda;
     mustafar__module *m;
     char options[320], arch[32], path[1200];
-    const char *argv[16];
-    int argc = 0, nvrtc_major = 0, nvrtc_minor = 0, optin = 0, warps = 4;
+    const char *argv[20];
+    int argc = 0, nvrtc_major = 0, nvrtc_minor = 0, optin = 0, warps = 4, stages = 3;
     size_t k_rec = mustafar__round_up((size_t)d / 8 + 2 * (size_t)k_kept, 16);
     size_t v_rec = mustafar__round_up((size_t)d / 8 + 2 * (size_t)v_kept, 16);
     size_t smem, size = 0;
@@ -2716,13 +2759,16 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
     for (m = cu->modules; m; m = m->next)
         if (!memcmp(m->config, config, sizeof config)) { *out = m; return MUSTAFAR_OK; }
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cu->device);
-    while (warps > 1 && mustafar__attention_smem(d, group, k_rec, v_rec, warps) > (size_t)optin)
+    /* three stages (two tiles in flight) where three blocks still fit an SM */
+    if (mustafar__attention_smem(d, group, k_rec, v_rec, warps, 3) > 76 * 1024) stages = 2;
+    while (warps > 1 && mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages) > (size_t)optin)
         warps /= 2;
-    smem = mustafar__attention_smem(d, group, k_rec, v_rec, warps);
+    smem = mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages);
     snprintf(options, sizeof options,
              "-DMUSTAFAR_D=%d -DMUSTAFAR_BF16=%d -DMUSTAFAR_K_KEPT=%d -DMUSTAFAR_V_KEPT=%d "
-             "-DMUSTAFAR_GROUP=%d -DMUSTAFAR_PAGE_SIZE=%d -DMUSTAFAR_WARPS=%d -DMUSTAFAR_SM=%d",
-             d, dtype == MUSTAFAR_DTYPE_BF16, k_kept, v_kept, group, page_size, warps, cu->sm);
+             "-DMUSTAFAR_GROUP=%d -DMUSTAFAR_PAGE_SIZE=%d -DMUSTAFAR_WARPS=%d -DMUSTAFAR_STAGES=%d "
+             "-DMUSTAFAR_SM=%d",
+             d, dtype == MUSTAFAR_DTYPE_BF16, k_kept, v_kept, group, page_size, warps, stages, cu->sm);
     m = (mustafar__module *)mustafar__calloc(sizeof *m);
     text = mustafar__kernel_text();
     if (!m || !text) {
@@ -2754,7 +2800,7 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
     if (!cubin) {
         argv[argc++] = arch;
         argv[argc++] = "-lineinfo";
-        for (tok = strtok(options, " "); tok && argc < 16; tok = strtok(NULL, " ")) argv[argc++] = tok;
+        for (tok = strtok(options, " "); tok && argc < 20; tok = strtok(NULL, " ")) argv[argc++] = tok;
         st = mustafar__nvrtc_compile(ctx, text, argv, argc, &cubin, &size);
         if (!st) st = mustafar__load_library(ctx, m, cubin);
         if (st) {

@@ -9,6 +9,7 @@
      MUSTAFAR_GROUP       query heads per KV head
      MUSTAFAR_PAGE_SIZE   token positions per page
      MUSTAFAR_WARPS       warps per attention block
+     MUSTAFAR_STAGES      tiles of records in flight per warp, plus one (2 or 3)
      MUSTAFAR_SM          target SM (75, 80, 86, 89, 90, ...)
 
    Buffers (element = 16-bit fp16/bf16 bits; shapes outermost first):
@@ -97,11 +98,11 @@ __device__ __forceinline__ void copy_commit()
     asm volatile("cp.async.commit_group;");
 #endif
 }
-/* Waits until at most one committed group is still in flight. */
-__device__ __forceinline__ void copy_wait_all_but_one()
+/* Waits until at most `pending` committed groups are still in flight. */
+template <int pending> __device__ __forceinline__ void copy_wait()
 {
 #if MUSTAFAR_SM >= 80
-    asm volatile("cp.async.wait_group 1;");
+    asm volatile("cp.async.wait_group %0;" ::"n"(pending));
 #endif
 }
 
@@ -541,9 +542,20 @@ __device__ __forceinline__ void scores_staged(float s[2][4], const u32 qa[D / 16
     for (int j = 0; j < 2; j++) {
         const int p = p0 + 8 * j + g;
         const unsigned char *rec = records + (8 * j + g) * K_STAGED;
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#if MUSTAFAR_K_KEPT == D
+        /* nothing pruned: the values are the dense row */
+        const u16 *v = (const u16 *)(rec + BITMAP_BYTES) + KC * t;
+        const bool valid = p >= lo && p < hi;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const uint2 x = valid ? *(const uint2 *)(v + 4 * kk) : make_uint2(0, 0);
+            const u32 b[2] = {x.x, x.y};
+            mma_16816(acc[kk & 1], qa[kk], b);
+        }
+#else
         const k_run run = (k_run)run_bits(rec, KC * t, KC, p >= lo && p < hi);
         const u16 *v = (const u16 *)(rec + BITMAP_BYTES) + run_offset(KC > 32 ? __popcll(run) : __popc((u32)run), 1, 4);
-        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             const u32 nib = (u32)(run >> (4 * kk)) & 15u;
@@ -552,6 +564,7 @@ __device__ __forceinline__ void scores_staged(float s[2][4], const u32 qa[D / 16
             b[1] = take_pair(nib >> 2, v);
             mma_16816(acc[kk & 1], qa[kk], b);   /* two chains: half the HMMA latency */
         }
+#endif
 #pragma unroll
         for (int i = 0; i < 4; i++) s[j][i] = acc[0][i] + acc[1][i];
     }
@@ -631,6 +644,25 @@ __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pa[4],
                                           const unsigned char *records, int p0, int lo, int hi)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#if MUSTAFAR_V_KEPT == D
+    /* nothing pruned: the values are the dense rows */
+    const u16 *src[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
+        src[i] = p >= lo && p < hi ? (const u16 *)(records + tok * V_STAGED + BITMAP_BYTES) + VC * g : 0;
+    }
+#pragma unroll
+    for (int k = 0; k < VC; k += 2) {
+        u32 w[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) w[i] = src[i] ? *(const u32 *)(src[i] + k) : 0u;
+        const u32 b0[2] = {(w[0] & 0xffffu) | (w[1] << 16), (w[2] & 0xffffu) | (w[3] << 16)};
+        const u32 b1[2] = {(w[0] >> 16) | (w[1] & 0xffff0000u), (w[2] >> 16) | (w[3] & 0xffff0000u)};
+        mma_16816(st.o[k], pa, b0);
+        mma_16816(st.o[k + 1], pa, b1);
+    }
+#else
     u32 run[4];
     const u16 *v[4];
 #pragma unroll
@@ -651,6 +683,7 @@ __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pa[4],
         const u32 b[2] = {x[0] | (x[1] << 16), x[2] | (x[3] << 16)};
         mma_16816(st.o[k], pa, b);
     }
+#endif
 }
 
 /* The same from dense window rows (global memory). */
@@ -712,7 +745,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     const int begin = split * chunk;
     const int end = begin + chunk < length ? begin + chunk : length;
     const int *table = page_table + (long long)sq.row * table_stride;
-    unsigned char *warp_smem = smem + warp * 2 * STAGE_BYTES;
+    unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;
 
     u32 qa[D / 16][4];
     load_q(qa, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);
@@ -726,18 +759,26 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     st.l[0] = st.l[1] = 0.0f;
 
     const int compressed_end = end < sq.num_compressed ? end : sq.num_compressed;
-    int p0 = begin + warp * TILE, stage_index = 0;
-    if (p0 < compressed_end)
-        prefetch_records(warp_smem, p0, compressed_end, k_pages, v_pages, table, kv_head, num_kv_heads);
-    copy_commit();
-    for (; p0 < end; p0 += MUSTAFAR_WARPS * TILE, stage_index ^= 1) {
-        const int next = p0 + MUSTAFAR_WARPS * TILE;
+    const int sweep = MUSTAFAR_WARPS * TILE;
+    /* stage i % STAGES holds tile i of this warp; STAGES - 1 tiles ahead */
+#pragma unroll
+    for (int i = 0; i < MUSTAFAR_STAGES - 1; i++) {
+        const int pi = begin + warp * TILE + i * sweep;
+        if (pi < compressed_end)
+            prefetch_records(warp_smem + i * STAGE_BYTES, pi, compressed_end, k_pages, v_pages,
+                             table, kv_head, num_kv_heads);
+        copy_commit();
+    }
+    int stage_index = 0;
+    for (int p0 = begin + warp * TILE; p0 < end; p0 += sweep) {
+        const int ahead = p0 + (MUSTAFAR_STAGES - 1) * sweep;
+        const int ahead_stage = stage_index == 0 ? MUSTAFAR_STAGES - 1 : stage_index - 1;
         const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;
-        if (next < compressed_end)
-            prefetch_records(warp_smem + (stage_index ^ 1) * STAGE_BYTES, next, compressed_end,
+        if (ahead < compressed_end)
+            prefetch_records(warp_smem + ahead_stage * STAGE_BYTES, ahead, compressed_end,
                              k_pages, v_pages, table, kv_head, num_kv_heads);
         copy_commit();
-        copy_wait_all_but_one();
+        copy_wait<MUSTAFAR_STAGES - 1>();
         __syncwarp();
         if (p0 < compressed_end) {
             float s[2][4];
@@ -755,6 +796,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
             pv_window(st, pa, v_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);
         }
         __syncwarp();                      /* the stage is refilled next iteration */
+        stage_index = stage_index == MUSTAFAR_STAGES - 1 ? 0 : stage_index + 1;
     }
 
     /* merge the warps: [warps][16] (max, sum) pairs, then [warps][HEAD_ROWS][D] O */

@@ -8,11 +8,11 @@ int main(void)
 {
     static const char *const configs[][8] = {
         {"-DMUSTAFAR_D=128", "-DMUSTAFAR_BF16=0", "-DMUSTAFAR_K_KEPT=39", "-DMUSTAFAR_V_KEPT=39",
-         "-DMUSTAFAR_GROUP=4", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=4", ""},
+         "-DMUSTAFAR_GROUP=4", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=4", "-DMUSTAFAR_STAGES=3"},
         {"-DMUSTAFAR_D=64", "-DMUSTAFAR_BF16=1", "-DMUSTAFAR_K_KEPT=32", "-DMUSTAFAR_V_KEPT=20",
-         "-DMUSTAFAR_GROUP=1", "-DMUSTAFAR_PAGE_SIZE=8", "-DMUSTAFAR_WARPS=4", ""},
+         "-DMUSTAFAR_GROUP=1", "-DMUSTAFAR_PAGE_SIZE=8", "-DMUSTAFAR_WARPS=4", "-DMUSTAFAR_STAGES=2"},
         {"-DMUSTAFAR_D=256", "-DMUSTAFAR_BF16=1", "-DMUSTAFAR_K_KEPT=77", "-DMUSTAFAR_V_KEPT=128",
-         "-DMUSTAFAR_GROUP=20", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=2", ""}};
+         "-DMUSTAFAR_GROUP=20", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=2", "-DMUSTAFAR_STAGES=3"}};
     int archs[64], narch = 0, i, c, passed = 0, failed = 0;
     char *text = mustafar__kernel_text();
     if (!text || nvrtcGetNumSupportedArchs(&narch) != NVRTC_SUCCESS || narch > 64 ||
@@ -34,8 +34,8 @@ int main(void)
             memset(&ctx, 0, sizeof ctx);
             argv[0] = arch;
             argv[1] = sm;
-            for (k = 0; k < 7; k++) argv[2 + k] = configs[c][k];
-            if (mustafar__nvrtc_compile(&ctx, text, argv, 9, &cubin, &size) == MUSTAFAR_OK) {
+            for (k = 0; k < 8; k++) argv[2 + k] = configs[c][k];
+            if (mustafar__nvrtc_compile(&ctx, text, argv, 10, &cubin, &size) == MUSTAFAR_OK) {
                 passed++;
                 printf("ok   sm_%d config %d: %zu-byte cubin\n", archs[i], c, size);
             } else {
