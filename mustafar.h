@@ -479,22 +479,27 @@ static uint16_t mustafar__store(mustafar_dtype dt, float f)
 
 /* ---- context and errors --------------------------------------------------- */
 
-#ifndef MUSTAFAR_NO_CUDA
-typedef struct mustafar__module mustafar__module;
-typedef struct mustafar__append_job mustafar__append_job;
-/* Small job and sequence lists travel in the kernel parameters instead of
-   being uploaded; these match append_inline and seqs_inline in the kernels. */
-#define MUSTAFAR__INLINE_JOBS 48
-#define MUSTAFAR__INLINE_PATCHES 96
-#define MUSTAFAR__INLINE_SEQS 192
-struct mustafar__append_job {
+/* One sequence of an append: positions [old_compressed, new_compressed) are
+   compressed into pages (from the window ring while < old_length, else from
+   the input), then positions [max(old_length, new_compressed), old_length +
+   new_tokens) are copied from the input into the window ring.  The layout of
+   this struct is shared with the kernels (append_job). */
+typedef struct mustafar__append_job {
     int32_t row, old_length, new_tokens, input_offset;
     int32_t old_compressed, new_compressed;
     int32_t compress_offset;       /* exclusive prefix of compressed counts */
     int32_t window_offset;         /* exclusive prefix of window writes */
     int32_t pages_before;          /* table entries of the row valid before the call */
     int32_t first_patch;           /* this row's first new entry in the patch list */
-};
+} mustafar__append_job;
+
+#ifndef MUSTAFAR_NO_CUDA
+typedef struct mustafar__module mustafar__module;
+/* Small job and sequence lists travel in the kernel parameters instead of
+   being uploaded; these match append_inline and seqs_inline in the kernels. */
+#define MUSTAFAR__INLINE_JOBS 48
+#define MUSTAFAR__INLINE_PATCHES 96
+#define MUSTAFAR__INLINE_SEQS 192
 typedef struct mustafar__append_inline {
     int32_t njobs, npatches;
     mustafar__append_job jobs[MUSTAFAR__INLINE_JOBS];
@@ -686,22 +691,6 @@ typedef struct mustafar__layout {
     int k_kept, v_kept;
     size_t k_record, v_record;
 } mustafar__layout;
-
-/* One sequence of an append: positions [old_compressed, new_compressed) are
-   compressed into pages (from the window ring while < old_length, else from
-   the input), then positions [max(old_length, new_compressed), old_length +
-   new_tokens) are copied from the input into the window ring.  The layout of
-   this struct is shared with the kernels. */
-#ifdef MUSTAFAR_NO_CUDA
-typedef struct mustafar__append_job {
-    int32_t row, old_length, new_tokens, input_offset;
-    int32_t old_compressed, new_compressed;
-    int32_t compress_offset;       /* exclusive prefix of compressed counts */
-    int32_t window_offset;         /* exclusive prefix of window writes */
-    int32_t pages_before;          /* table entries of the row valid before the call */
-    int32_t first_patch;           /* this row's first new entry in the patch list */
-} mustafar__append_job;
-#endif
 
 static int32_t mustafar__job_window_first(const mustafar__append_job *j)
 {
@@ -2197,6 +2186,19 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "}\n"
 "\n"
+"/* Scores to log2 units; positions outside [lo, hi) get -inf. */\n"
+"__device__ __forceinline__ void scale_and_mask(float s[2][4], float scale_log2, int p0, int lo, int hi)\n"
+"{\n"
+"    const int t = threadIdx.x & 3;\n"
+"#pragma unroll\n"
+"    for (int j = 0; j < 2; j++)\n"
+"#pragma unroll\n"
+"        for (int i = 0; i < 4; i++) {\n"
+"            const int p = p0 + 8 * j + 2 * t + (i & 1);\n"
+"            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;\n"
+"        }\n"
+"}\n"
+"\n"
 "/* S = Q K^T for the 16 staged records of a tile, scaled to log2 units;\n"
 "   positions outside [lo, hi) get -inf.  s[j][..]: n-tile j (positions 8j..8j+7). */\n"
 "__device__ __forceinline__ void scores_staged(float s[2][4], const u32 qa[D / 16][4],\n"
@@ -2234,13 +2236,7 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "        for (int i = 0; i < 4; i++) s[j][i] = acc[0][i] + acc[1][i];\n"
 "    }\n"
-"#pragma unroll\n"
-"    for (int j = 0; j < 2; j++)\n"
-"#pragma unroll\n"
-"        for (int i = 0; i < 4; i++) {\n"
-"            const int p = p0 + 8 * j + 2 * t + (i & 1);\n"
-"            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;\n"
-"        }\n"
+"    scale_and_mask(s, scale_log2, p0, lo, hi);\n"
 "}\n"
 "\n"
 "/* The same from dense window rows (global memory). */\n"
@@ -2259,17 +2255,11 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "        for (int kk = 0; kk < D / 16; kk++) {\n"
 "            const uint2 v = valid ? *(const uint2 *)(src + 4 * kk) : make_uint2(0, 0);\n"
-"            const u32 b[2] = {v.x, v.y};\n"
+"            const u32 b[2] = {v.x, v.y};\n",
 "            mma_16816(s[j], qa[kk], b);\n"
 "        }\n"
 "    }\n"
-"#pragma unroll\n"
-"    for (int j = 0; j < 2; j++)\n"
-"#pragma unroll\n"
-"        for (int i = 0; i < 4; i++) {\n"
-"            const int p = p0 + 8 * j + 2 * t + (i & 1);\n",
-"            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;\n"
-"        }\n"
+"    scale_and_mask(s, scale_log2, p0, lo, hi);\n"
 "}\n"
 "\n"
 "/* Online softmax step: rescales the state to the new row maxima and turns s\n"

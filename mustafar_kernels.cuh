@@ -531,6 +531,19 @@ __device__ __forceinline__ void load_q(u32 qa[D / 16][4], const u16 *q, int rows
     }
 }
 
+/* Scores to log2 units; positions outside [lo, hi) get -inf. */
+__device__ __forceinline__ void scale_and_mask(float s[2][4], float scale_log2, int p0, int lo, int hi)
+{
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int p = p0 + 8 * j + 2 * t + (i & 1);
+            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;
+        }
+}
+
 /* S = Q K^T for the 16 staged records of a tile, scaled to log2 units;
    positions outside [lo, hi) get -inf.  s[j][..]: n-tile j (positions 8j..8j+7). */
 __device__ __forceinline__ void scores_staged(float s[2][4], const u32 qa[D / 16][4],
@@ -568,13 +581,7 @@ __device__ __forceinline__ void scores_staged(float s[2][4], const u32 qa[D / 16
 #pragma unroll
         for (int i = 0; i < 4; i++) s[j][i] = acc[0][i] + acc[1][i];
     }
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int p = p0 + 8 * j + 2 * t + (i & 1);
-            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;
-        }
+    scale_and_mask(s, scale_log2, p0, lo, hi);
 }
 
 /* The same from dense window rows (global memory). */
@@ -597,13 +604,7 @@ __device__ __forceinline__ void scores_window(float s[2][4], const u32 qa[D / 16
             mma_16816(s[j], qa[kk], b);
         }
     }
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int p = p0 + 8 * j + 2 * t + (i & 1);
-            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;
-        }
+    scale_and_mask(s, scale_log2, p0, lo, hi);
 }
 
 /* Online softmax step: rescales the state to the new row maxima and turns s

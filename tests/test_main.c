@@ -17,6 +17,7 @@
    Exit status nonzero iff M > 0.  Every run prints its random seed first;
    --seed N reproduces it (a test's data depend only on the seed and the
    test's name, so --filter keeps them). */
+#define _POSIX_C_SOURCE 200809L   /* setenv, getpid, ftruncate (JIT cache test) */
 #define MUSTAFAR_IMPLEMENTATION
 #include "../mustafar.h"
 
@@ -27,13 +28,14 @@
 #include "test_attention.h"
 #include "test_cache.h"
 #include "test_errors.h"
+#include "test_jit.h"
 
 typedef void (*tb_test_fn)(mustafar_context *ctx);
 
 typedef struct tb_test {
     const char *name;
     tb_test_fn fn;
-    int per_backend;     /* 1: runs once per backend with that context */
+    int per_backend;     /* 1: runs once per backend with that context; 2: CUDA only */
 } tb_test;
 
 static const tb_test k_tests[] = {
@@ -67,6 +69,10 @@ static const tb_test k_tests[] = {
     {"test_errors_cache_create", test_errors_cache_create, 1},
     {"test_errors_cache_calls", test_errors_cache_calls, 1},
     {"test_errors_sequence_too_long", test_errors_sequence_too_long, 1},
+#ifndef MUSTAFAR_NO_CUDA
+    /* the on-disk cubin cache */
+    {"test_jit_disk_cache", test_jit_disk_cache, 2},
+#endif
 };
 
 static int g_passed = 0, g_failed = 0, g_skipped = 0;
@@ -163,7 +169,7 @@ int main(int argc, char **argv)
             run_one(t, cpu, NULL);
             continue;
         }
-        if (want_cpu) {
+        if (want_cpu && t->per_backend == 1) {
             if (cpu) run_one(t, cpu, "cpu");
             else g_failed++;
         }

@@ -46,6 +46,25 @@ int main(void)
         }
     }
     MUSTAFAR_FREE(text);
+    {   /* a compile error comes back as MUSTAFAR_ERROR_JIT with the NVRTC log */
+        const char *argv[1] = {"--gpu-architecture=sm_90"};
+        void *cubin = NULL;
+        size_t size = 0;
+        mustafar_context ctx;
+        mustafar_status st;
+        memset(&ctx, 0, sizeof ctx);
+        st = mustafar__nvrtc_compile(&ctx, "extern \"C\" __global__ void k() { undeclared(); }",
+                                     argv, 1, &cubin, &size);
+        if (st == MUSTAFAR_ERROR_JIT && strstr(ctx.message, "undeclared")) {
+            passed++;
+            printf("ok   compile error reported with the NVRTC log\n");
+        } else {
+            failed++;
+            printf("FAIL compile error: status %s, message '%s'\n", mustafar_status_string(st),
+                   ctx.message);
+        }
+        MUSTAFAR_FREE(cubin);
+    }
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }
