@@ -31,7 +31,7 @@
 #define HEAD_ROWS (MUSTAFAR_GROUP < 16 ? MUSTAFAR_GROUP : 16)
 #define NEG_INF (-__int_as_float(0x7f800000))
 /* attention blocks per SM the register budget is sized for */
-#define MIN_BLOCKS (D == 256 ? 1 : D == 128 ? 12 / MUSTAFAR_WARPS : 16 / MUSTAFAR_WARPS)
+#define MIN_BLOCKS (D == 256 ? 1 : D == 128 && MUSTAFAR_GROUP > 8 ? 12 / MUSTAFAR_WARPS : 16 / MUSTAFAR_WARPS)
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -417,24 +417,33 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_append(
 }
 
 /* ---- decode attention -------------------------------------------------------
-   Block (sequence, kv head x head block, split), MUSTAFAR_WARPS warps.  Each
+   Block (sequence, KV head x head block, split), MUSTAFAR_WARPS warps.  Each
    warp walks 16-position tiles of the block's range with its own online
    softmax: records are staged into shared memory with 16-byte async copies
-   one tile ahead and decoded straight into tensor-core fragments in
-   registers (S = Q K^T, then O += P V, fp32 accumulation); the warps are
-   merged at the end.
+   STAGES - 1 tiles ahead and decoded straight into tensor-core fragments in
+   registers; the warps are merged at the end.
+
+   Both products run transposed, so that the query heads (often only 4 or 8
+   per KV head) are the mma's 8-wide N dimension instead of padding its
+   16-high M dimension:
+     S^T = K Q^T    M = 16 positions, N = 8 heads, K = channels
+     O^T = V^T P^T  M = 16 channels,  N = 8 heads, K = 16 positions
+   and P^T comes from S^T by an in-register 8x8 transpose (movmatrix).
 
    Channel permutation.  A dot product does not depend on the order of its
    terms, so each thread takes whole runs of channels instead of the mma
    fragment's interleave, and decodes a run with one popcount:
-     S = Q K^T  k index {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel
-                KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4
-     O += P V   column g of n-tile j is channel VC*g + j: thread g owns a run
-                of VC = D/8 channels.
+     S^T  k index {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel
+          KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4
+     O^T  row g of m-tile mm is channel VC*g + mm, row g+8 is VC*g + D/16 + mm:
+          thread g owns a run of VC = D/8 channels.
    Lane = 4*g + t as in the mma fragments. */
 
 #define KC (D / 4)
 #define VC (D / 8)
+#define MT (D / 16)                          /* m-tiles of O^T */
+#define NT (MUSTAFAR_GROUP > 8 ? 2 : 1)      /* n-tiles of 8 heads per block */
+#define HEADS_PER_BLOCK (8 * NT)
 #if KC > 32
 typedef u64 k_run;                          /* D = 256: a K run is 64 channels */
 #else
@@ -442,8 +451,8 @@ typedef u32 k_run;
 #endif
 
 struct warp_state {
-    float o[VC][4];        /* O fragment: rows g, g+8; channels VC*(2t) + j, VC*(2t+1) + j */
-    float m[2], l[2];      /* running max (log2 units) and partial sums, rows g, g+8 */
+    float o[NT][MT][4];    /* O^T fragment: channels VC*g + mm (+ D/16); heads 2t, 2t+1 */
+    float m[NT][2], l[NT][2];  /* running max (log2 units) and partial sums of heads 2t, 2t+1 */
 };
 
 /* Staged records are spaced so that the 16 rows of a tile start in 8
@@ -518,153 +527,202 @@ __device__ __forceinline__ u32 take_pair(u32 bits2, const u16 *&v)
     return lo | (hi << 16);
 }
 
-/* Q fragments (A operand) for the KC-channel run of this thread, rows >= rows zero. */
-__device__ __forceinline__ void load_q(u32 qa[D / 16][4], const u16 *q, int rows)
+__device__ __forceinline__ u32 transpose8x8(u32 x)
+{
+    u32 y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+/* Q^T fragments (B operand) of the KC-channel run of this thread: head
+   8*nt + g of the block, zero past `rows`. */
+__device__ __forceinline__ void load_q(u32 qb[NT][MT][2], const u16 *q, int rows)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        uint2 lo = make_uint2(0, 0), hi = make_uint2(0, 0);
-        if (g < rows) lo = *(const uint2 *)(q + g * D + KC * t + 4 * kk);
-        if (g + 8 < rows) hi = *(const uint2 *)(q + (g + 8) * D + KC * t + 4 * kk);
-        qa[kk][0] = lo.x; qa[kk][1] = hi.x; qa[kk][2] = lo.y; qa[kk][3] = hi.y;
-    }
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int kk = 0; kk < MT; kk++) {
+            uint2 x = make_uint2(0, 0);
+            if (8 * nt + g < rows) x = *(const uint2 *)(q + (8 * nt + g) * D + KC * t + 4 * kk);
+            qb[nt][kk][0] = x.x;
+            qb[nt][kk][1] = x.y;
+        }
 }
 
-/* Scores to log2 units; positions outside [lo, hi) get -inf. */
-__device__ __forceinline__ void scale_and_mask(float s[2][4], float scale_log2, int p0, int lo, int hi)
+/* S^T tile: rows g, g+8 are positions p0 + g, p0 + g + 8; scaled to log2
+   units; positions outside [lo, hi) get -inf. */
+__device__ __forceinline__ void scale_and_mask(float s[NT][4], float scale_log2, int p0, int lo, int hi)
 {
-    const int t = threadIdx.x & 3;
+    const int g = (threadIdx.x & 31) >> 2;
 #pragma unroll
-    for (int j = 0; j < 2; j++)
+    for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int p = p0 + 8 * j + 2 * t + (i & 1);
-            s[j][i] = (p >= lo && p < hi) ? s[j][i] * scale_log2 : NEG_INF;
+            const int p = p0 + g + (i >= 2 ? 8 : 0);
+            s[nt][i] = (p >= lo && p < hi) ? s[nt][i] * scale_log2 : NEG_INF;
         }
 }
 
-/* S = Q K^T for the 16 staged records of a tile, scaled to log2 units;
-   positions outside [lo, hi) get -inf.  s[j][..]: n-tile j (positions 8j..8j+7). */
-__device__ __forceinline__ void scores_staged(float s[2][4], const u32 qa[D / 16][4],
-                                              const unsigned char *records, float scale_log2,
-                                              int p0, int lo, int hi)
+/* S^T for a tile whose K rows g and g+8 are dense: `src[r]` points at the
+   KC-channel run of row r, or is null for a position outside the range. */
+__device__ __forceinline__ void scores_dense(float s[NT][4], const u32 qb[NT][MT][2],
+                                             const u16 *const src[2])
+{
+    float acc[2][NT][4];
+#pragma unroll
+    for (int c = 0; c < 2; c++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[c][nt][i] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < MT; kk++) {
+        const uint2 x0 = src[0] ? *(const uint2 *)(src[0] + 4 * kk) : make_uint2(0, 0);
+        const uint2 x1 = src[1] ? *(const uint2 *)(src[1] + 4 * kk) : make_uint2(0, 0);
+        const u32 a[4] = {x0.x, x1.x, x0.y, x1.y};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) mma_16816(acc[kk & 1][nt], a, qb[nt][kk]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[nt][i] = acc[0][nt][i] + acc[1][nt][i];
+}
+
+/* S^T for the 16 staged K records of a tile. */
+__device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][MT][2],
+                                              const unsigned char *records, int p0, int lo, int hi)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-        const int p = p0 + 8 * j + g;
-        const unsigned char *rec = records + (8 * j + g) * K_STAGED;
-        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #if MUSTAFAR_K_KEPT == D
-        /* nothing pruned: the values are the dense row */
-        const u16 *v = (const u16 *)(rec + BITMAP_BYTES) + KC * t;
-        const bool valid = p >= lo && p < hi;
+    const u16 *src[2];
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const uint2 x = valid ? *(const uint2 *)(v + 4 * kk) : make_uint2(0, 0);
-            const u32 b[2] = {x.x, x.y};
-            mma_16816(acc[kk & 1], qa[kk], b);
-        }
+    for (int r = 0; r < 2; r++) {
+        const int p = p0 + g + 8 * r;
+        src[r] = p >= lo && p < hi
+                     ? (const u16 *)(records + (g + 8 * r) * K_STAGED + BITMAP_BYTES) + KC * t
+                     : 0;
+    }
+    scores_dense(s, qb, src);
 #else
-        const k_run run = (k_run)run_bits(rec, KC * t, KC, p >= lo && p < hi);
-        const u16 *v = (const u16 *)(rec + BITMAP_BYTES) + run_offset(KC > 32 ? __popcll(run) : __popc((u32)run), 1, 4);
+    k_run run[2];
+    const u16 *v[2];
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const u32 nib = (u32)(run >> (4 * kk)) & 15u;
-            u32 b[2];
-            b[0] = take_pair(nib, v);
-            b[1] = take_pair(nib >> 2, v);
-            mma_16816(acc[kk & 1], qa[kk], b);   /* two chains: half the HMMA latency */
-        }
+    for (int r = 0; r < 2; r++) {
+        const int p = p0 + g + 8 * r;
+        const unsigned char *rec = records + (g + 8 * r) * K_STAGED;
+        run[r] = (k_run)run_bits(rec, KC * t, KC, p >= lo && p < hi);
+        v[r] = (const u16 *)(rec + BITMAP_BYTES) +
+               run_offset(KC > 32 ? __popcll(run[r]) : __popc((u32)run[r]), 1, 4);
+    }
+    float acc[2][NT][4];
+#pragma unroll
+    for (int c = 0; c < 2; c++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[c][nt][i] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < MT; kk++) {
+        const u32 n0 = (u32)(run[0] >> (4 * kk)) & 15u, n1 = (u32)(run[1] >> (4 * kk)) & 15u;
+        u32 a[4];
+        a[0] = take_pair(n0, v[0]);
+        a[1] = take_pair(n1, v[1]);
+        a[2] = take_pair(n0 >> 2, v[0]);
+        a[3] = take_pair(n1 >> 2, v[1]);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) mma_16816(acc[kk & 1][nt], a, qb[nt][kk]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[nt][i] = acc[0][nt][i] + acc[1][nt][i];
 #endif
-#pragma unroll
-        for (int i = 0; i < 4; i++) s[j][i] = acc[0][i] + acc[1][i];
-    }
-    scale_and_mask(s, scale_log2, p0, lo, hi);
 }
 
-/* The same from dense window rows (global memory). */
-__device__ __forceinline__ void scores_window(float s[2][4], const u32 qa[D / 16][4],
-                                              const u16 *ring, int row, int window, int head,
-                                              int num_kv_heads, float scale_log2, int p0, int lo,
-                                              int hi)
-{
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-        const int p = p0 + 8 * j + g;
-        const bool valid = p >= lo && p < hi;
-        const u16 *src = ring + (((long long)row * window + (valid ? p : lo) % window) * num_kv_heads + head) * D + KC * t;
-        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const uint2 v = valid ? *(const uint2 *)(src + 4 * kk) : make_uint2(0, 0);
-            const u32 b[2] = {v.x, v.y};
-            mma_16816(s[j], qa[kk], b);
-        }
-    }
-    scale_and_mask(s, scale_log2, p0, lo, hi);
-}
-
-/* Online softmax step: rescales the state to the new row maxima and turns s
-   into the P fragment (as the A operand of the P V product). */
-__device__ __forceinline__ void tile_softmax(warp_state &st, float s[2][4], u32 pa[4])
+/* Online softmax step over the 16 positions of each head column: rescales
+   the state to the new maxima and turns s into the P^T fragments (the B
+   operand of O^T = V^T P^T). */
+__device__ __forceinline__ void tile_softmax(warp_state &st, float s[NT][4], u32 pb[NT][2])
 {
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(st.m[h], mx);
-        const float ref = m_new == NEG_INF ? 0.0f : m_new;
-        const float corr = exp2f(st.m[h] - ref);
-        st.m[h] = m_new;
-        st.l[h] *= corr;
-        if (__any_sync(0xffffffffu, corr != 1.0f)) {
+    for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
-            for (int n = 0; n < VC; n++) { st.o[n][2 * h] *= corr; st.o[n][2 * h + 1] *= corr; }
-        }
+        for (int h = 0; h < 2; h++) {          /* head 2t + h: s[nt][h], s[nt][2 + h] */
+            float mx = fmaxf(s[nt][h], s[nt][2 + h]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float m_new = fmaxf(st.m[nt][h], mx);
+            const float ref = m_new == NEG_INF ? 0.0f : m_new;
+            const float corr = exp2f(st.m[nt][h] - ref);
+            st.m[nt][h] = m_new;
+            st.l[nt][h] *= corr;
+            if (__any_sync(0xffffffffu, corr != 1.0f)) {
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            s[j][2 * h] = exp2f(s[j][2 * h] - ref);
-            s[j][2 * h + 1] = exp2f(s[j][2 * h + 1] - ref);
-            st.l[h] += s[j][2 * h] + s[j][2 * h + 1];
+                for (int mm = 0; mm < MT; mm++) { st.o[nt][mm][h] *= corr; st.o[nt][mm][2 + h] *= corr; }
+            }
+            s[nt][h] = exp2f(s[nt][h] - ref);
+            s[nt][2 + h] = exp2f(s[nt][2 + h] - ref);
+            st.l[nt][h] += s[nt][h] + s[nt][2 + h];
         }
+        pb[nt][0] = transpose8x8(pack2(s[nt][0], s[nt][1]));   /* positions 0..7 */
+        pb[nt][1] = transpose8x8(pack2(s[nt][2], s[nt][3]));   /* positions 8..15 */
     }
-    pa[0] = pack2(s[0][0], s[0][1]);
-    pa[1] = pack2(s[0][2], s[0][3]);
-    pa[2] = pack2(s[1][0], s[1][1]);
-    pa[3] = pack2(s[1][2], s[1][3]);
 }
 
-/* O += P V for the 16 staged V records of a tile.  Thread (g, t) decodes
-   positions 2t, 2t+1, 2t+8, 2t+9 over its channel run VC*g + [0, VC);
-   positions outside [lo, hi) read as zero. */
-__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pa[4],
+/* O^T += V^T P^T given the channel-run values of this thread: x[i] is
+   channel k of position 2t + (i & 1) + 8 * (i >> 1).  Channels k < D/16 wait
+   in `low` for their partner k + D/16 (rows g and g+8 of m-tile k). */
+__device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,
+                                           const u32 x[4], u32 (&low)[MT][2])
+{
+    const u32 p01 = x[0] | (x[1] << 16), p23 = x[2] | (x[3] << 16);
+    if (k < MT) {
+        low[k][0] = p01;
+        low[k][1] = p23;
+    } else {
+        const u32 a[4] = {low[k - MT][0], p01, low[k - MT][1], p23};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][k - MT], a, pb[nt]);
+    }
+}
+
+/* O^T += V^T P^T for a tile whose V rows are dense: `src[i]` points at the
+   VC-channel run of position 2t + (i & 1) + 8 * (i >> 1), or is null. */
+__device__ __forceinline__ void pv_dense(warp_state &st, const u32 pb[NT][2], const u16 *const src[4])
+{
+    u32 low[MT][2];
+#pragma unroll
+    for (int k = 0; k < VC; k += 2) {
+        u32 w[4], lo[4], hi[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            w[i] = src[i] ? *(const u32 *)(src[i] + k) : 0u;
+            lo[i] = w[i] & 0xffffu;
+            hi[i] = w[i] >> 16;
+        }
+        pv_channel(st, pb, k, lo, low);
+        pv_channel(st, pb, k + 1, hi, low);
+    }
+}
+
+/* O^T += V^T P^T for the 16 staged V records of a tile. */
+__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2],
                                           const unsigned char *records, int p0, int lo, int hi)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #if MUSTAFAR_V_KEPT == D
-    /* nothing pruned: the values are the dense rows */
     const u16 *src[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
         src[i] = p >= lo && p < hi ? (const u16 *)(records + tok * V_STAGED + BITMAP_BYTES) + VC * g : 0;
     }
-#pragma unroll
-    for (int k = 0; k < VC; k += 2) {
-        u32 w[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) w[i] = src[i] ? *(const u32 *)(src[i] + k) : 0u;
-        const u32 b0[2] = {(w[0] & 0xffffu) | (w[1] << 16), (w[2] & 0xffffu) | (w[3] << 16)};
-        const u32 b1[2] = {(w[0] >> 16) | (w[1] & 0xffff0000u), (w[2] >> 16) | (w[3] & 0xffff0000u)};
-        mma_16816(st.o[k], pa, b0);
-        mma_16816(st.o[k + 1], pa, b1);
-    }
+    pv_dense(st, pb, src);
 #else
-    u32 run[4];
+    u32 run[4], low[MT][2];
     const u16 *v[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -681,42 +739,16 @@ __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pa[4],
             x[i] = 0;
             if (run[i] >> k & 1u) x[i] = *v[i]++;
         }
-        const u32 b[2] = {x[0] | (x[1] << 16), x[2] | (x[3] << 16)};
-        mma_16816(st.o[k], pa, b);
+        pv_channel(st, pb, k, x, low);
     }
 #endif
 }
 
-/* The same from dense window rows (global memory). */
-__device__ __forceinline__ void pv_window(warp_state &st, const u32 pa[4], const u16 *ring, int row,
-                                          int window, int head, int num_kv_heads, int p0, int lo,
-                                          int hi)
+/* Row of the window ring holding position p, or null outside [lo, hi). */
+__device__ __forceinline__ const u16 *ring_row(const u16 *ring, int row, int window, int head,
+                                               int num_kv_heads, int p, int lo, int hi)
 {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const u16 *src[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int p = p0 + 2 * t + (i & 1) + 8 * (i >> 1);
-        src[i] = p >= lo && p < hi
-                     ? ring + (((long long)row * window + p % window) * num_kv_heads + head) * D + VC * g
-                     : 0;
-    }
-#pragma unroll
-    for (int c = 0; c < VC; c += 8) {
-        u32 w[4][4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const uint4 v = src[i] ? *(const uint4 *)(src[i] + c) : make_uint4(0, 0, 0, 0);
-            w[i][0] = v.x; w[i][1] = v.y; w[i][2] = v.z; w[i][3] = v.w;
-        }
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const int sh = 16 * (e & 1);
-            const u32 b[2] = {((w[0][e / 2] >> sh) & 0xffffu) | ((w[1][e / 2] >> sh) << 16),
-                              ((w[2][e / 2] >> sh) & 0xffffu) | ((w[3][e / 2] >> sh) << 16)};
-            mma_16816(st.o[c + e], pa, b);
-        }
-    }
+    return p >= lo && p < hi ? ring + (((long long)row * window + p % window) * num_kv_heads + head) * D : 0;
 }
 
 #define INLINE_SEQS 192
@@ -735,11 +767,12 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
 {
     extern __shared__ __align__(16) unsigned char smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int head_blocks = (MUSTAFAR_GROUP + 15) / 16;
+    const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;
     const int kv_head = blockIdx.y / head_blocks, head_block = blockIdx.y % head_blocks;
     const int split = blockIdx.z, seq_index = blockIdx.x;
-    const int q_head0 = kv_head * MUSTAFAR_GROUP + head_block * 16;
-    const int rows = MUSTAFAR_GROUP - head_block * 16 < 16 ? MUSTAFAR_GROUP - head_block * 16 : 16;
+    const int q_head0 = kv_head * MUSTAFAR_GROUP + head_block * HEADS_PER_BLOCK;
+    const int rows = MUSTAFAR_GROUP - head_block * HEADS_PER_BLOCK < HEADS_PER_BLOCK
+                         ? MUSTAFAR_GROUP - head_block * HEADS_PER_BLOCK : HEADS_PER_BLOCK;
     const int num_q_heads = num_kv_heads * MUSTAFAR_GROUP;
     const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];
     const int length = sq.num_compressed + sq.num_window;
@@ -748,16 +781,19 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     const int *table = page_table + (long long)sq.row * table_stride;
     unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;
 
-    u32 qa[D / 16][4];
-    load_q(qa, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);
+    u32 qb[NT][MT][2];
+    load_q(qb, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);
 
     warp_state st;
 #pragma unroll
-    for (int n = 0; n < VC; n++)
+    for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) st.o[n][i] = 0.0f;
-    st.m[0] = st.m[1] = NEG_INF;
-    st.l[0] = st.l[1] = 0.0f;
+        for (int mm = 0; mm < MT; mm++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) st.o[nt][mm][i] = 0.0f;
+        st.m[nt][0] = st.m[nt][1] = NEG_INF;
+        st.l[nt][0] = st.l[nt][1] = 0.0f;
+    }
 
     const int compressed_end = end < sq.num_compressed ? end : sq.num_compressed;
     const int sweep = MUSTAFAR_WARPS * TILE;
@@ -782,19 +818,33 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
         copy_wait<MUSTAFAR_STAGES - 1>();
         __syncwarp();
         if (p0 < compressed_end) {
-            float s[2][4];
-            u32 pa[4];
-            scores_staged(s, qa, stage, scale_log2, p0, begin, compressed_end);
-            tile_softmax(st, s, pa);
-            pv_staged(st, pa, stage + TILE * K_STAGED, p0, begin, compressed_end);
+            float s[NT][4];
+            u32 pb[NT][2];
+            scores_staged(s, qb, stage, p0, begin, compressed_end);
+            scale_and_mask(s, scale_log2, p0, begin, compressed_end);
+            tile_softmax(st, s, pb);
+            pv_staged(st, pb, stage + TILE * K_STAGED, p0, begin, compressed_end);
         }
         if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {
             const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;
-            float s[2][4];
-            u32 pa[4];
-            scores_window(s, qa, k_window, sq.row, window, kv_head, num_kv_heads, scale_log2, p0, lo, end);
-            tile_softmax(st, s, pa);
-            pv_window(st, pa, v_window, sq.row, window, kv_head, num_kv_heads, p0, lo, end);
+            float s[NT][4];
+            u32 pb[NT][2];
+            const u16 *ks[2], *vs[4];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo, end);
+                if (ks[r]) ks[r] += KC * t;
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                vs[i] = ring_row(v_window, sq.row, window, kv_head, num_kv_heads,
+                                 p0 + 2 * t + (i & 1) + 8 * (i >> 1), lo, end);
+                if (vs[i]) vs[i] += VC * g;
+            }
+            scores_dense(s, qb, ks);
+            scale_and_mask(s, scale_log2, p0, lo, end);
+            tile_softmax(st, s, pb);
+            pv_dense(st, pb, vs);
         }
         __syncwarp();                      /* the stage is refilled next iteration */
         stage_index = stage_index == MUSTAFAR_STAGES - 1 ? 0 : stage_index + 1;
@@ -802,28 +852,33 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
 
     /* merge the warps: [warps][16] (max, sum) pairs, then [warps][HEAD_ROWS][D] O */
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 1);
-        st.l[h] += __shfl_xor_sync(0xffffffffu, st.l[h], 2);
-    }
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 4);
+            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 8);
+            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 16);
+        }
     __syncthreads();
     float *ml = (float *)smem;
     float *o = ml + MUSTAFAR_WARPS * 32;
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int r = g + 8 * h;
-        if (r < rows) {
-            if (t == 0) {
-                ml[(warp * 16 + r) * 2] = st.m[h];
-                ml[(warp * 16 + r) * 2 + 1] = st.l[h];
-            }
+    for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int n = 0; n < VC; n++) {
-                o[(warp * HEAD_ROWS + r) * D + VC * (2 * t) + n] = st.o[n][2 * h];
-                o[(warp * HEAD_ROWS + r) * D + VC * (2 * t + 1) + n] = st.o[n][2 * h + 1];
+        for (int h = 0; h < 2; h++) {
+            const int r = 8 * nt + 2 * t + h;
+            if (r < rows) {
+                if (g == 0) {
+                    ml[(warp * 16 + r) * 2] = st.m[nt][h];
+                    ml[(warp * 16 + r) * 2 + 1] = st.l[nt][h];
+                }
+#pragma unroll
+                for (int mm = 0; mm < MT; mm++) {
+                    o[(warp * HEAD_ROWS + r) * D + VC * g + mm] = st.o[nt][mm][h];
+                    o[(warp * HEAD_ROWS + r) * D + VC * g + MT + mm] = st.o[nt][mm][2 + h];
+                }
             }
         }
-    }
     __syncthreads();
     for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
         const int r = i / D, c = i % D;
