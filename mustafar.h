@@ -109,6 +109,8 @@
    cache as it was.
 
    Calls on one context must not run concurrently from several threads.
+   Destroy every cache of a context before the context.  The CUDA backend
+   switches to the context's device for each call and back to the caller's.
 */
 #ifndef MUSTAFAR_H
 #define MUSTAFAR_H
@@ -904,6 +906,22 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
 
 enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 
+#ifndef MUSTAFAR_NO_CUDA
+/* The caller's current device is theirs: every CUDA call of the library runs
+   between these two, which switch to the context's device and back. */
+static int mustafar__device_enter(int device)
+{
+    int previous = -1;
+    if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+    if (previous != device) cudaSetDevice(device);
+    return previous;
+}
+static void mustafar__device_leave(int previous, int device)
+{
+    if (previous >= 0 && previous != device) cudaSetDevice(previous);
+}
+#endif
+
 static int mustafar__is_cuda(const mustafar_context *ctx)
 {
     return ctx && ctx->backend == MUSTAFAR_BACKEND_CUDA;
@@ -912,7 +930,12 @@ static int mustafar__is_cuda(const mustafar_context *ctx)
 static mustafar_status mustafar__backend_alloc(mustafar_context *ctx, void **p, size_t bytes)
 {
 #ifndef MUSTAFAR_NO_CUDA
-    if (mustafar__is_cuda(ctx)) return mustafar__cuda_alloc(ctx, p, bytes);
+    if (mustafar__is_cuda(ctx)) {
+        int previous = mustafar__device_enter(ctx->cuda.device);
+        mustafar_status st = mustafar__cuda_alloc(ctx, p, bytes);
+        mustafar__device_leave(previous, ctx->cuda.device);
+        return st;
+    }
 #endif
     *p = mustafar__calloc(bytes);
     if (!*p)
@@ -925,7 +948,12 @@ static void mustafar__backend_free(mustafar_context *ctx, void *p)
 {
     if (!p) return;
 #ifndef MUSTAFAR_NO_CUDA
-    if (mustafar__is_cuda(ctx)) { mustafar__cuda_free(ctx, p); return; }
+    if (mustafar__is_cuda(ctx)) {
+        int previous = mustafar__device_enter(ctx->cuda.device);
+        mustafar__cuda_free(ctx, p);
+        mustafar__device_leave(previous, ctx->cuda.device);
+        return;
+    }
 #endif
     MUSTAFAR__UNUSED(ctx);
     MUSTAFAR_FREE(p);
@@ -940,8 +968,12 @@ static mustafar_status mustafar__backend_append(mustafar_context *ctx, const mus
                                                 const void *k, const void *v)
 {
 #ifndef MUSTAFAR_NO_CUDA
-    if (mustafar__is_cuda(ctx))
-        return mustafar__cuda_append(ctx, L, kv, jobs, njobs, patches, npatches, k, v);
+    if (mustafar__is_cuda(ctx)) {
+        int previous = mustafar__device_enter(ctx->cuda.device);
+        mustafar_status st = mustafar__cuda_append(ctx, L, kv, jobs, njobs, patches, npatches, k, v);
+        mustafar__device_leave(previous, ctx->cuda.device);
+        return st;
+    }
 #endif
     MUSTAFAR__UNUSED(ctx);
     MUSTAFAR__UNUSED(patches);
@@ -958,9 +990,13 @@ static mustafar_status mustafar__backend_attention(mustafar_context *ctx, const 
 {
     float *scores;
 #ifndef MUSTAFAR_NO_CUDA
-    if (mustafar__is_cuda(ctx))
-        return mustafar__cuda_attention(ctx, L, kv, nseq, seqs, seqs_on_host, max_len, q, out,
-                                        scale);
+    if (mustafar__is_cuda(ctx)) {
+        int previous = mustafar__device_enter(ctx->cuda.device);
+        mustafar_status st = mustafar__cuda_attention(ctx, L, kv, nseq, seqs, seqs_on_host,
+                                                      max_len, q, out, scale);
+        mustafar__device_leave(previous, ctx->cuda.device);
+        return st;
+    }
 #endif
     MUSTAFAR__UNUSED(seqs_on_host);
     scores = (float *)MUSTAFAR_MALLOC(sizeof(float) * (size_t)(max_len ? max_len : 1));
@@ -1013,7 +1049,12 @@ MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc
         st = mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
                             "CUDA backend unavailable: built with MUSTAFAR_NO_CUDA");
 #else
-        st = mustafar__cuda_init(ctx, desc);
+        {
+            int previous = -1;
+            if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+            st = mustafar__cuda_init(ctx, desc);
+            mustafar__device_leave(previous, -2);
+        }
         if (!st) ctx->backend = MUSTAFAR_BACKEND_CUDA;
 #endif
         if (st && desc->backend == MUSTAFAR_BACKEND_AUTO) {
@@ -1037,7 +1078,11 @@ MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx)
 {
     if (!ctx) return;
 #ifndef MUSTAFAR_NO_CUDA
-    if (ctx->backend == MUSTAFAR_BACKEND_CUDA) mustafar__cuda_shutdown(ctx);
+    if (ctx->backend == MUSTAFAR_BACKEND_CUDA) {
+        int previous = mustafar__device_enter(ctx->cuda.device);
+        mustafar__cuda_shutdown(ctx);
+        mustafar__device_leave(previous, ctx->cuda.device);
+    }
 #endif
     MUSTAFAR_FREE(ctx);
 }
@@ -1056,9 +1101,13 @@ static mustafar_status mustafar__records_op(mustafar_context *ctx, int op, int h
         return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "input or output is NULL");
     if (!count) return MUSTAFAR_OK;
 #ifndef MUSTAFAR_NO_CUDA
-    if (mustafar__is_cuda(ctx))
-        return mustafar__cuda_records(ctx, op, head_dim, sparsity,
-                                      mustafar__resolve_dtype(dtype), in, out, count);
+    if (mustafar__is_cuda(ctx)) {
+        int previous = mustafar__device_enter(ctx->cuda.device);
+        st = mustafar__cuda_records(ctx, op, head_dim, sparsity, mustafar__resolve_dtype(dtype),
+                                    in, out, count);
+        mustafar__device_leave(previous, ctx->cuda.device);
+        return st;
+    }
 #endif
     kept = mustafar_kept_count(head_dim, sparsity);
     rec = mustafar_record_bytes(head_dim, sparsity, dtype);
@@ -1190,7 +1239,11 @@ MUSTAFAR_API mustafar_status mustafar_paged_attention(mustafar_context *ctx,
         return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "seqs, q or out is NULL");
     if (mustafar__is_cuda(ctx)) {
         /* lengths live on the device: bound them by what the layout can hold */
-        max_len = (int32_t)((int64_t)kv->page_table_stride * L.page_size + L.window);
+        const int64_t bound = (int64_t)kv->page_table_stride * L.page_size + L.window;
+        if (bound > INT32_MAX)
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                  "page_table_stride * page_size + window_size exceeds 2^31 positions");
+        max_len = (int32_t)bound;
     } else {
         st = mustafar__check_seqs_host(ctx, &L, kv, nseq, seqs, &max_len);
         if (st) return st;
@@ -1275,6 +1328,19 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     pages = (d.capacity_tokens + d.page_size - 1) / d.page_size;
     if (pages > INT32_MAX / 2)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "capacity_tokens too large");
+    {   /* every buffer size must fit in 2^62 bytes and the page table in int32 indices */
+        const double limit = 4.6e18, rec = 2.0 * d.head_dim + 32;
+        const double pool = (double)pages * d.num_kv_heads * d.page_size * rec * d.num_layers;
+        const double win = (double)d.max_sequences * d.dense_window * d.num_kv_heads * d.head_dim *
+                           2.0 * d.num_layers;
+        const double table = (double)d.max_sequences *
+                             (((double)d.max_sequence_length + d.page_size - 1) / d.page_size);
+        if (pool > limit || win > limit || table > INT32_MAX || d.dense_window > d.max_sequence_length)
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                  "cache too large: pool %.3g bytes, windows %.3g bytes, page table "
+                                  "%.3g entries (or dense_window > max_sequence_length)",
+                                  pool, win, table);
+    }
     c = (mustafar_cache *)mustafar__calloc(sizeof *c);
     if (!c) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
     c->ctx = ctx;
@@ -1544,7 +1610,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int la
         total += ntokens[i];
         need = (j->new_compressed + cache->desc.page_size - 1) / cache->desc.page_size;
         while (cache->pages_held[id] < need) {
-            int32_t index = id * cache->pages_per_sequence + cache->pages_held[id]++;
+            int32_t index = (int32_t)((int64_t)id * cache->pages_per_sequence + cache->pages_held[id]++);
             int32_t page = cache->free_pages[--cache->free_count];
             cache->table[index] = page;
             patches[2 * npatches] = index;
@@ -2760,11 +2826,15 @@ static mustafar_status mustafar__load_library(mustafar_context *ctx, mustafar__m
     if (e != cudaSuccess)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "cudaLibraryLoadData failed: %s (%s)",
                               cudaGetErrorName(e), cudaGetErrorString(e));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->records, m->library, "mustafar_records"));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->append, m->library, "mustafar_append"));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->attention, m->library,
-                                                   "mustafar_attention"));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine"));
+    if ((e = cudaLibraryGetKernel(&m->records, m->library, "mustafar_records")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->append, m->library, "mustafar_append")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->attention, m->library, "mustafar_attention")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine")) != cudaSuccess) {
+        cudaLibraryUnload(m->library);
+        m->library = NULL;
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "a kernel is missing from the library: %s",
+                              cudaGetErrorName(e));
+    }
     return MUSTAFAR_OK;
 }
 
@@ -2845,7 +2915,11 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
     if (!cubin) {
         argv[argc++] = arch;
         argv[argc++] = "-lineinfo";
-        for (tok = strtok(options, " "); tok && argc < 20; tok = strtok(NULL, " ")) argv[argc++] = tok;
+        for (tok = options; *tok && argc < 20;) {   /* split at spaces, in place */
+            argv[argc++] = tok;
+            while (*tok && *tok != ' ') tok++;
+            if (*tok) *tok++ = 0;
+        }
         st = mustafar__nvrtc_compile(ctx, text, argv, argc, &cubin, &size);
         if (!st) st = mustafar__load_library(ctx, m, cubin);
         if (st) {
@@ -2919,7 +2993,12 @@ static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar
     cu->stream = (cudaStream_t)desc->cuda_stream;
     mustafar__resolve_cache_dir(cu, desc);
     MUSTAFAR__CUDA_CHECK(ctx, cudaEventCreateWithFlags(&cu->staging_free, cudaEventDisableTiming));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaEventRecord(cu->staging_free, cu->stream));
+    e = cudaEventRecord(cu->staging_free, cu->stream);
+    if (e != cudaSuccess) {
+        cudaEventDestroy(cu->staging_free);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "the CUDA stream is not usable: %s", cudaGetErrorName(e));
+    }
     snprintf(ctx->message, sizeof ctx->message, "CUDA backend on device %d (sm_%d%d, kernels for sm_%d)",
              cu->device, major, minor, best);
     return MUSTAFAR_OK;
@@ -3188,3 +3267,54 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
 
 #endif /* MUSTAFAR_IMPLEMENTATION_DONE */
 #endif /* MUSTAFAR_IMPLEMENTATION */
+
+/*
+   This software is available under 2 licenses -- choose whichever you prefer.
+   ------------------------------------------------------------------------------
+   ALTERNATIVE A - MIT License
+
+   Copyright (c) 2026 the mustafar.h authors
+
+   Permission is hereby granted, free of charge, to any person obtaining a copy of
+   this software and associated documentation files (the "Software"), to deal in
+   the Software without restriction, including without limitation the rights to
+   use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+   of the Software, and to permit persons to whom the Software is furnished to do
+   so, subject to the following conditions:
+
+   The above copyright notice and this permission notice shall be included in all
+   copies or substantial portions of the Software.
+
+   THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+   IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+   FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+   AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+   LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+   OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+   SOFTWARE.
+   ------------------------------------------------------------------------------
+   ALTERNATIVE B - Public Domain (www.unlicense.org)
+
+   This is free and unencumbered software released into the public domain.
+
+   Anyone is free to copy, modify, publish, use, compile, sell, or distribute this
+   software, either in source code form or as a compiled binary, for any purpose,
+   commercial or non-commercial, and by any means.
+
+   In jurisdictions that recognize copyright laws, the author or authors of this
+   software dedicate any and all copyright interest in the software to the public
+   domain. We make this dedication for the benefit of the public at large and to
+   the detriment of our heirs and successors. We intend this dedication to be an
+   overt act of relinquishment in perpetuity of all present and future rights to
+   this software under copyright law.
+
+   THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+   IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+   FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+   AUTHORS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN
+   ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION
+   WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+
+   For more information, please refer to <http://unlicense.org/>
+   ------------------------------------------------------------------------------
+*/
