@@ -564,30 +564,49 @@ __device__ __forceinline__ void scale_and_mask(float s[NT][4], float scale_log2,
         }
 }
 
+/* S^T accumulates in two chains (even and odd k-steps): half the HMMA
+   latency on the critical path. */
+struct score_chains {
+    float c[2][NT][4];
+};
+__device__ __forceinline__ void chains_clear(score_chains &acc)
+{
+#pragma unroll
+    for (int k = 0; k < 2; k++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc.c[k][nt][i] = 0.0f;
+}
+__device__ __forceinline__ void chains_mma(score_chains &acc, int kk, const u32 a[4],
+                                           const u32 qb[NT][MT][2])
+{
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) mma_16816(acc.c[kk & 1][nt], a, qb[nt][kk]);
+}
+__device__ __forceinline__ void chains_sum(float s[NT][4], const score_chains &acc)
+{
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[nt][i] = acc.c[0][nt][i] + acc.c[1][nt][i];
+}
+
 /* S^T for a tile whose K rows g and g+8 are dense: `src[r]` points at the
    KC-channel run of row r, or is null for a position outside the range. */
 __device__ __forceinline__ void scores_dense(float s[NT][4], const u32 qb[NT][MT][2],
                                              const u16 *const src[2])
 {
-    float acc[2][NT][4];
-#pragma unroll
-    for (int c = 0; c < 2; c++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[c][nt][i] = 0.0f;
+    score_chains acc;
+    chains_clear(acc);
 #pragma unroll
     for (int kk = 0; kk < MT; kk++) {
         const uint2 x0 = src[0] ? *(const uint2 *)(src[0] + 4 * kk) : make_uint2(0, 0);
         const uint2 x1 = src[1] ? *(const uint2 *)(src[1] + 4 * kk) : make_uint2(0, 0);
         const u32 a[4] = {x0.x, x1.x, x0.y, x1.y};
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) mma_16816(acc[kk & 1][nt], a, qb[nt][kk]);
+        chains_mma(acc, kk, a, qb);
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) s[nt][i] = acc[0][nt][i] + acc[1][nt][i];
+    chains_sum(s, acc);
 }
 
 /* S^T for the 16 staged K records of a tile. */
@@ -616,13 +635,8 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
         v[r] = (const u16 *)(rec + BITMAP_BYTES) +
                run_offset(KC > 32 ? __popcll(run[r]) : __popc((u32)run[r]), 1, 4);
     }
-    float acc[2][NT][4];
-#pragma unroll
-    for (int c = 0; c < 2; c++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) acc[c][nt][i] = 0.0f;
+    score_chains acc;
+    chains_clear(acc);
 #pragma unroll
     for (int kk = 0; kk < MT; kk++) {
         const u32 n0 = (u32)(run[0] >> (4 * kk)) & 15u, n1 = (u32)(run[1] >> (4 * kk)) & 15u;
@@ -631,13 +645,9 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
         a[1] = take_pair(n1, v[1]);
         a[2] = take_pair(n0 >> 2, v[0]);
         a[3] = take_pair(n1 >> 2, v[1]);
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) mma_16816(acc[kk & 1][nt], a, qb[nt][kk]);
+        chains_mma(acc, kk, a, qb);
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) s[nt][i] = acc[0][nt][i] + acc[1][nt][i];
+    chains_sum(s, acc);
 #endif
 }
 
