@@ -97,9 +97,10 @@
    mustafar_compress, mustafar_decompress, mustafar_paged_write and
    mustafar_paged_attention, for engines with their own memory manager.
    (b) mustafar_cache, which owns a pool, page tables and dense windows.
-   With a CUDA context every pointer is device memory and work is queued on
-   the context's stream; with a CPU context (or ctx == NULL in the stateless
-   calls) every pointer is host memory.
+   With a CUDA context every pointer is device memory, 16-byte aligned (as
+   cudaMalloc returns it; others get MUSTAFAR_ERROR_INVALID_ARGUMENT), and
+   work is queued on the context's stream; with a CPU context (or ctx == NULL
+   in the stateless calls) every pointer is host memory.
 
    ERRORS
 
@@ -262,7 +263,8 @@ MUSTAFAR_API int mustafar_kept_count(int head_dim, float sparsity);
 MUSTAFAR_API size_t mustafar_record_bytes(int head_dim, float sparsity, mustafar_dtype dtype);
 
 /* ---- stateless operations (layer a) -------------------------------------
-   ctx NULL or a CPU context: host pointers.  CUDA context: device pointers.
+   ctx NULL or a CPU context: host pointers.  CUDA context: device pointers,
+   16-byte aligned.
    x, y: [count][D];  records: [count][record_bytes].                       */
 MUSTAFAR_API mustafar_status mustafar_prune(mustafar_context *ctx, int head_dim, float sparsity,
                                             mustafar_dtype dtype, const void *x, void *y,
@@ -699,6 +701,21 @@ static int32_t mustafar__job_window_first(const mustafar__append_job *j)
     return j->old_length > j->new_compressed ? j->old_length : j->new_compressed;
 }
 
+static int mustafar__is_cuda(const mustafar_context *ctx)
+{
+    return ctx && ctx->backend == MUSTAFAR_BACKEND_CUDA;
+}
+
+/* The CUDA kernels move token vectors and records in 16-byte units. */
+static mustafar_status mustafar__check_aligned(mustafar_context *ctx, const void *a, const void *b,
+                                               const char *names)
+{
+    if (mustafar__is_cuda(ctx) && (((uintptr_t)a | (uintptr_t)b) & 15u))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "%s must be 16-byte aligned on the CUDA backend", names);
+    return MUSTAFAR_OK;
+}
+
 static mustafar_status mustafar__layout_from_kv(mustafar_context *ctx, const mustafar_paged_kv *kv,
                                                 mustafar__layout *L)
 {
@@ -724,6 +741,9 @@ static mustafar_status mustafar__layout_from_kv(mustafar_context *ctx, const mus
         (kv->window_size > 0 && (!kv->k_window || !kv->v_window)))
         return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER,
                               "paged_kv has a NULL pages, page_table or window pointer");
+    st = mustafar__check_aligned(ctx, kv->k_pages, kv->v_pages, "paged_kv pages");
+    if (!st) st = mustafar__check_aligned(ctx, kv->k_window, kv->v_window, "paged_kv windows");
+    if (st) return st;
     L->head_dim = kv->head_dim;
     L->num_kv_heads = kv->num_kv_heads;
     L->num_q_heads = kv->num_q_heads ? kv->num_q_heads : kv->num_kv_heads;
@@ -922,11 +942,6 @@ static void mustafar__device_leave(int previous, int device)
 }
 #endif
 
-static int mustafar__is_cuda(const mustafar_context *ctx)
-{
-    return ctx && ctx->backend == MUSTAFAR_BACKEND_CUDA;
-}
-
 static mustafar_status mustafar__backend_alloc(mustafar_context *ctx, void **p, size_t bytes)
 {
 #ifndef MUSTAFAR_NO_CUDA
@@ -1100,6 +1115,8 @@ static mustafar_status mustafar__records_op(mustafar_context *ctx, int op, int h
     if (count && (!in || !out))
         return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "input or output is NULL");
     if (!count) return MUSTAFAR_OK;
+    st = mustafar__check_aligned(ctx, in, out, "input and output");
+    if (st) return st;
 #ifndef MUSTAFAR_NO_CUDA
     if (mustafar__is_cuda(ctx)) {
         int previous = mustafar__device_enter(ctx->cuda.device);
@@ -1185,6 +1202,8 @@ MUSTAFAR_API mustafar_status mustafar_paged_write(mustafar_context *ctx, const m
     if (total && (!k || !v))
         return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "k or v is NULL");
     if (!total) return MUSTAFAR_OK;
+    st = mustafar__check_aligned(ctx, k, v, "k and v");
+    if (st) return st;
     if (!mustafar__is_cuda(ctx)) {
         for (i = 0; i < nseq; i++) {
             mustafar_paged_seq s;
@@ -1237,6 +1256,8 @@ MUSTAFAR_API mustafar_status mustafar_paged_attention(mustafar_context *ctx,
     if (!nseq) return MUSTAFAR_OK;
     if (!seqs || !q || !out)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "seqs, q or out is NULL");
+    st = mustafar__check_aligned(ctx, q, out, "q and out");
+    if (st) return st;
     if (mustafar__is_cuda(ctx)) {
         /* lengths live on the device: bound them by what the layout can hold */
         const int64_t bound = (int64_t)kv->page_table_stride * L.page_size + L.window;
@@ -1576,6 +1597,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int la
                               "too many tokens in one call");
     if (!total) return MUSTAFAR_OK;
     if (!k || !v) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "k or v is NULL");
+    st = mustafar__check_aligned(cache->ctx, k, v, "k and v");
+    if (st) return st;
     if (pages_needed > cache->free_count)
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_POOL_FULL,
                               "the append needs %lld new pages, %d are free",
@@ -1664,6 +1687,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_attention(mustafar_cache *cache, int
     if (st) return st;
     if (!nseq) return MUSTAFAR_OK;
     if (!q || !out) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "q or out is NULL");
+    st = mustafar__check_aligned(cache->ctx, q, out, "q and out");
+    if (st) return st;
     seqs = (mustafar_paged_seq *)mustafar__calloc(sizeof *seqs * (size_t)nseq);
     if (!seqs) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
     for (i = 0; i < nseq; i++) {
@@ -1743,7 +1768,6 @@ static const char *const mustafar__kernel_source[] = {
 "     partial_ml  [nseq][Hq][splits][2] float: running max (log2 units), sum */\n"
 "\n"
 "#define D MUSTAFAR_D\n"
-"#define E (D / 32)                         /* channels per lane in a warp */\n"
 "#define BITMAP_BYTES (D / 8)\n"
 "#define RECORD_BYTES(kept) (((BITMAP_BYTES + 2 * (kept) + 15) / 16) * 16)\n"
 "#define K_RECORD RECORD_BYTES(MUSTAFAR_K_KEPT)\n"
@@ -1814,11 +1838,11 @@ static const char *const mustafar__kernel_source[] = {
 "#endif\n"
 "}\n"
 "__device__ __forceinline__ void copy_commit()\n"
-"{\n",
+"{\n"
 "#if MUSTAFAR_SM >= 80\n"
 "    asm volatile(\"cp.async.commit_group;\");\n"
 "#endif\n"
-"}\n"
+"}\n",
 "/* Waits until at most `pending` committed groups are still in flight. */\n"
 "template <int pending> __device__ __forceinline__ void copy_wait()\n"
 "{\n"
@@ -1867,142 +1891,146 @@ static const char *const mustafar__kernel_source[] = {
 "#endif\n"
 "}\n"
 "\n"
-"__device__ __forceinline__ int warp_sum(int v)\n"
+"/* ---- pruning: a group of D/32 lanes per token vector ------------------------\n"
+"   Lane j of a group holds channels [32j, 32j+32) as 16 packed pairs, so its\n"
+"   keep bits are bitmap word j.  The kept set is the KEPT largest magnitude\n"
+"   keys (bits & 0x7fff), ties to the lower channel: a 15-step bisection finds\n"
+"   the largest threshold t with count(key >= t) >= KEPT, every key above t is\n"
+"   kept, then the first ties in channel order.  Counting works on both halves\n"
+"   of a pair at once: key + (0x8000 - t) sets a half's top bit exactly when\n"
+"   key >= t, and cannot carry into the other half. */\n"
+"\n"
+"#define VEC_LANES (D / 32)                  /* lanes per vector: 2, 4 or 8 */\n"
+"#define BLOCK_VECTORS (256 / VEC_LANES)     /* vectors per 256-thread block */\n"
+"#define PAIRS 16                            /* packed element pairs per lane */\n"
+"\n"
+"__device__ __forceinline__ int group_lane()\n"
 "{\n"
-"    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);\n"
+"    return (threadIdx.x & 31) % VEC_LANES;\n"
+"}\n"
+"__device__ __forceinline__ int group_sum(int v)\n"
+"{\n"
+"#pragma unroll\n"
+"    for (int o = 1; o < VEC_LANES; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);\n"
 "    return v;\n"
 "}\n"
-"__device__ __forceinline__ int warp_exclusive_scan(int v)\n"
+"__device__ __forceinline__ int group_exclusive_scan(int v)\n"
 "{\n"
-"    const int lane = threadIdx.x & 31;\n"
+"    const int j = group_lane();\n"
 "    int s = v;\n"
-"    for (int o = 1; o < 32; o <<= 1) {\n"
-"        int n = __shfl_up_sync(0xffffffffu, s, o);\n"
-"        if (lane >= o) s += n;\n"
+"#pragma unroll\n"
+"    for (int o = 1; o < VEC_LANES; o <<= 1) {\n"
+"        const int n = __shfl_up_sync(0xffffffffu, s, o);\n"
+"        if (j >= o) s += n;\n"
 "    }\n"
 "    return s - v;\n"
 "}\n"
-"\n"
-"/* ---- pruning: one warp per token vector ------------------------------------\n"
-"   Lane l holds channels [l*E, l*E+E).  The kept set is the KEPT largest\n"
-"   magnitude keys (bits & 0x7fff), ties to the lower channel: bisection finds\n"
-"   the largest threshold with count(key >= t) >= KEPT, every key above it is\n"
-"   kept, then the first ties in channel order.  Returns the lane's E keep bits. */\n"
-"__device__ __forceinline__ u32 select_kept(const u16 x[E], int kept)\n"
+"\n",
+"/* The lane's 32 channels of a vector (16-byte aligned, global memory). */\n"
+"__device__ __forceinline__ void load_part(u32 x[PAIRS], const u16 *vec)\n"
 "{\n"
-"    const int lane = threadIdx.x & 31;\n"
-"    int key[E];\n"
+"    const uint4 *src = (const uint4 *)(vec + 32 * group_lane());\n"
 "#pragma unroll\n"
-"    for (int e = 0; e < E; e++) key[e] = x[e] & 0x7fff;\n"
-"    int lo = 0, hi = 0x7fff;\n"
-"    while (lo < hi) {\n"
-"        const int mid = (lo + hi + 1) >> 1;\n"
-"        int count = 0;\n"
-"#if MUSTAFAR_SM >= 80\n"
-"#pragma unroll\n"
-"        for (int e = 0; e < E; e++) count += key[e] >= mid;\n"
-"        asm(\"redux.sync.add.s32 %0, %0, 0xffffffff;\" : \"+r\"(count));\n"
-"#else\n",
-"#pragma unroll\n"
-"        for (int e = 0; e < E; e++) count += __popc(__ballot_sync(0xffffffffu, key[e] >= mid));\n"
-"#endif\n"
-"        if (count >= kept) lo = mid; else hi = mid - 1;\n"
+"    for (int i = 0; i < 4; i++) {\n"
+"        const uint4 w = src[i];\n"
+"        x[4 * i] = w.x; x[4 * i + 1] = w.y; x[4 * i + 2] = w.z; x[4 * i + 3] = w.w;\n"
 "    }\n"
-"    u32 greater = 0, ties = 0;\n"
+"}\n"
+"__device__ __forceinline__ void store_part(u16 *vec, const u32 x[PAIRS])\n"
+"{\n"
+"    uint4 *dst = (uint4 *)(vec + 32 * group_lane());\n"
 "#pragma unroll\n"
-"    for (int e = 0; e < E; e++) {\n"
-"        greater |= (u32)(key[e] > lo) << e;\n"
-"        ties |= (u32)(key[e] == lo) << e;\n"
+"    for (int i = 0; i < 4; i++) dst[i] = make_uint4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);\n"
+"}\n"
+"\n"
+"__device__ __forceinline__ u32 pair_bias(int t)   /* t in [0, 0x8000] */\n"
+"{\n"
+"    return 0x80008000u - (u32)t * 0x10001u;\n"
+"}\n"
+"/* Number of keys >= t in the vector. */\n"
+"__device__ __forceinline__ int count_at_least(const u32 key[PAIRS], int t)\n"
+"{\n"
+"    const u32 bias = pair_bias(t);\n"
+"    u32 acc = 0;                              /* two 16-bit counts */\n"
+"#pragma unroll\n"
+"    for (int r = 0; r < PAIRS; r++) acc += ((key[r] + bias) & 0x80008000u) >> 15;\n"
+"    return group_sum((int)((acc & 0xffffu) + (acc >> 16)));\n"
+"}\n"
+"/* The lane's keep bits of the keys >= t. */\n"
+"__device__ __forceinline__ u32 bits_at_least(const u32 key[PAIRS], int t)\n"
+"{\n"
+"    const u32 bias = pair_bias(t);\n"
+"    u32 bits = 0;\n"
+"#pragma unroll\n"
+"    for (int r = 0; r < PAIRS; r++) {\n"
+"        const u32 s = (key[r] + bias) & 0x80008000u;\n"
+"        bits |= (((s >> 15) & 1u) | (s >> 30)) << (2 * r);\n"
 "    }\n"
-"    const int need = kept - warp_sum(__popc(greater));\n"
-"    int rank = warp_exclusive_scan(__popc(ties));\n"
-"    u32 keep = greater;\n"
-"    (void)lane;\n"
+"    return bits;\n"
+"}\n"
+"\n"
+"/* The lane's keep bits.  Every lane of the warp must call it (shuffles). */\n"
+"__device__ __forceinline__ u32 select_kept(const u32 x[PAIRS], int kept)\n"
+"{\n"
+"    u32 key[PAIRS];\n"
 "#pragma unroll\n"
-"    for (int e = 0; e < E; e++)\n"
-"        if (ties >> e & 1u) { if (rank < need) keep |= 1u << e; rank++; }\n"
+"    for (int r = 0; r < PAIRS; r++) key[r] = x[r] & 0x7fff7fffu;\n"
+"    int t = 0;\n"
+"#pragma unroll 1\n"
+"    for (int step = 1 << 14; step > 0; step >>= 1)\n"
+"        if (count_at_least(key, t + step) >= kept) t += step;\n"
+"    const u32 at_least = bits_at_least(key, t);\n"
+"    if (!__any_sync(0xffffffffu, group_sum(__popc(at_least)) > kept)) return at_least;\n"
+"    /* some vector has more ties at t than places left: first ties win */\n"
+"    const u32 above = bits_at_least(key, t + 1);\n"
+"    u32 ties = at_least & ~above, keep = above;\n"
+"    int allowed = kept - group_sum(__popc(above)) - group_exclusive_scan(__popc(ties));\n"
+"    for (; allowed > 0 && ties; allowed--) {\n"
+"        keep |= ties & (0u - ties);\n"
+"        ties &= ties - 1u;\n"
+"    }\n"
 "    return keep;\n"
 "}\n"
 "\n"
-"__device__ __forceinline__ void load_lane_elements(u16 x[E], const u16 *src)\n"
+"/* Writes the vector's record (keep bits from select_kept) into the group's\n"
+"   shared staging `rec`, then copies it to `dst` (global) in 16-byte stores\n"
+"   if `store`.  Every lane of the warp must call it. */\n"
+"__device__ __forceinline__ void compress_part(const u32 x[PAIRS], u32 keep, unsigned char *rec,\n"
+"                                              int record_bytes, unsigned char *dst, bool store)\n"
 "{\n"
-"    const int lane = threadIdx.x & 31;\n"
-"#if E == 2\n"
-"    u32 w = *(const u32 *)(src + lane * E);\n"
-"    x[0] = (u16)w; x[1] = (u16)(w >> 16);\n"
-"#elif E == 4\n"
-"    uint2 w = *(const uint2 *)(src + lane * E);\n"
-"    x[0] = (u16)w.x; x[1] = (u16)(w.x >> 16); x[2] = (u16)w.y; x[3] = (u16)(w.y >> 16);\n"
-"#else\n"
-"    uint4 w = *(const uint4 *)(src + lane * E);\n"
-"    u32 v[4] = {w.x, w.y, w.z, w.w};\n"
+"    const int j = group_lane();\n"
+"    if (j == 0) *(uint4 *)(rec + record_bytes - 16) = make_uint4(0, 0, 0, 0);  /* padding */\n"
+"    __syncwarp();\n"
+"    ((u32 *)rec)[j] = keep;\n"
+"    u16 *vals = (u16 *)(rec + BITMAP_BYTES) + group_exclusive_scan(__popc(keep));\n"
 "#pragma unroll\n"
-"    for (int i = 0; i < 4; i++) { x[2 * i] = (u16)v[i]; x[2 * i + 1] = (u16)(v[i] >> 16); }\n"
-"#endif\n"
-"}\n"
-"\n"
-"__device__ __forceinline__ void store_lane_elements(u16 *dst, const u16 x[E])\n"
-"{\n"
-"    const int lane = threadIdx.x & 31;\n"
-"#if E == 2\n"
-"    *(u32 *)(dst + lane * E) = (u32)x[0] | ((u32)x[1] << 16);\n"
-"#elif E == 4\n"
-"    *(uint2 *)(dst + lane * E) = make_uint2((u32)x[0] | ((u32)x[1] << 16),\n"
-"                                            (u32)x[2] | ((u32)x[3] << 16));\n"
-"#else\n"
-"    *(uint4 *)(dst + lane * E) =\n"
-"        make_uint4((u32)x[0] | ((u32)x[1] << 16), (u32)x[2] | ((u32)x[3] << 16),\n"
-"                   (u32)x[4] | ((u32)x[5] << 16), (u32)x[6] | ((u32)x[7] << 16));\n"
-"#endif\n"
-"}\n"
-"\n"
-"/* Prunes the token vector at src and writes its record to dst (global), via\n"
-"   the warp's shared staging buffer so that the record goes out in 16-byte\n"
-"   stores. */\n"
-"__device__ void compress_token(const u16 *src, unsigned char *dst, int kept, int record_bytes,\n"
-"                               unsigned char *stage)\n"
-"{\n"
-"    const int lane = threadIdx.x & 31;\n"
-"    u16 x[E];\n"
-"    load_lane_elements(x, src);\n"
-"    const u32 keep = select_kept(x, kept);\n"
-"    u32 word = keep << ((lane * E) & 31);\n"
-"    for (int o = 1; o < 32 / E; o <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, o);\n"
-"    __syncwarp();\n"
-"    for (int i = lane; i < record_bytes / 4; i += 32) ((u32 *)stage)[i] = 0;\n"
-"    __syncwarp();\n"
-"    if (((lane * E) & 31) == 0) ((u32 *)stage)[(lane * E) >> 5] = word;\n"
-"    u16 *vals = (u16 *)(stage + BITMAP_BYTES);\n"
-"    int j = warp_exclusive_scan(__popc(keep));\n"
-"#pragma unroll\n"
-"    for (int e = 0; e < E; e++)\n"
-"        if (keep >> e & 1u) vals[j++] = x[e];\n"
-"    __syncwarp();\n"
-"    for (int i = lane; i < record_bytes / 16; i += 32)\n"
-"        ((uint4 *)dst)[i] = ((const uint4 *)stage)[i];\n"
-"    __syncwarp();\n"
-"}\n"
-"\n"
-"/* Lane's E channels of a record (shared or global memory), zeros where pruned. */\n"
-"__device__ __forceinline__ void expand_record(u16 x[E], const unsigned char *rec, int kept)\n"
-"{\n"
-"    const int lane = threadIdx.x & 31;\n"
-"    const int word_index = (lane * E) >> 5, shift = (lane * E) & 31;\n"
-"    int base = 0;\n"
-"    u32 word = 0;\n"
-"#pragma unroll\n"
-"    for (int w = 0; w < D / 32; w++) {\n"
-"        const u32 wv = ((const u32 *)rec)[w];\n"
-"        if (w < word_index) base += __popc(wv);\n"
-"        if (w == word_index) word = wv;\n"
+"    for (int r = 0; r < PAIRS; r++) {\n"
+"        if (keep >> (2 * r) & 1u) *vals++ = (u16)x[r];\n"
+"        if (keep >> (2 * r + 1) & 1u) *vals++ = (u16)(x[r] >> 16);\n"
 "    }\n"
-"    base += __popc(word & ((1u << shift) - 1u));\n"
-"    const u32 bits = (word >> shift) & ((1u << E) - 1u);\n"
+"    __syncwarp();\n"
+"    if (store)\n"
+"        for (int i = j; i < record_bytes / 16; i += VEC_LANES)\n"
+"            ((uint4 *)dst)[i] = ((const uint4 *)rec)[i];\n"
+"    __syncwarp();\n"
+"}\n"
+"\n"
+"/* The lane's 32 channels of a record, zeros where pruned.  Reads at most\n"
+"   `kept` values, so a corrupt bitmap cannot read past the record. */\n"
+"__device__ __forceinline__ void expand_part(u32 x[PAIRS], const unsigned char *rec, int kept)\n"
+"{\n",
+"    const u32 *words = (const u32 *)rec;\n"
+"    const int j = group_lane();\n"
+"    int idx = 0;\n"
+"    for (int w = 0; w < j; w++) idx += __popc(words[w]);\n"
+"    const u32 word = words[j];\n"
 "    const u16 *vals = (const u16 *)(rec + BITMAP_BYTES);\n"
 "#pragma unroll\n"
-"    for (int e = 0; e < E; e++) {\n"
-"        const int idx = base + __popc(bits & ((1u << e) - 1u));\n",
-"        x[e] = ((bits >> e) & 1u) && idx < kept ? vals[idx] : (u16)0;\n"
+"    for (int r = 0; r < PAIRS; r++) {\n"
+"        u32 lo = 0, hi = 0;\n"
+"        if ((word >> (2 * r) & 1u) && idx < kept) lo = vals[idx++];\n"
+"        if ((word >> (2 * r + 1) & 1u) && idx < kept) hi = vals[idx++];\n"
+"        x[r] = lo | (hi << 16);\n"
 "    }\n"
 "}\n"
 "\n"
@@ -2015,36 +2043,43 @@ static const char *const mustafar__kernel_source[] = {
 "extern \"C\" __global__ void __launch_bounds__(256) mustafar_records(int op, const void *in, void *out,\n"
 "                                                                    long long count)\n"
 "{\n"
-"    __shared__ __align__(16) unsigned char stage[8][RECORD_BYTES(D)];\n"
-"    const int warp = threadIdx.x >> 5;\n"
-"    const long long token = (long long)blockIdx.x * 8 + warp;\n"
-"    if (token >= count) return;\n"
-"    if (op == OP_COMPRESS) {\n"
-"        compress_token((const u16 *)in + token * D, (unsigned char *)out + token * K_RECORD,\n"
-"                       MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);\n"
-"    } else if (op == OP_PRUNE) {\n"
-"        u16 x[E];\n"
-"        load_lane_elements(x, (const u16 *)in + token * D);\n"
-"        const u32 keep = select_kept(x, MUSTAFAR_K_KEPT);\n"
+"    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n"
+"    const int group = threadIdx.x / VEC_LANES;\n"
+"    const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;\n"
+"    const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;\n"
+"    const bool valid = vec < count;\n"
+"    if (first >= count) return;               /* whole warp past the end */\n"
+"    u32 x[PAIRS];\n"
+"    if (op == OP_DECOMPRESS) {\n"
+"        if (!valid) return;\n"
+"        expand_part(x, (const unsigned char *)in + vec * K_RECORD, MUSTAFAR_K_KEPT);\n"
+"        store_part((u16 *)out + vec * D, x);\n"
+"        return;\n"
+"    }\n"
 "#pragma unroll\n"
-"        for (int e = 0; e < E; e++) if (!(keep >> e & 1u)) x[e] = 0;\n"
-"        store_lane_elements((u16 *)out + token * D, x);\n"
-"    } else {\n"
-"        u16 x[E];\n"
-"        expand_record(x, (const unsigned char *)in + token * K_RECORD, MUSTAFAR_K_KEPT);\n"
-"        store_lane_elements((u16 *)out + token * D, x);\n"
+"    for (int r = 0; r < PAIRS; r++) x[r] = 0;\n"
+"    if (valid) load_part(x, (const u16 *)in + vec * D);\n"
+"    const u32 keep = select_kept(x, MUSTAFAR_K_KEPT);\n"
+"    if (op == OP_COMPRESS) {\n"
+"        compress_part(x, keep, stage[group], K_RECORD, (unsigned char *)out + vec * K_RECORD, valid);\n"
+"    } else if (valid) {\n"
+"#pragma unroll\n"
+"        for (int r = 0; r < PAIRS; r++)\n"
+"            x[r] &= (keep >> (2 * r) & 1u ? 0xffffu : 0u) | (keep >> (2 * r + 1) & 1u ? 0xffff0000u : 0u);\n"
+"        store_part((u16 *)out + vec * D, x);\n"
 "    }\n"
 "}\n"
 "\n"
 "/* ---- append: compress tokens into pages, fill the dense window -------------\n"
-"   One warp per (item, KV head).  Items [0, compress_total) are positions\n"
-"   compressed into pages (from the window ring or the input); the rest are\n"
-"   positions entering the window.  A new position p goes to ring slot\n"
-"   p % window, whose current occupant (the old window position q with the\n"
-"   same slot) may be compressed by this same call: then the warp that\n"
-"   compresses q writes p after it has read the slot, and the window item of\n"
-"   p does nothing.  Window entries span at most `window` positions, so each\n"
-"   slot receives at most one. */\n"
+"   One lane group per (item, KV head, K or V).  Items [0, compress_total) are\n"
+"   positions compressed into pages (from the window ring or the input); the\n"
+"   rest are positions entering the window.  A new position p goes to ring\n"
+"   slot p % window, whose current occupant (the old window position q with\n"
+"   the same slot) may be compressed by this same call: then the group that\n"
+"   compresses q writes p after it has read the slot (each lane rewrites only\n"
+"   the channels it read itself), and the window item of p does nothing.\n"
+"   Window entries span at most `window` positions, so each slot receives at\n"
+"   most one. */\n"
 "\n"
 "#define INLINE_JOBS 48\n"
 "#define INLINE_PATCHES 96\n"
@@ -2066,33 +2101,38 @@ static const char *const mustafar__kernel_source[] = {
 "    return lo;\n"
 "}\n"
 "\n"
-"/* Copies one head of one token vector, each lane its own E elements (so a\n"
-"   lane overwrites only what it read itself). */\n"
-"__device__ __forceinline__ void copy_vector(u16 *dst, const u16 *src)\n"
-"{\n"
-"    u16 x[E];\n"
-"    load_lane_elements(x, src);\n"
-"    store_lane_elements(dst, x);\n"
-"}\n"
-"\n"
 "extern \"C\" __global__ void __launch_bounds__(256) mustafar_append(\n"
 "    const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,\n"
 "    const int *global_patches, int npatches, int compress_total, int window_total,\n"
-"    int num_kv_heads, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,\n"
+"    int num_kv_heads, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,\n",
 "    unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window, u16 *v_window,\n"
 "    int window)\n"
 "{\n"
-"    __shared__ __align__(16) unsigned char stage[8][RECORD_BYTES(D)];\n"
+"    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n"
 "    const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;\n"
 "    const int *patches = inl.njobs ? inl.patches : global_patches;\n"
-"    const int warp = threadIdx.x >> 5;\n"
+"    const int group = threadIdx.x / VEC_LANES;\n"
 "    if (blockIdx.x == 0)\n"
 "        for (int i = threadIdx.x; i < npatches; i += blockDim.x)\n"
-"            page_table[patches[2 * i]] = patches[2 * i + 1];\n",
-"    const long long item = (long long)blockIdx.x * 8 + warp;\n"
-"    if (item >= (long long)(compress_total + window_total) * num_kv_heads) return;\n"
+"            page_table[patches[2 * i]] = patches[2 * i + 1];\n"
+"    const long long total = 2ll * (compress_total + window_total) * num_kv_heads;\n"
+"    const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;\n"
+"    const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;\n"
+"    if (first >= total) return;               /* whole warp past the end */\n"
+"    const bool valid = vec < total, is_v = vec & 1;\n"
+"    const long long item = vec >> 1;\n"
 "    const int g = (int)(item / num_kv_heads), head = (int)(item % num_kv_heads);\n"
-"    if (g < compress_total) {\n"
+"    const u16 *in = is_v ? v_in : k_in;\n"
+"    u16 *ring_base = is_v ? v_window : k_window;\n"
+"    const bool compress = valid && g < compress_total;\n"
+"\n"
+"    unsigned char *dst = 0;\n"
+"    u16 *ring = 0;                            /* ring slot read by this group, if any */\n"
+"    const u16 *successor = 0;                 /* new window entry for that slot, if any */\n"
+"    u32 x[PAIRS];\n"
+"#pragma unroll\n"
+"    for (int r = 0; r < PAIRS; r++) x[r] = 0;\n"
+"    if (compress) {\n"
 "        const append_job j = jobs[find_job(jobs, njobs, g, false)];\n"
 "        const int p = j.old_compressed + (g - j.compress_offset);\n"
 "        const int page_index = p / MUSTAFAR_PAGE_SIZE;\n"
@@ -2101,39 +2141,35 @@ static const char *const mustafar__kernel_source[] = {
 "                             : page_table[(long long)j.row * table_stride + page_index];\n"
 "        const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
 "                               p % MUSTAFAR_PAGE_SIZE;\n"
-"        const u16 *ks, *vs;\n"
-"        long long ring = 0;\n"
+"        dst = (is_v ? v_pages : k_pages) + slot * (is_v ? V_RECORD : K_RECORD);\n"
 "        if (p < j.old_length) {\n"
-"            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
-"            ks = k_window + ring;\n"
-"            vs = v_window + ring;\n"
+"            ring = ring_base + (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
+"            load_part(x, ring);\n"
+"            const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
+"            const int next = first_new + ((p - first_new) % window + window) % window;\n"
+"            if (next < j.old_length + j.new_tokens)\n"
+"                successor = in + ((long long)(j.input_offset + next - j.old_length) * num_kv_heads + head) * D;\n"
 "        } else {\n"
-"            const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
-"            ks = k_in + in;\n"
-"            vs = v_in + in;\n"
+"            load_part(x, in + ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D);\n"
 "        }\n"
-"        compress_token(ks, k_pages + slot * K_RECORD, MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);\n"
-"        compress_token(vs, v_pages + slot * V_RECORD, MUSTAFAR_V_KEPT, V_RECORD, stage[warp]);\n"
-"        if (p < j.old_length) {               /* p leaves the ring: write its slot's new entry */\n"
-"            const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
-"            const int successor = first + ((p - first) % window + window) % window;\n"
-"            if (successor < j.old_length + j.new_tokens) {\n"
-"                const long long in = ((long long)(j.input_offset + successor - j.old_length) * num_kv_heads + head) * D;\n"
-"                copy_vector(k_window + ring, k_in + in);\n"
-"                copy_vector(v_window + ring, v_in + in);\n"
-"            }\n"
-"        }\n"
-"    } else {\n"
+"    }\n"
+"    if (__any_sync(0xffffffffu, compress)) {\n"
+"        const u32 keep = select_kept(x, is_v ? MUSTAFAR_V_KEPT : MUSTAFAR_K_KEPT);\n"
+"        compress_part(x, keep, stage[group], is_v ? V_RECORD : K_RECORD, dst, compress);\n"
+"    }\n"
+"    if (successor) {                          /* p left the ring: its slot's new entry */\n"
+"        load_part(x, successor);\n"
+"        store_part(ring, x);\n"
+"    }\n"
+"    if (valid && !compress) {\n"
 "        const int w = g - compress_total;\n"
 "        const append_job j = jobs[find_job(jobs, njobs, w, true)];\n"
-"        const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
-"        const int p = first + (w - j.window_offset);\n"
+"        const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
+"        const int p = first_new + (w - j.window_offset);\n"
 "        const int occupant = j.old_compressed + ((p - j.old_compressed) % window + window) % window;\n"
 "        if (occupant < j.old_length && occupant < j.new_compressed) return;  /* written above */\n"
-"        const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
-"        const long long ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
-"        copy_vector(k_window + ring, k_in + in);\n"
-"        copy_vector(v_window + ring, v_in + in);\n"
+"        load_part(x, in + ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D);\n",
+"        store_part(ring_base + (((long long)j.row * window + p % window) * num_kv_heads + head) * D, x);\n"
 "    }\n"
 "}\n"
 "\n"
@@ -2152,7 +2188,7 @@ static const char *const mustafar__kernel_source[] = {
 "   and P^T comes from S^T by an in-register 8x8 transpose (movmatrix).\n"
 "\n"
 "   Channel permutation.  A dot product does not depend on the order of its\n"
-"   terms, so each thread takes whole runs of channels instead of the mma\n",
+"   terms, so each thread takes whole runs of channels instead of the mma\n"
 "   fragment's interleave, and decodes a run with one popcount:\n"
 "     S^T  k index {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel\n"
 "          KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4\n"
@@ -2209,7 +2245,7 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "}\n"
 "\n"
-"/* The bits of channels [first, first + n) of a staged record (n = 8..64,\n"
+"/* The bits of channels [first, first + n) of a staged record (n = 8..64,\n",
 "   first a multiple of n), zero for a position outside the range. */\n"
 "__device__ __forceinline__ u64 run_bits(const unsigned char *rec, int first, int n, bool valid)\n"
 "{\n"
@@ -2232,7 +2268,7 @@ static const char *const mustafar__kernel_source[] = {
 "    int sum = count_bits;\n"
 "#pragma unroll\n"
 "    for (int d = 1; d < count; d <<= 1) {\n"
-"        const int n = __shfl_up_sync(0xffffffffu, sum, d * stride);\n",
+"        const int n = __shfl_up_sync(0xffffffffu, sum, d * stride);\n"
 "        if (index >= d) sum += n;\n"
 "    }\n"
 "    return sum - count_bits;\n"
@@ -2312,7 +2348,7 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "        for (int i = 0; i < 4; i++) s[nt][i] = acc.c[0][nt][i] + acc.c[1][nt][i];\n"
 "}\n"
-"\n"
+"\n",
 "/* S^T for a tile whose K rows g and g+8 are dense: `src[r]` points at the\n"
 "   KC-channel run of row r, or is null for a position outside the range. */\n"
 "__device__ __forceinline__ void scores_dense(float s[NT][4], const u32 qb[NT][MT][2],\n"
@@ -2338,7 +2374,7 @@ static const char *const mustafar__kernel_source[] = {
 "#if MUSTAFAR_K_KEPT == D\n"
 "    const u16 *src[2];\n"
 "#pragma unroll\n"
-"    for (int r = 0; r < 2; r++) {\n",
+"    for (int r = 0; r < 2; r++) {\n"
 "        const int p = p0 + g + 8 * r;\n"
 "        src[r] = p >= lo && p < hi\n"
 "                     ? (const u16 *)(records + (g + 8 * r) * K_STAGED + BITMAP_BYTES) + KC * t\n"
@@ -2403,7 +2439,7 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "}\n"
 "\n"
-"/* O^T += V^T P^T given the channel-run values of this thread: x[i] is\n"
+"/* O^T += V^T P^T given the channel-run values of this thread: x[i] is\n",
 "   channel k of position 2t + (i & 1) + 8 * (i >> 1).  Channels k < D/16 wait\n"
 "   in `low` for their partner k + D/16 (rows g and g+8 of m-tile k). */\n"
 "__device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,\n"
@@ -2430,7 +2466,7 @@ static const char *const mustafar__kernel_source[] = {
 "        u32 w[4], lo[4], hi[4];\n"
 "#pragma unroll\n"
 "        for (int i = 0; i < 4; i++) {\n"
-"            w[i] = src[i] ? *(const u32 *)(src[i] + k) : 0u;\n",
+"            w[i] = src[i] ? *(const u32 *)(src[i] + k) : 0u;\n"
 "            lo[i] = w[i] & 0xffffu;\n"
 "            hi[i] = w[i] >> 16;\n"
 "        }\n"
@@ -2496,7 +2532,7 @@ static const char *const mustafar__kernel_source[] = {
 "    float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,\n"
 "    float scale_log2)\n"
 "{\n"
-"    extern __shared__ __align__(16) unsigned char smem[];\n"
+"    extern __shared__ __align__(16) unsigned char smem[];\n",
 "    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;\n"
 "    const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;\n"
 "    const int kv_head = blockIdx.y / head_blocks, head_block = blockIdx.y % head_blocks;\n"
@@ -2516,7 +2552,7 @@ static const char *const mustafar__kernel_source[] = {
 "    load_q(qb, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);\n"
 "\n"
 "    warp_state st;\n"
-"#pragma unroll\n",
+"#pragma unroll\n"
 "    for (int nt = 0; nt < NT; nt++) {\n"
 "#pragma unroll\n"
 "        for (int mm = 0; mm < MT; mm++)\n"
@@ -2572,7 +2608,7 @@ static const char *const mustafar__kernel_source[] = {
 "                                 p0 + 2 * t + (i & 1) + 8 * (i >> 1), lo, end);\n"
 "                if (vs[i]) vs[i] += VC * g;\n"
 "            }\n"
-"            scores_dense(s, qb, ks);\n"
+"            scores_dense(s, qb, ks);\n",
 "            scale_and_mask(s, scale_log2, p0, lo, end);\n"
 "            tile_softmax(st, s, pb);\n"
 "            pv_dense(st, pb, vs);\n"
@@ -2602,7 +2638,7 @@ static const char *const mustafar__kernel_source[] = {
 "                if (g == 0) {\n"
 "                    ml[(warp * 16 + r) * 2] = st.m[nt][h];\n"
 "                    ml[(warp * 16 + r) * 2 + 1] = st.l[nt][h];\n"
-"                }\n",
+"                }\n"
 "#pragma unroll\n"
 "                for (int mm = 0; mm < MT; mm++) {\n"
 "                    o[(warp * HEAD_ROWS + r) * D + VC * g + mm] = st.o[nt][mm][h];\n"
@@ -3129,11 +3165,13 @@ static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int
     MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
     st = mustafar__get_module(ctx, head_dim, dtype, kept, kept, 1, 16, &m);
     if (st) return st;
-    if ((count + 7) / 8 > 0x7fffffffu)
+    /* a 256-thread block handles 8192 / head_dim vectors (head_dim / 32 lanes each) */
+    if (count / (8192 / (size_t)head_dim) + 1 > 0x7fffffffu)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "count %zu too large", count);
     args[0] = &opi; args[1] = &in; args[2] = &out; args[3] = &n;
-    return mustafar__launch(ctx, m->records, "mustafar_records", (unsigned)((count + 7) / 8), 1, 1,
-                            256, 0, args);
+    return mustafar__launch(ctx, m->records, "mustafar_records",
+                            (unsigned)((count + 8192 / head_dim - 1) / (8192 / head_dim)), 1, 1, 256,
+                            0, args);
 }
 
 static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
@@ -3148,7 +3186,9 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
                        mustafar__job_window_first(last);
     mustafar__append_inline *inl = &ctx->cuda.append_params;
     int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
-    long long warps = ((long long)compress_total + window_total) * hkv;
+    /* one lane group per (position, KV head, K or V): 8192 / head_dim per block */
+    long long vectors = 2 * ((long long)compress_total + window_total) * hkv;
+    long long per_block = 8192 / L->head_dim, blocks = (vectors + per_block - 1) / per_block;
     const void *dev_jobs = NULL, *dev_patches = NULL;
     mustafar__module *m;
     mustafar_status st;
@@ -3157,7 +3197,7 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
                               L->page_size, &m);
     if (st) return st;
-    if ((warps + 7) / 8 > 0x7fffffff)
+    if (blocks > 0x7fffffff)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "append too large");
     inl->njobs = inl->npatches = 0;
     if (njobs <= MUSTAFAR__INLINE_JOBS && npatches <= MUSTAFAR__INLINE_PATCHES) {
@@ -3185,8 +3225,7 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     args[8] = (void *)&k; args[9] = (void *)&v; args[10] = (void *)&kv->k_pages;
     args[11] = (void *)&kv->v_pages; args[12] = (void *)&kv->page_table; args[13] = &stride;
     args[14] = (void *)&kv->k_window; args[15] = (void *)&kv->v_window; args[16] = &window;
-    return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)((warps + 7) / 8), 1, 1,
-                            256, 0, args);
+    return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args);
 }
 
 /* Positions per split.  Time is modelled as waves x tiles per block: the

@@ -22,7 +22,6 @@
      partial_ml  [nseq][Hq][splits][2] float: running max (log2 units), sum */
 
 #define D MUSTAFAR_D
-#define E (D / 32)                         /* channels per lane in a warp */
 #define BITMAP_BYTES (D / 8)
 #define RECORD_BYTES(kept) (((BITMAP_BYTES + 2 * (kept) + 15) / 16) * 16)
 #define K_RECORD RECORD_BYTES(MUSTAFAR_K_KEPT)
@@ -146,142 +145,146 @@ __device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 
 #endif
 }
 
-__device__ __forceinline__ int warp_sum(int v)
+/* ---- pruning: a group of D/32 lanes per token vector ------------------------
+   Lane j of a group holds channels [32j, 32j+32) as 16 packed pairs, so its
+   keep bits are bitmap word j.  The kept set is the KEPT largest magnitude
+   keys (bits & 0x7fff), ties to the lower channel: a 15-step bisection finds
+   the largest threshold t with count(key >= t) >= KEPT, every key above t is
+   kept, then the first ties in channel order.  Counting works on both halves
+   of a pair at once: key + (0x8000 - t) sets a half's top bit exactly when
+   key >= t, and cannot carry into the other half. */
+
+#define VEC_LANES (D / 32)                  /* lanes per vector: 2, 4 or 8 */
+#define BLOCK_VECTORS (256 / VEC_LANES)     /* vectors per 256-thread block */
+#define PAIRS 16                            /* packed element pairs per lane */
+
+__device__ __forceinline__ int group_lane()
 {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return (threadIdx.x & 31) % VEC_LANES;
+}
+__device__ __forceinline__ int group_sum(int v)
+{
+#pragma unroll
+    for (int o = 1; o < VEC_LANES; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-__device__ __forceinline__ int warp_exclusive_scan(int v)
+__device__ __forceinline__ int group_exclusive_scan(int v)
 {
-    const int lane = threadIdx.x & 31;
+    const int j = group_lane();
     int s = v;
-    for (int o = 1; o < 32; o <<= 1) {
-        int n = __shfl_up_sync(0xffffffffu, s, o);
-        if (lane >= o) s += n;
+#pragma unroll
+    for (int o = 1; o < VEC_LANES; o <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, s, o);
+        if (j >= o) s += n;
     }
     return s - v;
 }
 
-/* ---- pruning: one warp per token vector ------------------------------------
-   Lane l holds channels [l*E, l*E+E).  The kept set is the KEPT largest
-   magnitude keys (bits & 0x7fff), ties to the lower channel: bisection finds
-   the largest threshold with count(key >= t) >= KEPT, every key above it is
-   kept, then the first ties in channel order.  Returns the lane's E keep bits. */
-__device__ __forceinline__ u32 select_kept(const u16 x[E], int kept)
+/* The lane's 32 channels of a vector (16-byte aligned, global memory). */
+__device__ __forceinline__ void load_part(u32 x[PAIRS], const u16 *vec)
 {
-    const int lane = threadIdx.x & 31;
-    int key[E];
+    const uint4 *src = (const uint4 *)(vec + 32 * group_lane());
 #pragma unroll
-    for (int e = 0; e < E; e++) key[e] = x[e] & 0x7fff;
-    int lo = 0, hi = 0x7fff;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        int count = 0;
-#if MUSTAFAR_SM >= 80
-#pragma unroll
-        for (int e = 0; e < E; e++) count += key[e] >= mid;
-        asm("redux.sync.add.s32 %0, %0, 0xffffffff;" : "+r"(count));
-#else
-#pragma unroll
-        for (int e = 0; e < E; e++) count += __popc(__ballot_sync(0xffffffffu, key[e] >= mid));
-#endif
-        if (count >= kept) lo = mid; else hi = mid - 1;
+    for (int i = 0; i < 4; i++) {
+        const uint4 w = src[i];
+        x[4 * i] = w.x; x[4 * i + 1] = w.y; x[4 * i + 2] = w.z; x[4 * i + 3] = w.w;
     }
-    u32 greater = 0, ties = 0;
+}
+__device__ __forceinline__ void store_part(u16 *vec, const u32 x[PAIRS])
+{
+    uint4 *dst = (uint4 *)(vec + 32 * group_lane());
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-        greater |= (u32)(key[e] > lo) << e;
-        ties |= (u32)(key[e] == lo) << e;
+    for (int i = 0; i < 4; i++) dst[i] = make_uint4(x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]);
+}
+
+__device__ __forceinline__ u32 pair_bias(int t)   /* t in [0, 0x8000] */
+{
+    return 0x80008000u - (u32)t * 0x10001u;
+}
+/* Number of keys >= t in the vector. */
+__device__ __forceinline__ int count_at_least(const u32 key[PAIRS], int t)
+{
+    const u32 bias = pair_bias(t);
+    u32 acc = 0;                              /* two 16-bit counts */
+#pragma unroll
+    for (int r = 0; r < PAIRS; r++) acc += ((key[r] + bias) & 0x80008000u) >> 15;
+    return group_sum((int)((acc & 0xffffu) + (acc >> 16)));
+}
+/* The lane's keep bits of the keys >= t. */
+__device__ __forceinline__ u32 bits_at_least(const u32 key[PAIRS], int t)
+{
+    const u32 bias = pair_bias(t);
+    u32 bits = 0;
+#pragma unroll
+    for (int r = 0; r < PAIRS; r++) {
+        const u32 s = (key[r] + bias) & 0x80008000u;
+        bits |= (((s >> 15) & 1u) | (s >> 30)) << (2 * r);
     }
-    const int need = kept - warp_sum(__popc(greater));
-    int rank = warp_exclusive_scan(__popc(ties));
-    u32 keep = greater;
-    (void)lane;
+    return bits;
+}
+
+/* The lane's keep bits.  Every lane of the warp must call it (shuffles). */
+__device__ __forceinline__ u32 select_kept(const u32 x[PAIRS], int kept)
+{
+    u32 key[PAIRS];
 #pragma unroll
-    for (int e = 0; e < E; e++)
-        if (ties >> e & 1u) { if (rank < need) keep |= 1u << e; rank++; }
+    for (int r = 0; r < PAIRS; r++) key[r] = x[r] & 0x7fff7fffu;
+    int t = 0;
+#pragma unroll 1
+    for (int step = 1 << 14; step > 0; step >>= 1)
+        if (count_at_least(key, t + step) >= kept) t += step;
+    const u32 at_least = bits_at_least(key, t);
+    if (!__any_sync(0xffffffffu, group_sum(__popc(at_least)) > kept)) return at_least;
+    /* some vector has more ties at t than places left: first ties win */
+    const u32 above = bits_at_least(key, t + 1);
+    u32 ties = at_least & ~above, keep = above;
+    int allowed = kept - group_sum(__popc(above)) - group_exclusive_scan(__popc(ties));
+    for (; allowed > 0 && ties; allowed--) {
+        keep |= ties & (0u - ties);
+        ties &= ties - 1u;
+    }
     return keep;
 }
 
-__device__ __forceinline__ void load_lane_elements(u16 x[E], const u16 *src)
+/* Writes the vector's record (keep bits from select_kept) into the group's
+   shared staging `rec`, then copies it to `dst` (global) in 16-byte stores
+   if `store`.  Every lane of the warp must call it. */
+__device__ __forceinline__ void compress_part(const u32 x[PAIRS], u32 keep, unsigned char *rec,
+                                              int record_bytes, unsigned char *dst, bool store)
 {
-    const int lane = threadIdx.x & 31;
-#if E == 2
-    u32 w = *(const u32 *)(src + lane * E);
-    x[0] = (u16)w; x[1] = (u16)(w >> 16);
-#elif E == 4
-    uint2 w = *(const uint2 *)(src + lane * E);
-    x[0] = (u16)w.x; x[1] = (u16)(w.x >> 16); x[2] = (u16)w.y; x[3] = (u16)(w.y >> 16);
-#else
-    uint4 w = *(const uint4 *)(src + lane * E);
-    u32 v[4] = {w.x, w.y, w.z, w.w};
+    const int j = group_lane();
+    if (j == 0) *(uint4 *)(rec + record_bytes - 16) = make_uint4(0, 0, 0, 0);  /* padding */
+    __syncwarp();
+    ((u32 *)rec)[j] = keep;
+    u16 *vals = (u16 *)(rec + BITMAP_BYTES) + group_exclusive_scan(__popc(keep));
 #pragma unroll
-    for (int i = 0; i < 4; i++) { x[2 * i] = (u16)v[i]; x[2 * i + 1] = (u16)(v[i] >> 16); }
-#endif
-}
-
-__device__ __forceinline__ void store_lane_elements(u16 *dst, const u16 x[E])
-{
-    const int lane = threadIdx.x & 31;
-#if E == 2
-    *(u32 *)(dst + lane * E) = (u32)x[0] | ((u32)x[1] << 16);
-#elif E == 4
-    *(uint2 *)(dst + lane * E) = make_uint2((u32)x[0] | ((u32)x[1] << 16),
-                                            (u32)x[2] | ((u32)x[3] << 16));
-#else
-    *(uint4 *)(dst + lane * E) =
-        make_uint4((u32)x[0] | ((u32)x[1] << 16), (u32)x[2] | ((u32)x[3] << 16),
-                   (u32)x[4] | ((u32)x[5] << 16), (u32)x[6] | ((u32)x[7] << 16));
-#endif
-}
-
-/* Prunes the token vector at src and writes its record to dst (global), via
-   the warp's shared staging buffer so that the record goes out in 16-byte
-   stores. */
-__device__ void compress_token(const u16 *src, unsigned char *dst, int kept, int record_bytes,
-                               unsigned char *stage)
-{
-    const int lane = threadIdx.x & 31;
-    u16 x[E];
-    load_lane_elements(x, src);
-    const u32 keep = select_kept(x, kept);
-    u32 word = keep << ((lane * E) & 31);
-    for (int o = 1; o < 32 / E; o <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, o);
-    __syncwarp();
-    for (int i = lane; i < record_bytes / 4; i += 32) ((u32 *)stage)[i] = 0;
-    __syncwarp();
-    if (((lane * E) & 31) == 0) ((u32 *)stage)[(lane * E) >> 5] = word;
-    u16 *vals = (u16 *)(stage + BITMAP_BYTES);
-    int j = warp_exclusive_scan(__popc(keep));
-#pragma unroll
-    for (int e = 0; e < E; e++)
-        if (keep >> e & 1u) vals[j++] = x[e];
-    __syncwarp();
-    for (int i = lane; i < record_bytes / 16; i += 32)
-        ((uint4 *)dst)[i] = ((const uint4 *)stage)[i];
-    __syncwarp();
-}
-
-/* Lane's E channels of a record (shared or global memory), zeros where pruned. */
-__device__ __forceinline__ void expand_record(u16 x[E], const unsigned char *rec, int kept)
-{
-    const int lane = threadIdx.x & 31;
-    const int word_index = (lane * E) >> 5, shift = (lane * E) & 31;
-    int base = 0;
-    u32 word = 0;
-#pragma unroll
-    for (int w = 0; w < D / 32; w++) {
-        const u32 wv = ((const u32 *)rec)[w];
-        if (w < word_index) base += __popc(wv);
-        if (w == word_index) word = wv;
+    for (int r = 0; r < PAIRS; r++) {
+        if (keep >> (2 * r) & 1u) *vals++ = (u16)x[r];
+        if (keep >> (2 * r + 1) & 1u) *vals++ = (u16)(x[r] >> 16);
     }
-    base += __popc(word & ((1u << shift) - 1u));
-    const u32 bits = (word >> shift) & ((1u << E) - 1u);
+    __syncwarp();
+    if (store)
+        for (int i = j; i < record_bytes / 16; i += VEC_LANES)
+            ((uint4 *)dst)[i] = ((const uint4 *)rec)[i];
+    __syncwarp();
+}
+
+/* The lane's 32 channels of a record, zeros where pruned.  Reads at most
+   `kept` values, so a corrupt bitmap cannot read past the record. */
+__device__ __forceinline__ void expand_part(u32 x[PAIRS], const unsigned char *rec, int kept)
+{
+    const u32 *words = (const u32 *)rec;
+    const int j = group_lane();
+    int idx = 0;
+    for (int w = 0; w < j; w++) idx += __popc(words[w]);
+    const u32 word = words[j];
     const u16 *vals = (const u16 *)(rec + BITMAP_BYTES);
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-        const int idx = base + __popc(bits & ((1u << e) - 1u));
-        x[e] = ((bits >> e) & 1u) && idx < kept ? vals[idx] : (u16)0;
+    for (int r = 0; r < PAIRS; r++) {
+        u32 lo = 0, hi = 0;
+        if ((word >> (2 * r) & 1u) && idx < kept) lo = vals[idx++];
+        if ((word >> (2 * r + 1) & 1u) && idx < kept) hi = vals[idx++];
+        x[r] = lo | (hi << 16);
     }
 }
 
@@ -294,36 +297,43 @@ __device__ __forceinline__ void expand_record(u16 x[E], const unsigned char *rec
 extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const void *in, void *out,
                                                                     long long count)
 {
-    __shared__ __align__(16) unsigned char stage[8][RECORD_BYTES(D)];
-    const int warp = threadIdx.x >> 5;
-    const long long token = (long long)blockIdx.x * 8 + warp;
-    if (token >= count) return;
-    if (op == OP_COMPRESS) {
-        compress_token((const u16 *)in + token * D, (unsigned char *)out + token * K_RECORD,
-                       MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);
-    } else if (op == OP_PRUNE) {
-        u16 x[E];
-        load_lane_elements(x, (const u16 *)in + token * D);
-        const u32 keep = select_kept(x, MUSTAFAR_K_KEPT);
+    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];
+    const int group = threadIdx.x / VEC_LANES;
+    const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;
+    const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;
+    const bool valid = vec < count;
+    if (first >= count) return;               /* whole warp past the end */
+    u32 x[PAIRS];
+    if (op == OP_DECOMPRESS) {
+        if (!valid) return;
+        expand_part(x, (const unsigned char *)in + vec * K_RECORD, MUSTAFAR_K_KEPT);
+        store_part((u16 *)out + vec * D, x);
+        return;
+    }
 #pragma unroll
-        for (int e = 0; e < E; e++) if (!(keep >> e & 1u)) x[e] = 0;
-        store_lane_elements((u16 *)out + token * D, x);
-    } else {
-        u16 x[E];
-        expand_record(x, (const unsigned char *)in + token * K_RECORD, MUSTAFAR_K_KEPT);
-        store_lane_elements((u16 *)out + token * D, x);
+    for (int r = 0; r < PAIRS; r++) x[r] = 0;
+    if (valid) load_part(x, (const u16 *)in + vec * D);
+    const u32 keep = select_kept(x, MUSTAFAR_K_KEPT);
+    if (op == OP_COMPRESS) {
+        compress_part(x, keep, stage[group], K_RECORD, (unsigned char *)out + vec * K_RECORD, valid);
+    } else if (valid) {
+#pragma unroll
+        for (int r = 0; r < PAIRS; r++)
+            x[r] &= (keep >> (2 * r) & 1u ? 0xffffu : 0u) | (keep >> (2 * r + 1) & 1u ? 0xffff0000u : 0u);
+        store_part((u16 *)out + vec * D, x);
     }
 }
 
 /* ---- append: compress tokens into pages, fill the dense window -------------
-   One warp per (item, KV head).  Items [0, compress_total) are positions
-   compressed into pages (from the window ring or the input); the rest are
-   positions entering the window.  A new position p goes to ring slot
-   p % window, whose current occupant (the old window position q with the
-   same slot) may be compressed by this same call: then the warp that
-   compresses q writes p after it has read the slot, and the window item of
-   p does nothing.  Window entries span at most `window` positions, so each
-   slot receives at most one. */
+   One lane group per (item, KV head, K or V).  Items [0, compress_total) are
+   positions compressed into pages (from the window ring or the input); the
+   rest are positions entering the window.  A new position p goes to ring
+   slot p % window, whose current occupant (the old window position q with
+   the same slot) may be compressed by this same call: then the group that
+   compresses q writes p after it has read the slot (each lane rewrites only
+   the channels it read itself), and the window item of p does nothing.
+   Window entries span at most `window` positions, so each slot receives at
+   most one. */
 
 #define INLINE_JOBS 48
 #define INLINE_PATCHES 96
@@ -345,15 +355,6 @@ __device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g
     return lo;
 }
 
-/* Copies one head of one token vector, each lane its own E elements (so a
-   lane overwrites only what it read itself). */
-__device__ __forceinline__ void copy_vector(u16 *dst, const u16 *src)
-{
-    u16 x[E];
-    load_lane_elements(x, src);
-    store_lane_elements(dst, x);
-}
-
 extern "C" __global__ void __launch_bounds__(256) mustafar_append(
     const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,
     const int *global_patches, int npatches, int compress_total, int window_total,
@@ -361,17 +362,31 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_append(
     unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window, u16 *v_window,
     int window)
 {
-    __shared__ __align__(16) unsigned char stage[8][RECORD_BYTES(D)];
+    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];
     const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;
     const int *patches = inl.njobs ? inl.patches : global_patches;
-    const int warp = threadIdx.x >> 5;
+    const int group = threadIdx.x / VEC_LANES;
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < npatches; i += blockDim.x)
             page_table[patches[2 * i]] = patches[2 * i + 1];
-    const long long item = (long long)blockIdx.x * 8 + warp;
-    if (item >= (long long)(compress_total + window_total) * num_kv_heads) return;
+    const long long total = 2ll * (compress_total + window_total) * num_kv_heads;
+    const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;
+    const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;
+    if (first >= total) return;               /* whole warp past the end */
+    const bool valid = vec < total, is_v = vec & 1;
+    const long long item = vec >> 1;
     const int g = (int)(item / num_kv_heads), head = (int)(item % num_kv_heads);
-    if (g < compress_total) {
+    const u16 *in = is_v ? v_in : k_in;
+    u16 *ring_base = is_v ? v_window : k_window;
+    const bool compress = valid && g < compress_total;
+
+    unsigned char *dst = 0;
+    u16 *ring = 0;                            /* ring slot read by this group, if any */
+    const u16 *successor = 0;                 /* new window entry for that slot, if any */
+    u32 x[PAIRS];
+#pragma unroll
+    for (int r = 0; r < PAIRS; r++) x[r] = 0;
+    if (compress) {
         const append_job j = jobs[find_job(jobs, njobs, g, false)];
         const int p = j.old_compressed + (g - j.compress_offset);
         const int page_index = p / MUSTAFAR_PAGE_SIZE;
@@ -380,39 +395,35 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_append(
                              : page_table[(long long)j.row * table_stride + page_index];
         const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
                                p % MUSTAFAR_PAGE_SIZE;
-        const u16 *ks, *vs;
-        long long ring = 0;
+        dst = (is_v ? v_pages : k_pages) + slot * (is_v ? V_RECORD : K_RECORD);
         if (p < j.old_length) {
-            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
-            ks = k_window + ring;
-            vs = v_window + ring;
+            ring = ring_base + (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
+            load_part(x, ring);
+            const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
+            const int next = first_new + ((p - first_new) % window + window) % window;
+            if (next < j.old_length + j.new_tokens)
+                successor = in + ((long long)(j.input_offset + next - j.old_length) * num_kv_heads + head) * D;
         } else {
-            const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;
-            ks = k_in + in;
-            vs = v_in + in;
+            load_part(x, in + ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D);
         }
-        compress_token(ks, k_pages + slot * K_RECORD, MUSTAFAR_K_KEPT, K_RECORD, stage[warp]);
-        compress_token(vs, v_pages + slot * V_RECORD, MUSTAFAR_V_KEPT, V_RECORD, stage[warp]);
-        if (p < j.old_length) {               /* p leaves the ring: write its slot's new entry */
-            const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
-            const int successor = first + ((p - first) % window + window) % window;
-            if (successor < j.old_length + j.new_tokens) {
-                const long long in = ((long long)(j.input_offset + successor - j.old_length) * num_kv_heads + head) * D;
-                copy_vector(k_window + ring, k_in + in);
-                copy_vector(v_window + ring, v_in + in);
-            }
-        }
-    } else {
+    }
+    if (__any_sync(0xffffffffu, compress)) {
+        const u32 keep = select_kept(x, is_v ? MUSTAFAR_V_KEPT : MUSTAFAR_K_KEPT);
+        compress_part(x, keep, stage[group], is_v ? V_RECORD : K_RECORD, dst, compress);
+    }
+    if (successor) {                          /* p left the ring: its slot's new entry */
+        load_part(x, successor);
+        store_part(ring, x);
+    }
+    if (valid && !compress) {
         const int w = g - compress_total;
         const append_job j = jobs[find_job(jobs, njobs, w, true)];
-        const int first = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
-        const int p = first + (w - j.window_offset);
+        const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
+        const int p = first_new + (w - j.window_offset);
         const int occupant = j.old_compressed + ((p - j.old_compressed) % window + window) % window;
         if (occupant < j.old_length && occupant < j.new_compressed) return;  /* written above */
-        const long long in = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;
-        const long long ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
-        copy_vector(k_window + ring, k_in + in);
-        copy_vector(v_window + ring, v_in + in);
+        load_part(x, in + ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D);
+        store_part(ring_base + (((long long)j.row * window + p % window) * num_kv_heads + head) * D, x);
     }
 }
 

@@ -1,6 +1,6 @@
 /* Decode-attention and append benchmark of mustafar.h on the CUDA backend.
 
-   bench [--quick] [--csv FILE]
+   bench [--quick] [--csv FILE] [--row B,T,D] [--sparsity S] [--init]
 
    For every row: a cache of B sequences of T tokens (Llama-3-8B attention
    shapes by default, K with outlier channels), timed with CUDA events (10
@@ -292,6 +292,7 @@ int main(int argc, char **argv)
     int quick = 0, i, j, l2 = 0;
     const char *only = NULL;   /* --row B,T,D: only that row */
     int init_only = 0;         /* --init: only the JIT init times */
+    float only_sparsity = -1;  /* --sparsity S: only that sparsity */
     const char *csv_path = "bench/results.csv";
     FILE *csv;
     mustafar_context_desc cd;
@@ -303,6 +304,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
         else if (!strcmp(argv[i], "--row") && i + 1 < argc) only = argv[++i];
         else if (!strcmp(argv[i], "--init")) init_only = 1;
+        else if (!strcmp(argv[i], "--sparsity") && i + 1 < argc) only_sparsity = (float)atof(argv[++i]);
     }
     memset(&cd, 0, sizeof cd);
     cd.backend = MUSTAFAR_BACKEND_CUDA;
@@ -337,6 +339,7 @@ int main(int argc, char **argv)
             double gbps, floor_ms;
             size_t pool_vectors = pl.vectors;
             r.sparsity = sparsities[j];
+            if (only_sparsity >= 0 && fabsf(r.sparsity - only_sparsity) > 1e-3f) continue;
             pl.vectors = pool_vectors * 128 / r.d;
             pl.d = r.d;
             res = run_row(ctx, &r, &pl, (size_t)l2, quick);

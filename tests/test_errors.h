@@ -422,3 +422,45 @@ static void test_errors_sequence_too_long(mustafar_context *ctx)
     tm_destroy(&m);
     free(qfix);
 }
+
+/* The CUDA backend moves vectors and records in 16-byte units: a device
+   pointer off that alignment is refused up front (nothing launched, the
+   cache unchanged); the CPU backend takes any element-aligned pointer. */
+static void test_errors_alignment(mustafar_context *ctx)
+{
+    enum { D = 64, N = 4 };
+    const int want = tb_is_cuda(ctx) ? MUSTAFAR_ERROR_INVALID_ARGUMENT : MUSTAFAR_OK;
+    tb_rng r;
+    mustafar_cache_desc d;
+    mustafar_cache *cache = NULL;
+    uint16_t x[(N + 1) * D];
+    size_t rec = ref_record_bytes(D, ref_kept(D, 0.5f));
+    unsigned char *dx, *drec;
+    int id = -1, n = N;
+    tb_rng_for_test(&r, g_cur_test);
+    tb_fill_normal(&r, MUSTAFAR_DTYPE_F16, x, (N + 1) * D, 1.0);
+    dx = (unsigned char *)tb_dup(ctx, x, sizeof x);
+    drec = (unsigned char *)tb_alloc(ctx, rec * (N + 1));
+    CHECK_ST(ctx, mustafar_compress(ctx, D, 0.5f, MUSTAFAR_DTYPE_F16, dx + 2, drec, N), want);
+    CHECK_ST(ctx, mustafar_compress(ctx, D, 0.5f, MUSTAFAR_DTYPE_F16, dx, drec + 8, N), want);
+    CHECK_ST(ctx, mustafar_prune(ctx, D, 0.5f, MUSTAFAR_DTYPE_F16, dx, dx + 2 * D + 4, 1), want);
+    memset(&d, 0, sizeof d);
+    d.num_layers = 1;
+    d.num_kv_heads = 1;
+    d.head_dim = D;
+    d.k_sparsity = d.v_sparsity = 0.5f;
+    d.dense_window = 2;
+    d.page_size = 4;
+    d.capacity_tokens = 64;
+    d.max_sequences = 1;
+    if (CHECK_ST(ctx, mustafar_cache_create(ctx, &d, &cache), MUSTAFAR_OK) &&
+        CHECK_ST(ctx, mustafar_cache_add_sequence(cache, &id), MUSTAFAR_OK)) {
+        CHECK_ST(ctx, mustafar_cache_append(cache, 0, 1, &id, &n, dx + 2, dx), want);
+        CHECK(mustafar_cache_sequence_length(cache, id, 0) == (tb_is_cuda(ctx) ? 0 : N),
+              "sequence length %d after a misaligned append", mustafar_cache_sequence_length(cache, id, 0));
+        CHECK_ST(ctx, mustafar_cache_attention(cache, 0, 1, &id, dx, dx + 2 * D + 6, 0.0f), want);
+    }
+    mustafar_cache_destroy(cache);
+    tb_free(ctx, dx);
+    tb_free(ctx, drec);
+}

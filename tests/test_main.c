@@ -69,6 +69,7 @@ static const tb_test k_tests[] = {
     {"test_errors_cache_create", test_errors_cache_create, 1},
     {"test_errors_cache_calls", test_errors_cache_calls, 1},
     {"test_errors_sequence_too_long", test_errors_sequence_too_long, 1},
+    {"test_errors_alignment", test_errors_alignment, 1},
 #ifndef MUSTAFAR_NO_CUDA
     /* the on-disk cubin cache */
     {"test_jit_disk_cache", test_jit_disk_cache, 2},
