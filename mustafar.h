@@ -2670,22 +2670,41 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "}\n"
 "\n"
-"/* Merges the splits of every (sequence, query head): one block each, D threads. */\n"
-"extern \"C\" __global__ void __launch_bounds__(256) mustafar_combine(const float *partial_o,\n"
-"                                                                   const float *partial_ml,\n"
-"                                                                   u16 *out, int splits)\n"
+"/* Merges the splits of every (sequence, query head): one block of\n"
+"   COMBINE_THREADS each.  Thread (part, c) sums channel c over the splits\n"
+"   s = part (mod COMBINE_PARTS), its loads independent of each other so that\n"
+"   they issue back to back; the parts meet in shared memory. */\n"
+"#define COMBINE_THREADS 256\n"
+"#define COMBINE_PARTS (COMBINE_THREADS / D)\n"
+"extern \"C\" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(const float *partial_o,\n"
+"                                                                               const float *partial_ml,\n"
+"                                                                               u16 *out, int splits)\n"
 "{\n"
+"    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS], acc_part[COMBINE_PARTS][D];\n"
 "    const long long head = blockIdx.x;\n"
-"    const int c = threadIdx.x;\n"
+"    const int c = threadIdx.x % D, part = threadIdx.x / D;\n"
+"    const float *ml = partial_ml + head * splits * 2;\n"
+"    const float *po = partial_o + head * splits * D + c;\n"
 "    float m = NEG_INF, l = 0.0f, acc = 0.0f;\n"
-"    for (int s = 0; s < splits; s++) m = fmaxf(m, partial_ml[(head * splits + s) * 2]);\n"
+"    for (int s = threadIdx.x; s < splits; s += COMBINE_THREADS) m = fmaxf(m, ml[2 * s]);\n"
+"    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));\n"
+"    if ((threadIdx.x & 31) == 0) max_part[threadIdx.x >> 5] = m;\n"
+"    __syncthreads();\n",
+"    for (int w = 0; w < COMBINE_THREADS / 32; w++) m = fmaxf(m, max_part[w]);\n"
 "    const float ref = m == NEG_INF ? 0.0f : m;\n"
-"    for (int s = 0; s < splits; s++) {\n"
-"        const float f = exp2f(partial_ml[(head * splits + s) * 2] - ref);\n"
-"        l += f * partial_ml[(head * splits + s) * 2 + 1];\n"
-"        acc += f * partial_o[(head * splits + s) * D + c];\n"
+"#pragma unroll 8\n"
+"    for (int s = part; s < splits; s += COMBINE_PARTS) {\n"
+"        const float w = exp2f(ml[2 * s] - ref);\n"
+"        l += w * ml[2 * s + 1];\n"
+"        acc += w * po[(long long)s * D];\n"
 "    }\n"
-"    out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);\n"
+"    acc_part[part][c] = acc;\n"
+"    if (c == 0) sum_part[part] = l;\n"
+"    __syncthreads();\n"
+"    if (part == 0) {\n"
+"        for (int p = 1; p < COMBINE_PARTS; p++) { acc += acc_part[p][c]; l += sum_part[p]; }\n"
+"        out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);\n"
+"    }\n"
 "}\n",
 0};
 /* END EMBEDDED mustafar_kernels.cuh */
@@ -3308,8 +3327,7 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
     if (st || splits == 1) return st;
     args[0] = &po; args[1] = &pml; args[2] = &out; args[3] = &splits;
     return mustafar__launch(ctx, m->combine, "mustafar_combine",
-                            (unsigned)((size_t)nseq * L->num_q_heads), 1, 1,
-                            (unsigned)L->head_dim, 0, args);
+                            (unsigned)((size_t)nseq * L->num_q_heads), 1, 1, 256, 0, args);
 }
 
 #endif /* MUSTAFAR_NO_CUDA */

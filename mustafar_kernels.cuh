@@ -924,20 +924,39 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     }
 }
 
-/* Merges the splits of every (sequence, query head): one block each, D threads. */
-extern "C" __global__ void __launch_bounds__(256) mustafar_combine(const float *partial_o,
-                                                                   const float *partial_ml,
-                                                                   u16 *out, int splits)
+/* Merges the splits of every (sequence, query head): one block of
+   COMBINE_THREADS each.  Thread (part, c) sums channel c over the splits
+   s = part (mod COMBINE_PARTS), its loads independent of each other so that
+   they issue back to back; the parts meet in shared memory. */
+#define COMBINE_THREADS 256
+#define COMBINE_PARTS (COMBINE_THREADS / D)
+extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(const float *partial_o,
+                                                                               const float *partial_ml,
+                                                                               u16 *out, int splits)
 {
+    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS], acc_part[COMBINE_PARTS][D];
     const long long head = blockIdx.x;
-    const int c = threadIdx.x;
+    const int c = threadIdx.x % D, part = threadIdx.x / D;
+    const float *ml = partial_ml + head * splits * 2;
+    const float *po = partial_o + head * splits * D + c;
     float m = NEG_INF, l = 0.0f, acc = 0.0f;
-    for (int s = 0; s < splits; s++) m = fmaxf(m, partial_ml[(head * splits + s) * 2]);
+    for (int s = threadIdx.x; s < splits; s += COMBINE_THREADS) m = fmaxf(m, ml[2 * s]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) max_part[threadIdx.x >> 5] = m;
+    __syncthreads();
+    for (int w = 0; w < COMBINE_THREADS / 32; w++) m = fmaxf(m, max_part[w]);
     const float ref = m == NEG_INF ? 0.0f : m;
-    for (int s = 0; s < splits; s++) {
-        const float f = exp2f(partial_ml[(head * splits + s) * 2] - ref);
-        l += f * partial_ml[(head * splits + s) * 2 + 1];
-        acc += f * partial_o[(head * splits + s) * D + c];
+#pragma unroll 8
+    for (int s = part; s < splits; s += COMBINE_PARTS) {
+        const float w = exp2f(ml[2 * s] - ref);
+        l += w * ml[2 * s + 1];
+        acc += w * po[(long long)s * D];
     }
-    out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);
+    acc_part[part][c] = acc;
+    if (c == 0) sum_part[part] = l;
+    __syncthreads();
+    if (part == 0) {
+        for (int p = 1; p < COMBINE_PARTS; p++) { acc += acc_part[p][c]; l += sum_part[p]; }
+        out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);
+    }
 }
