@@ -3260,12 +3260,16 @@ static int mustafar__choose_chunk(const mustafar_context *ctx, const mustafar__m
     int64_t splits, best_chunk = sweep, tiles_total = (max_len + sweep - 1) / sweep;
     double best = -1.0;
     if (max_len <= 0) return (int)sweep;
-    for (splits = 1; splits <= 1024 && splits <= tiles_total; splits++) {
+    /* the cost depends on the split count only through chunk_tiles: visit
+       each distinct chunk_tiles once (O(sqrt(tiles)) steps, not O(tiles)) */
+    for (splits = 1; splits <= 1024 && splits <= tiles_total;) {
         int64_t chunk_tiles = (tiles_total + splits - 1) / splits;
         int64_t real_splits = (tiles_total + chunk_tiles - 1) / chunk_tiles;
         int64_t waves = (base * real_splits + slots - 1) / slots;
         double cost = (double)waves * (chunk_tiles + 2) + 0.02 * (double)real_splits;
         if (best < 0 || cost < best) { best = cost; best_chunk = chunk_tiles * sweep; }
+        if (chunk_tiles == 1) break;
+        splits = (tiles_total + chunk_tiles - 2) / (chunk_tiles - 1);  /* next smaller chunk */
     }
     return (int)best_chunk;
 }
