@@ -429,7 +429,7 @@ static void test_errors_sequence_too_long(mustafar_context *ctx)
 static void test_errors_alignment(mustafar_context *ctx)
 {
     enum { D = 64, N = 4 };
-    const int want = tb_is_cuda(ctx) ? MUSTAFAR_ERROR_INVALID_ARGUMENT : MUSTAFAR_OK;
+    const mustafar_status want = tb_is_cuda(ctx) ? MUSTAFAR_ERROR_INVALID_ARGUMENT : MUSTAFAR_OK;
     tb_rng r;
     mustafar_cache_desc d;
     mustafar_cache *cache = NULL;
