@@ -474,18 +474,27 @@ struct warp_state {
 #define V_STAGED STAGED(V_RECORD)
 #define STAGE_BYTES (TILE * (K_STAGED + V_STAGED))
 
+/* Page id of this lane's prefetch position p0 + lane % 16 (0 past `end`).
+   Loaded one tile before the copies that need it, so that the page-table
+   latency hides behind a tile of work. */
+__device__ __forceinline__ int lane_page(const int *table, int p0, int end)
+{
+    const int p = p0 + (threadIdx.x & 15);
+    return p < end ? table[p / MUSTAFAR_PAGE_SIZE] : 0;
+}
+
 /* Queues the records of the tile's compressed positions [p0, p0+16) below
    `end`: lane l copies the K record (l < 16) or the V record (l >= 16) of
-   position p0 + l % 16. */
-__device__ __forceinline__ void prefetch_records(unsigned char *stage, int p0, int end,
+   position p0 + l % 16, which lies in page `page`. */
+__device__ __forceinline__ void prefetch_records(unsigned char *stage, int p0, int end, int page,
                                                  const unsigned char *k_pages,
-                                                 const unsigned char *v_pages, const int *table,
-                                                 int head, int num_kv_heads)
+                                                 const unsigned char *v_pages, int head,
+                                                 int num_kv_heads)
 {
     const int lane = threadIdx.x & 31, tok = lane & 15, p = p0 + tok;
     if (p >= end) return;
-    const long long slot = ((long long)table[p / MUSTAFAR_PAGE_SIZE] * num_kv_heads + head) *
-                               MUSTAFAR_PAGE_SIZE + p % MUSTAFAR_PAGE_SIZE;
+    const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
+                           p % MUSTAFAR_PAGE_SIZE;
     if (lane < 16) {
         const unsigned char *src = k_pages + slot * K_RECORD;
         unsigned char *dst = stage + tok * K_STAGED;
@@ -499,33 +508,39 @@ __device__ __forceinline__ void prefetch_records(unsigned char *stage, int p0, i
     }
 }
 
-/* The bits of channels [first, first + n) of a staged record (n = 8..64,
-   first a multiple of n), zero for a position outside the range. */
-__device__ __forceinline__ u64 run_bits(const unsigned char *rec, int first, int n, bool valid)
-{
-    const u32 *w = (const u32 *)rec;
-    u64 bits;
-    if (n == 64) bits = w[first / 32] | ((u64)w[first / 32 + 1] << 32);
-    else if (n == 32) bits = w[first / 32];
-    else bits = (w[first / 32] >> (first % 32)) & ((1u << n) - 1u);
-    return valid ? bits : 0;
-}
-
-/* Exclusive prefix sum over the `count` lanes lane % stride + stride * i that
-   hold consecutive runs of one record: the index of a run's first kept value.
+/* The channel run [first, first + n) of a staged record (n = 8..64, first a
+   multiple of n): its bits (zero for a position outside the range, `valid`
+   false) and the index of its first kept value, from the whole bitmap in one
+   shared load (no shuffles: the decode's start waits on one load only).
    Records are trusted to keep exactly KEPT elements; a corrupt one can only
    make the decode read other bytes of the shared-memory staging (padded for
    that), never outside it. */
-__device__ __forceinline__ int run_offset(int count_bits, int stride, int count)
+template <typename R>
+__device__ __forceinline__ int run_start(const unsigned char *rec, int first, int n, bool valid, R &bits)
 {
-    const int lane = threadIdx.x & 31, index = (lane / stride) % count;
-    int sum = count_bits;
+    u32 w[D / 32];
 #pragma unroll
-    for (int d = 1; d < count; d <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, sum, d * stride);
-        if (index >= d) sum += n;
+    for (int i = 0; i < D / 32; i += 2) {
+        const uint2 x = *(const uint2 *)(rec + 4 * i);
+        w[i] = x.x;
+        w[i + 1] = x.y;
     }
-    return sum - count_bits;
+    const int word = first / 32;
+    int before = 0;
+    u32 own = 0, next = 0;
+#pragma unroll
+    for (int i = 0; i < D / 32; i++) {     /* masks, not w[word]: w stays in registers */
+        before += __popc(w[i] & (0u - (u32)(i < word)));
+        own |= w[i] & (0u - (u32)(i == word));
+        next |= w[i] & (0u - (u32)(i == word + 1));
+    }
+    before += __popc(own & ((1u << (first % 32)) - 1u));
+    u64 b;
+    if (n == 64) b = own | ((u64)next << 32);
+    else if (n == 32) b = own;
+    else b = (own >> (first % 32)) & ((1u << n) - 1u);
+    bits = valid ? (R)b : (R)0;
+    return before;
 }
 
 /* Two packed elements (channels c, c+1 of a run): value or zero, taking
@@ -642,9 +657,7 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
     for (int r = 0; r < 2; r++) {
         const int p = p0 + g + 8 * r;
         const unsigned char *rec = records + (g + 8 * r) * K_STAGED;
-        run[r] = (k_run)run_bits(rec, KC * t, KC, p >= lo && p < hi);
-        v[r] = (const u16 *)(rec + BITMAP_BYTES) +
-               run_offset(KC > 32 ? __popcll(run[r]) : __popc((u32)run[r]), 1, 4);
+        v[r] = (const u16 *)(rec + BITMAP_BYTES) + run_start(rec, KC * t, KC, p >= lo && p < hi, run[r]);
     }
     score_chains acc;
     chains_clear(acc);
@@ -749,8 +762,7 @@ __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2],
     for (int i = 0; i < 4; i++) {
         const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
         const unsigned char *rec = records + tok * V_STAGED;
-        run[i] = (u32)run_bits(rec, VC * g, VC, p >= lo && p < hi);
-        v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_offset(__popc(run[i]), 4, 8);
+        v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_start(rec, VC * g, VC, p >= lo && p < hi, run[i]);
     }
 #pragma unroll
     for (int k = 0; k < VC; k++) {
@@ -823,18 +835,22 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     for (int i = 0; i < MUSTAFAR_STAGES - 1; i++) {
         const int pi = begin + warp * TILE + i * sweep;
         if (pi < compressed_end)
-            prefetch_records(warp_smem + i * STAGE_BYTES, pi, compressed_end, k_pages, v_pages,
-                             table, kv_head, num_kv_heads);
+            prefetch_records(warp_smem + i * STAGE_BYTES, pi, compressed_end,
+                             lane_page(table, pi, compressed_end), k_pages, v_pages, kv_head,
+                             num_kv_heads);
         copy_commit();
     }
     int stage_index = 0;
+    int next_page = lane_page(table, begin + warp * TILE + (MUSTAFAR_STAGES - 1) * sweep, compressed_end);
     for (int p0 = begin + warp * TILE; p0 < end; p0 += sweep) {
         const int ahead = p0 + (MUSTAFAR_STAGES - 1) * sweep;
         const int ahead_stage = stage_index == 0 ? MUSTAFAR_STAGES - 1 : stage_index - 1;
         const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;
+        const int page = next_page;
+        next_page = lane_page(table, ahead + sweep, compressed_end);
         if (ahead < compressed_end)
-            prefetch_records(warp_smem + ahead_stage * STAGE_BYTES, ahead, compressed_end,
-                             k_pages, v_pages, table, kv_head, num_kv_heads);
+            prefetch_records(warp_smem + ahead_stage * STAGE_BYTES, ahead, compressed_end, page,
+                             k_pages, v_pages, kv_head, num_kv_heads);
         copy_commit();
         copy_wait<MUSTAFAR_STAGES - 1>();
         __syncwarp();
