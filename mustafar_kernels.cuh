@@ -550,7 +550,7 @@ __device__ __forceinline__ u32 take_pair(u32 bits2, const u16 *&v)
     u32 lo = 0, hi = 0;
     if (bits2 & 1u) lo = *v++;
     if (bits2 & 2u) hi = *v++;
-    return lo | (hi << 16);
+    return __byte_perm(lo, hi, 0x5410);
 }
 
 __device__ __forceinline__ u32 transpose8x8(u32 x)
@@ -712,7 +712,7 @@ __device__ __forceinline__ void tile_softmax(warp_state &st, float s[NT][4], u32
 __device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,
                                            const u32 x[4], u32 (&low)[MT][2])
 {
-    const u32 p01 = x[0] | (x[1] << 16), p23 = x[2] | (x[3] << 16);
+    const u32 p01 = __byte_perm(x[0], x[1], 0x5410), p23 = __byte_perm(x[2], x[3], 0x5410);
     if (k < MT) {
         low[k][0] = p01;
         low[k][1] = p23;
