@@ -677,26 +677,31 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
 
 /* Online softmax step over the 16 positions of each head column: rescales
    the state to the new maxima and turns s into the P^T fragments (the B
-   operand of O^T = V^T P^T). */
+   operand of O^T = V^T P^T).  Once the running maxima have settled most
+   tiles raise none of them: one vote then skips the cross-lane maximum. */
 __device__ __forceinline__ void tile_softmax(warp_state &st, float s[NT][4], u32 pb[NT][2])
 {
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
+        const bool grow = __any_sync(0xffffffffu, fmaxf(s[nt][0], s[nt][2]) > st.m[nt][0] ||
+                                                      fmaxf(s[nt][1], s[nt][3]) > st.m[nt][1]);
 #pragma unroll
         for (int h = 0; h < 2; h++) {          /* head 2t + h: s[nt][h], s[nt][2 + h] */
-            float mx = fmaxf(s[nt][h], s[nt][2 + h]);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            const float m_new = fmaxf(st.m[nt][h], mx);
-            const float ref = m_new == NEG_INF ? 0.0f : m_new;
-            const float corr = exp2f(st.m[nt][h] - ref);
-            st.m[nt][h] = m_new;
-            st.l[nt][h] *= corr;
-            if (__any_sync(0xffffffffu, corr != 1.0f)) {
+            if (grow) {
+                float mx = fmaxf(s[nt][h], s[nt][2 + h]);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+                const float m_new = fmaxf(st.m[nt][h], mx);
+                const float corr = exp2f(st.m[nt][h] - (m_new == NEG_INF ? 0.0f : m_new));
+                st.m[nt][h] = m_new;
+                st.l[nt][h] *= corr;
+                if (__any_sync(0xffffffffu, corr != 1.0f)) {
 #pragma unroll
-                for (int mm = 0; mm < MT; mm++) { st.o[nt][mm][h] *= corr; st.o[nt][mm][2 + h] *= corr; }
+                    for (int mm = 0; mm < MT; mm++) { st.o[nt][mm][h] *= corr; st.o[nt][mm][2 + h] *= corr; }
+                }
             }
+            const float ref = st.m[nt][h] == NEG_INF ? 0.0f : st.m[nt][h];
             s[nt][h] = exp2f(s[nt][h] - ref);
             s[nt][2 + h] = exp2f(s[nt][2 + h] - ref);
             st.l[nt][h] += s[nt][h] + s[nt][2 + h];
