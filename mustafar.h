@@ -742,7 +742,8 @@ static mustafar_status mustafar__layout_from_kv(mustafar_context *ctx, const mus
         return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER,
                               "paged_kv has a NULL pages, page_table or window pointer");
     st = mustafar__check_aligned(ctx, kv->k_pages, kv->v_pages, "paged_kv pages");
-    if (!st) st = mustafar__check_aligned(ctx, kv->k_window, kv->v_window, "paged_kv windows");
+    if (!st && kv->window_size > 0)
+        st = mustafar__check_aligned(ctx, kv->k_window, kv->v_window, "paged_kv windows");
     if (st) return st;
     L->head_dim = kv->head_dim;
     L->num_kv_heads = kv->num_kv_heads;
@@ -3237,7 +3238,8 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
                               L->page_size, &m);
     if (st) return st;
-    if (blocks > 0x7fffffff)
+    /* the kernel counts positions in int */
+    if (blocks > 0x7fffffff || (long long)compress_total + window_total > 0x7fffffff)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "append too large");
     inl->njobs = inl->npatches = 0;
     if (njobs <= MUSTAFAR__INLINE_JOBS && npatches <= MUSTAFAR__INLINE_PATCHES) {
