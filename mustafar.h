@@ -3194,6 +3194,10 @@ static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kern
 
 /* ---- CUDA backend: operations ---------------------------------------------------------- */
 
+/* Token vectors per 256-thread block of the pruning kernels (BLOCK_VECTORS
+   there): head_dim / 32 lanes each. */
+#define MUSTAFAR__BLOCK_VECTORS(head_dim) (8192 / (size_t)(head_dim))
+
 static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int head_dim,
                                               float sparsity, mustafar_dtype dtype, const void *in,
                                               void *out, size_t count)
@@ -3206,13 +3210,13 @@ static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int
     MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
     st = mustafar__get_module(ctx, head_dim, dtype, kept, kept, 1, 16, &m);
     if (st) return st;
-    /* a 256-thread block handles 8192 / head_dim vectors (head_dim / 32 lanes each) */
-    if (count / (8192 / (size_t)head_dim) + 1 > 0x7fffffffu)
+    if (count / MUSTAFAR__BLOCK_VECTORS(head_dim) + 1 > 0x7fffffffu)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "count %zu too large", count);
     args[0] = &opi; args[1] = &in; args[2] = &out; args[3] = &n;
     return mustafar__launch(ctx, m->records, "mustafar_records",
-                            (unsigned)((count + 8192 / head_dim - 1) / (8192 / head_dim)), 1, 1, 256,
-                            0, args);
+                            (unsigned)((count + MUSTAFAR__BLOCK_VECTORS(head_dim) - 1) /
+                                       MUSTAFAR__BLOCK_VECTORS(head_dim)),
+                            1, 1, 256, 0, args);
 }
 
 static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
@@ -3227,9 +3231,10 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
                        mustafar__job_window_first(last);
     mustafar__append_inline *inl = &ctx->cuda.append_params;
     int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
-    /* one lane group per (position, KV head, K or V): 8192 / head_dim per block */
+    /* one lane group per (position, KV head, K or V) */
     long long vectors = 2 * ((long long)compress_total + window_total) * hkv;
-    long long per_block = 8192 / L->head_dim, blocks = (vectors + per_block - 1) / per_block;
+    long long blocks = (vectors + MUSTAFAR__BLOCK_VECTORS(L->head_dim) - 1) /
+                       MUSTAFAR__BLOCK_VECTORS(L->head_dim);
     const void *dev_jobs = NULL, *dev_patches = NULL;
     mustafar__module *m;
     mustafar_status st;
