@@ -3233,8 +3233,8 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
     /* one lane group per (position, KV head, K or V) */
     long long vectors = 2 * ((long long)compress_total + window_total) * hkv;
-    long long blocks = (vectors + MUSTAFAR__BLOCK_VECTORS(L->head_dim) - 1) /
-                       MUSTAFAR__BLOCK_VECTORS(L->head_dim);
+    long long per_block = (long long)MUSTAFAR__BLOCK_VECTORS(L->head_dim);
+    long long blocks = (vectors + per_block - 1) / per_block;
     const void *dev_jobs = NULL, *dev_patches = NULL;
     mustafar__module *m;
     mustafar_status st;
