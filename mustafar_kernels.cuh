@@ -148,11 +148,17 @@ __device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 
 /* ---- pruning: a group of D/32 lanes per token vector ------------------------
    Lane j of a group holds channels [32j, 32j+32) as 16 packed pairs, so its
    keep bits are bitmap word j.  The kept set is the KEPT largest magnitude
-   keys (bits & 0x7fff), ties to the lower channel: a 15-step bisection finds
+   keys (bits & 0x7fff), ties to the lower channel: a binary search finds
    the largest threshold t with count(key >= t) >= KEPT, every key above t is
-   kept, then the first ties in channel order.  Counting works on both halves
-   of a pair at once: key + (0x8000 - t) sets a half's top bit exactly when
-   key >= t, and cannot carry into the other half. */
+   kept, then the first ties in channel order.  Counting is SIMD within a
+   register: for a field of n+1 bits holding k < 2^n, k + (2^n - t) sets the
+   field's top bit exactly when k >= t and cannot carry out of the field.
+   The search takes t's bits in three passes, cheapest fields first:
+     bits 14..8  7 steps on 4 byte fields per word (key >> 8)
+     bits  7..1  7 steps on 4 byte fields per word: (key >> 1) & 0x7f for the
+                 keys whose bits 14..8 equal the first pass's result, 0x7f
+                 for keys above it, 0 for keys below
+     bit   0     1 step on the 2 halves of each packed pair. */
 
 #define VEC_LANES (D / 32)                  /* lanes per vector: 2, 4 or 8 */
 #define BLOCK_VECTORS (256 / VEC_LANES)     /* vectors per 256-thread block */
@@ -201,6 +207,10 @@ __device__ __forceinline__ u32 pair_bias(int t)   /* t in [0, 0x8000] */
 {
     return 0x80008000u - (u32)t * 0x10001u;
 }
+__device__ __forceinline__ u32 byte_bias(int t)   /* t in [0, 0x80] */
+{
+    return 0x80808080u - (u32)t * 0x01010101u;
+}
 /* Number of keys >= t in the vector. */
 __device__ __forceinline__ int count_at_least(const u32 key[PAIRS], int t)
 {
@@ -209,6 +219,24 @@ __device__ __forceinline__ int count_at_least(const u32 key[PAIRS], int t)
 #pragma unroll
     for (int r = 0; r < PAIRS; r++) acc += ((key[r] + bias) & 0x80008000u) >> 15;
     return group_sum((int)((acc & 0xffffu) + (acc >> 16)));
+}
+/* Number of 7-bit byte fields >= t (t in [1, 127]) in the vector. */
+__device__ __forceinline__ int count_bytes_at_least(const u32 field[PAIRS / 2], int t)
+{
+    const u32 bias = byte_bias(t);
+    u32 acc = 0;                              /* four 8-bit counts */
+#pragma unroll
+    for (int i = 0; i < PAIRS / 2; i++) acc += ((field[i] + bias) & 0x80808080u) >> 7;
+    return group_sum((int)((acc * 0x01010101u) >> 24));
+}
+/* The largest t in [0, 127] with at least `kept` fields >= t. */
+__device__ __forceinline__ int search_bytes(const u32 field[PAIRS / 2], int kept)
+{
+    int t = 0;
+#pragma unroll 1
+    for (int step = 64; step > 0; step >>= 1)
+        if (count_bytes_at_least(field, t + step) >= kept) t += step;
+    return t;
 }
 /* The lane's keep bits of the keys >= t. */
 __device__ __forceinline__ u32 bits_at_least(const u32 key[PAIRS], int t)
@@ -229,10 +257,19 @@ __device__ __forceinline__ u32 select_kept(const u32 x[PAIRS], int kept)
     u32 key[PAIRS];
 #pragma unroll
     for (int r = 0; r < PAIRS; r++) key[r] = x[r] & 0x7fff7fffu;
-    int t = 0;
-#pragma unroll 1
-    for (int step = 1 << 14; step > 0; step >>= 1)
-        if (count_at_least(key, t + step) >= kept) t += step;
+    u32 field[PAIRS / 2];
+#pragma unroll
+    for (int i = 0; i < PAIRS / 2; i++) field[i] = __byte_perm(key[2 * i], key[2 * i + 1], 0x7531);
+    const int high = search_bytes(field, kept);
+    const u32 ge = byte_bias(high), gt = byte_bias(high + 1);
+#pragma unroll
+    for (int i = 0; i < PAIRS / 2; i++) {
+        const u32 low = __byte_perm(key[2 * i] >> 1, key[2 * i + 1] >> 1, 0x6420) & 0x7f7f7f7fu;
+        const u32 at = (field[i] + ge) & 0x80808080u, above = (field[i] + gt) & 0x80808080u;
+        field[i] = (low & (at - (at >> 7))) | (above - (above >> 7));
+    }
+    int t = (high << 8) + (search_bytes(field, kept) << 1);
+    if (count_at_least(key, t + 1) >= kept) t += 1;
     const u32 at_least = bits_at_least(key, t);
     if (!__any_sync(0xffffffffu, group_sum(__popc(at_least)) > kept)) return at_least;
     /* some vector has more ties at t than places left: first ties win */
