@@ -2531,35 +2531,46 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "}\n"
 "\n"
-"/* O^T += V^T P^T for the 16 staged V records of a tile. */\n"
-"__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2],\n"
-"                                          const unsigned char *records, int p0, int lo, int hi)\n"
+"/* Where this thread's V runs of a staged tile start: their channel bits and\n"
+"   first values.  Found before the softmax, so that the bitmap loads overlap\n"
+"   it. */\n"
+"struct v_runs {\n"
+"#if MUSTAFAR_V_KEPT == D\n"
+"    const u16 *src[4];     /* dense rows: the VC-channel run, or null */\n"
+"#else\n"
+"    u32 bits[4];\n"
+"    const u16 *v[4];\n"
+"#endif\n"
+"};\n"
+"__device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi)\n"
 "{\n"
 "    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;\n"
-"#if MUSTAFAR_V_KEPT == D\n"
-"    const u16 *src[4];\n"
-"#pragma unroll\n"
-"    for (int i = 0; i < 4; i++) {\n"
-"        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;\n"
-"        src[i] = p >= lo && p < hi ? (const u16 *)(records + tok * V_STAGED + BITMAP_BYTES) + VC * g : 0;\n"
-"    }\n"
-"    pv_dense(st, pb, src);\n"
-"#else\n"
-"    u32 run[4], low[MT][2];\n"
-"    const u16 *v[4];\n"
 "#pragma unroll\n"
 "    for (int i = 0; i < 4; i++) {\n"
 "        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;\n"
 "        const unsigned char *rec = records + tok * V_STAGED;\n"
-"        v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_start(rec, VC * g, VC, p >= lo && p < hi, run[i]);\n"
+"#if MUSTAFAR_V_KEPT == D\n"
+"        vr.src[i] = p >= lo && p < hi ? (const u16 *)(rec + BITMAP_BYTES) + VC * g : 0;\n"
+"#else\n"
+"        vr.v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_start(rec, VC * g, VC, p >= lo && p < hi, vr.bits[i]);\n"
+"#endif\n"
 "    }\n"
+"}\n"
+"\n"
+"/* O^T += V^T P^T for the 16 staged V records of a tile. */\n"
+"__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v_runs &vr)\n"
+"{\n"
+"#if MUSTAFAR_V_KEPT == D\n"
+"    pv_dense(st, pb, vr.src);\n"
+"#else\n"
+"    u32 low[MT][2];\n"
 "#pragma unroll\n"
 "    for (int k = 0; k < VC; k++) {\n"
 "        u32 x[4];\n"
 "#pragma unroll\n"
 "        for (int i = 0; i < 4; i++) {\n"
 "            x[i] = 0;\n"
-"            if (run[i] >> k & 1u) x[i] = *v[i]++;\n"
+"            if (vr.bits[i] >> k & 1u) x[i] = *vr.v[i]++;\n"
 "        }\n"
 "        pv_channel(st, pb, k, x, low);\n"
 "    }\n"
@@ -2588,6 +2599,9 @@ static const char *const mustafar__kernel_source[] = {
 "    float scale_log2)\n"
 "{\n"
 "    extern __shared__ __align__(16) unsigned char smem[];\n"
+"#if MUSTAFAR_SM >= 90\n"
+"    asm volatile(\"griddepcontrol.launch_dependents;\");   /* the combine may be scheduled */\n"
+"#endif\n"
 "    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;\n"
 "    const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;\n"
 "    const int kv_head = blockIdx.y / head_blocks, head_block = blockIdx.y % head_blocks;\n"
@@ -2597,7 +2611,7 @@ static const char *const mustafar__kernel_source[] = {
 "                         ? MUSTAFAR_GROUP - head_block * HEADS_PER_BLOCK : HEADS_PER_BLOCK;\n"
 "    const int num_q_heads = num_kv_heads * MUSTAFAR_GROUP;\n"
 "    const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];\n"
-"    const int length = sq.num_compressed + sq.num_window;\n"
+"    const int length = sq.num_compressed + sq.num_window;\n",
 "    const int begin = split * chunk;\n"
 "    const int end = begin + chunk < length ? begin + chunk : length;\n"
 "    const int *table = page_table + (long long)sq.row * table_stride;\n"
@@ -2607,7 +2621,7 @@ static const char *const mustafar__kernel_source[] = {
 "    load_q(qb, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);\n"
 "\n"
 "    warp_state st;\n"
-"#pragma unroll\n",
+"#pragma unroll\n"
 "    for (int nt = 0; nt < NT; nt++) {\n"
 "#pragma unroll\n"
 "        for (int mm = 0; mm < MT; mm++)\n"
@@ -2648,8 +2662,10 @@ static const char *const mustafar__kernel_source[] = {
 "            u32 pb[NT][2];\n"
 "            scores_staged(s, qb, stage, p0, begin, compressed_end);\n"
 "            scale_and_mask(s, scale_log2, p0, begin, compressed_end);\n"
+"            v_runs vr;\n"
+"            find_v_runs(vr, stage + TILE * K_STAGED, p0, begin, compressed_end);\n"
 "            tile_softmax(st, s, pb);\n"
-"            pv_staged(st, pb, stage + TILE * K_STAGED, p0, begin, compressed_end);\n"
+"            pv_staged(st, pb, vr);\n"
 "        }\n"
 "        if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {\n"
 "            const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;\n"
@@ -2679,7 +2695,7 @@ static const char *const mustafar__kernel_source[] = {
 "    /* merge the warps: [warps][16] (max, sum) pairs, then [warps][HEAD_ROWS][D] O */\n"
 "#pragma unroll\n"
 "    for (int nt = 0; nt < NT; nt++)\n"
-"#pragma unroll\n"
+"#pragma unroll\n",
 "        for (int h = 0; h < 2; h++) {\n"
 "            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 4);\n"
 "            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 8);\n"
@@ -2690,7 +2706,7 @@ static const char *const mustafar__kernel_source[] = {
 "    float *o = ml + MUSTAFAR_WARPS * 32;\n"
 "#pragma unroll\n"
 "    for (int nt = 0; nt < NT; nt++)\n"
-"#pragma unroll\n",
+"#pragma unroll\n"
 "        for (int h = 0; h < 2; h++) {\n"
 "            const int r = 8 * nt + 2 * t + h;\n"
 "            if (r < rows) {\n"
@@ -2730,39 +2746,57 @@ static const char *const mustafar__kernel_source[] = {
 "}\n"
 "\n"
 "/* Merges the splits of every (sequence, query head): one block of\n"
-"   COMBINE_THREADS each.  Thread (part, c) sums channel c over the splits\n"
-"   s = part (mod COMBINE_PARTS), its loads independent of each other so that\n"
-"   they issue back to back; the parts meet in shared memory. */\n"
+"   COMBINE_THREADS each.  Thread (part, c) sums channels 4c..4c+3 over the\n"
+"   splits s = part (mod COMBINE_PARTS) with 16-byte loads, independent of\n"
+"   each other so that they issue back to back; the parts meet in shared\n"
+"   memory.  From sm_90 on it is launched as a programmatic dependent of the\n"
+"   attention kernel: its blocks may start while that grid drains, and wait\n"
+"   here for its results. */\n"
 "#define COMBINE_THREADS 256\n"
-"#define COMBINE_PARTS (COMBINE_THREADS / D)\n"
+"#define COMBINE_QUADS (D / 4)\n"
+"#define COMBINE_PARTS (COMBINE_THREADS / COMBINE_QUADS)\n"
 "extern \"C\" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(const float *partial_o,\n"
 "                                                                               const float *partial_ml,\n"
 "                                                                               u16 *out, int splits)\n"
 "{\n"
-"    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS], acc_part[COMBINE_PARTS][D];\n"
+"    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS];\n"
+"    __shared__ float4 acc_part[COMBINE_PARTS][COMBINE_QUADS];\n"
+"#if MUSTAFAR_SM >= 90\n"
+"    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n"
+"#endif\n"
 "    const long long head = blockIdx.x;\n"
-"    const int c = threadIdx.x % D, part = threadIdx.x / D;\n"
+"    const int c = threadIdx.x % COMBINE_QUADS, part = threadIdx.x / COMBINE_QUADS;\n"
 "    const float *ml = partial_ml + head * splits * 2;\n"
-"    const float *po = partial_o + head * splits * D + c;\n"
-"    float m = NEG_INF, l = 0.0f, acc = 0.0f;\n"
+"    const float4 *po = (const float4 *)(partial_o + head * splits * D) + c;\n"
+"    float m = NEG_INF, l = 0.0f;\n"
+"    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);\n"
 "    for (int s = threadIdx.x; s < splits; s += COMBINE_THREADS) m = fmaxf(m, ml[2 * s]);\n"
 "    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));\n"
 "    if ((threadIdx.x & 31) == 0) max_part[threadIdx.x >> 5] = m;\n"
-"    __syncthreads();\n"
+"    __syncthreads();\n",
 "    for (int w = 0; w < COMBINE_THREADS / 32; w++) m = fmaxf(m, max_part[w]);\n"
 "    const float ref = m == NEG_INF ? 0.0f : m;\n"
-"#pragma unroll 8\n"
+"#pragma unroll 4\n"
 "    for (int s = part; s < splits; s += COMBINE_PARTS) {\n"
 "        const float w = exp2f(ml[2 * s] - ref);\n"
+"        const float4 x = po[(long long)s * COMBINE_QUADS];\n"
 "        l += w * ml[2 * s + 1];\n"
-"        acc += w * po[(long long)s * D];\n"
+"        acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;\n"
 "    }\n"
 "    acc_part[part][c] = acc;\n"
 "    if (c == 0) sum_part[part] = l;\n"
 "    __syncthreads();\n"
 "    if (part == 0) {\n"
-"        for (int p = 1; p < COMBINE_PARTS; p++) { acc += acc_part[p][c]; l += sum_part[p]; }\n"
-"        out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);\n"
+"        for (int p = 1; p < COMBINE_PARTS; p++) {\n"
+"            const float4 y = acc_part[p][c];\n"
+"            acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;\n"
+"            l += sum_part[p];\n"
+"        }\n"
+"        if (!(l > 0.0f)) {                  /* no position in range: zeros */\n"
+"            acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);\n"
+"            l = 1.0f;\n"
+"        }\n"
+"        *(uint2 *)(out + head * D + 4 * c) = make_uint2(pack2(acc.x / l, acc.y / l), pack2(acc.z / l, acc.w / l));\n"
 "    }\n"
 "}\n",
 0};
@@ -3213,15 +3247,29 @@ static mustafar_status mustafar__cuda_upload(mustafar_context *ctx, void *dst, c
     return MUSTAFAR_OK;
 }
 
+/* `dependent`: the kernel may start before the previous kernel on the stream
+   has finished and waits for it itself (programmatic dependent launch,
+   sm_90 and newer; elsewhere an ordinary launch). */
 static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kernel, const char *name,
                                         unsigned gx, unsigned gy, unsigned gz, unsigned block,
-                                        size_t smem, void **args)
+                                        size_t smem, void **args, int dependent)
 {
-    dim3 grid, threads;
+    cudaLaunchConfig_t config;
+    cudaLaunchAttribute attr;
     cudaError_t e;
-    grid.x = gx; grid.y = gy; grid.z = gz;
-    threads.x = block; threads.y = 1; threads.z = 1;
-    e = cudaLaunchKernel((const void *)kernel, grid, threads, args, smem, ctx->cuda.stream);
+    config.gridDim.x = gx; config.gridDim.y = gy; config.gridDim.z = gz;
+    config.blockDim.x = block; config.blockDim.y = 1; config.blockDim.z = 1;
+    config.dynamicSmemBytes = smem;
+    config.stream = ctx->cuda.stream;
+    config.attrs = NULL;
+    config.numAttrs = 0;
+    if (dependent && ctx->cuda.sm >= 90) {
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        config.attrs = &attr;
+        config.numAttrs = 1;
+    }
+    e = cudaLaunchKernelExC(&config, (const void *)kernel, args);
     if (e == cudaSuccess) e = cudaGetLastError();
     if (e != cudaSuccess)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA, "launch of %s (grid %u x %u x %u) failed: %s (%s)",
@@ -3253,7 +3301,7 @@ static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int
     return mustafar__launch(ctx, m->records, "mustafar_records",
                             (unsigned)((count + MUSTAFAR__BLOCK_VECTORS(head_dim) - 1) /
                                        MUSTAFAR__BLOCK_VECTORS(head_dim)),
-                            1, 1, 256, 0, args);
+                            1, 1, 256, 0, args, 0);
 }
 
 static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
@@ -3309,7 +3357,7 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     args[8] = (void *)&k; args[9] = (void *)&v; args[10] = (void *)&kv->k_pages;
     args[11] = (void *)&kv->v_pages; args[12] = (void *)&kv->page_table; args[13] = &stride;
     args[14] = (void *)&kv->k_window; args[15] = (void *)&kv->v_window; args[16] = &window;
-    return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args);
+    return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args, 0);
 }
 
 /* Positions per split.  Time is modelled as waves x tiles per block: the
@@ -3392,11 +3440,11 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
     args[15] = &splits; args[16] = &scale_log2;
     st = mustafar__launch(ctx, m->attention, "mustafar_attention", (unsigned)nseq,
                           (unsigned)(hkv * head_blocks), (unsigned)splits,
-                          (unsigned)(32 * m->warps), m->attention_smem, args);
+                          (unsigned)(32 * m->warps), m->attention_smem, args, 0);
     if (st || splits == 1) return st;
     args[0] = &po; args[1] = &pml; args[2] = &out; args[3] = &splits;
     return mustafar__launch(ctx, m->combine, "mustafar_combine",
-                            (unsigned)((size_t)nseq * L->num_q_heads), 1, 1, 256, 0, args);
+                            (unsigned)((size_t)nseq * L->num_q_heads), 1, 1, 256, 0, args, 1);
 }
 
 #endif /* MUSTAFAR_NO_CUDA */

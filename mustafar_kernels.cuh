@@ -784,35 +784,46 @@ __device__ __forceinline__ void pv_dense(warp_state &st, const u32 pb[NT][2], co
     }
 }
 
-/* O^T += V^T P^T for the 16 staged V records of a tile. */
-__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2],
-                                          const unsigned char *records, int p0, int lo, int hi)
+/* Where this thread's V runs of a staged tile start: their channel bits and
+   first values.  Found before the softmax, so that the bitmap loads overlap
+   it. */
+struct v_runs {
+#if MUSTAFAR_V_KEPT == D
+    const u16 *src[4];     /* dense rows: the VC-channel run, or null */
+#else
+    u32 bits[4];
+    const u16 *v[4];
+#endif
+};
+__device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#if MUSTAFAR_V_KEPT == D
-    const u16 *src[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
-        src[i] = p >= lo && p < hi ? (const u16 *)(records + tok * V_STAGED + BITMAP_BYTES) + VC * g : 0;
-    }
-    pv_dense(st, pb, src);
-#else
-    u32 run[4], low[MT][2];
-    const u16 *v[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
         const unsigned char *rec = records + tok * V_STAGED;
-        v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_start(rec, VC * g, VC, p >= lo && p < hi, run[i]);
+#if MUSTAFAR_V_KEPT == D
+        vr.src[i] = p >= lo && p < hi ? (const u16 *)(rec + BITMAP_BYTES) + VC * g : 0;
+#else
+        vr.v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_start(rec, VC * g, VC, p >= lo && p < hi, vr.bits[i]);
+#endif
     }
+}
+
+/* O^T += V^T P^T for the 16 staged V records of a tile. */
+__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v_runs &vr)
+{
+#if MUSTAFAR_V_KEPT == D
+    pv_dense(st, pb, vr.src);
+#else
+    u32 low[MT][2];
 #pragma unroll
     for (int k = 0; k < VC; k++) {
         u32 x[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             x[i] = 0;
-            if (run[i] >> k & 1u) x[i] = *v[i]++;
+            if (vr.bits[i] >> k & 1u) x[i] = *vr.v[i]++;
         }
         pv_channel(st, pb, k, x, low);
     }
@@ -841,6 +852,9 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem[];
+#if MUSTAFAR_SM >= 90
+    asm volatile("griddepcontrol.launch_dependents;");   /* the combine may be scheduled */
+#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;
     const int kv_head = blockIdx.y / head_blocks, head_block = blockIdx.y % head_blocks;
@@ -901,8 +915,10 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
             u32 pb[NT][2];
             scores_staged(s, qb, stage, p0, begin, compressed_end);
             scale_and_mask(s, scale_log2, p0, begin, compressed_end);
+            v_runs vr;
+            find_v_runs(vr, stage + TILE * K_STAGED, p0, begin, compressed_end);
             tile_softmax(st, s, pb);
-            pv_staged(st, pb, stage + TILE * K_STAGED, p0, begin, compressed_end);
+            pv_staged(st, pb, vr);
         }
         if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {
             const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;
@@ -983,38 +999,56 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
 }
 
 /* Merges the splits of every (sequence, query head): one block of
-   COMBINE_THREADS each.  Thread (part, c) sums channel c over the splits
-   s = part (mod COMBINE_PARTS), its loads independent of each other so that
-   they issue back to back; the parts meet in shared memory. */
+   COMBINE_THREADS each.  Thread (part, c) sums channels 4c..4c+3 over the
+   splits s = part (mod COMBINE_PARTS) with 16-byte loads, independent of
+   each other so that they issue back to back; the parts meet in shared
+   memory.  From sm_90 on it is launched as a programmatic dependent of the
+   attention kernel: its blocks may start while that grid drains, and wait
+   here for its results. */
 #define COMBINE_THREADS 256
-#define COMBINE_PARTS (COMBINE_THREADS / D)
+#define COMBINE_QUADS (D / 4)
+#define COMBINE_PARTS (COMBINE_THREADS / COMBINE_QUADS)
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(const float *partial_o,
                                                                                const float *partial_ml,
                                                                                u16 *out, int splits)
 {
-    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS], acc_part[COMBINE_PARTS][D];
+    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS];
+    __shared__ float4 acc_part[COMBINE_PARTS][COMBINE_QUADS];
+#if MUSTAFAR_SM >= 90
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     const long long head = blockIdx.x;
-    const int c = threadIdx.x % D, part = threadIdx.x / D;
+    const int c = threadIdx.x % COMBINE_QUADS, part = threadIdx.x / COMBINE_QUADS;
     const float *ml = partial_ml + head * splits * 2;
-    const float *po = partial_o + head * splits * D + c;
-    float m = NEG_INF, l = 0.0f, acc = 0.0f;
+    const float4 *po = (const float4 *)(partial_o + head * splits * D) + c;
+    float m = NEG_INF, l = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int s = threadIdx.x; s < splits; s += COMBINE_THREADS) m = fmaxf(m, ml[2 * s]);
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if ((threadIdx.x & 31) == 0) max_part[threadIdx.x >> 5] = m;
     __syncthreads();
     for (int w = 0; w < COMBINE_THREADS / 32; w++) m = fmaxf(m, max_part[w]);
     const float ref = m == NEG_INF ? 0.0f : m;
-#pragma unroll 8
+#pragma unroll 4
     for (int s = part; s < splits; s += COMBINE_PARTS) {
         const float w = exp2f(ml[2 * s] - ref);
+        const float4 x = po[(long long)s * COMBINE_QUADS];
         l += w * ml[2 * s + 1];
-        acc += w * po[(long long)s * D];
+        acc.x += w * x.x; acc.y += w * x.y; acc.z += w * x.z; acc.w += w * x.w;
     }
     acc_part[part][c] = acc;
     if (c == 0) sum_part[part] = l;
     __syncthreads();
     if (part == 0) {
-        for (int p = 1; p < COMBINE_PARTS; p++) { acc += acc_part[p][c]; l += sum_part[p]; }
-        out[head * D + c] = from_float(l > 0.0f ? acc / l : 0.0f);
+        for (int p = 1; p < COMBINE_PARTS; p++) {
+            const float4 y = acc_part[p][c];
+            acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;
+            l += sum_part[p];
+        }
+        if (!(l > 0.0f)) {                  /* no position in range: zeros */
+            acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            l = 1.0f;
+        }
+        *(uint2 *)(out + head * D + 4 * c) = make_uint2(pack2(acc.x / l, acc.y / l), pack2(acc.z / l, acc.w / l));
     }
 }
