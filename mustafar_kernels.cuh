@@ -233,22 +233,24 @@ __device__ __forceinline__ int count_bytes_at_least(const u32 field[PAIRS / 2], 
 __device__ __forceinline__ int search_bytes(const u32 field[PAIRS / 2], int kept)
 {
     int t = 0;
-#pragma unroll 1
+#pragma unroll
     for (int step = 64; step > 0; step >>= 1)
         if (count_bytes_at_least(field, t + step) >= kept) t += step;
     return t;
 }
-/* The lane's keep bits of the keys >= t. */
+/* The lane's keep bits of the keys >= t.  The flags of pair r (bits 15 and
+   31 of key + bias) gather at bits r and 16 + r, one shift-add per pair;
+   then the two halves interleave into channel order. */
 __device__ __forceinline__ u32 bits_at_least(const u32 key[PAIRS], int t)
 {
     const u32 bias = pair_bias(t);
-    u32 bits = 0;
+    u32 x = 0;
 #pragma unroll
-    for (int r = 0; r < PAIRS; r++) {
-        const u32 s = (key[r] + bias) & 0x80008000u;
-        bits |= (((s >> 15) & 1u) | (s >> 30)) << (2 * r);
-    }
-    return bits;
+    for (int r = 0; r < PAIRS; r++) x = (x >> 1) + ((key[r] + bias) & 0x80008000u);
+    x = __byte_perm(x, 0, 0x3120);
+    x = (x & 0xf00ff00fu) | ((x & 0x00f000f0u) << 4) | ((x >> 4) & 0x00f000f0u);
+    x = (x & 0xc3c3c3c3u) | ((x & 0x0c0c0c0cu) << 2) | ((x >> 2) & 0x0c0c0c0cu);
+    return (x & 0x99999999u) | ((x & 0x22222222u) << 1) | ((x >> 1) & 0x22222222u);
 }
 
 /* The lane's keep bits.  Every lane of the warp must call it (shuffles). */
@@ -580,14 +582,25 @@ __device__ __forceinline__ int run_start(const unsigned char *rec, int first, in
     return before;
 }
 
-/* Two packed elements (channels c, c+1 of a run): value or zero, taking
-   kept values from *v onwards. */
-__device__ __forceinline__ u32 take_pair(u32 bits2, const u16 *&v)
+/* One channel of a staged record: the kept value at shared address `addr`
+   if bit k of the run word is set, else zero; `addr` then moves past a
+   value taken.  Three instructions and the load: the masked bit is both the
+   load's predicate and, shifted, the address step. */
+__device__ __forceinline__ u32 take_value(u32 &addr, u32 word, int k)
 {
-    u32 lo = 0, hi = 0;
-    if (bits2 & 1u) lo = *v++;
-    if (bits2 & 2u) hi = *v++;
-    return __byte_perm(lo, hi, 0x5410);
+    const u32 bit = word & (1u << k);
+    u32 x;
+    asm("{ .reg .pred p; setp.ne.u32 p, %2, 0; mov.u32 %0, 0; @p ld.shared.u16 %0, [%1]; }"
+        : "=r"(x) : "r"(addr), "r"(bit));
+    addr += (bit >> k) << 1;
+    return x;
+}
+
+/* Channels c, c+1 of a run (c even) as a packed pair. */
+__device__ __forceinline__ u32 take_pair(u32 &addr, u32 word, int c)
+{
+    const u32 lo = take_value(addr, word, c % 32);
+    return __byte_perm(lo, take_value(addr, word, c % 32 + 1), 0x5410);
 }
 
 __device__ __forceinline__ u32 transpose8x8(u32 x)
@@ -689,23 +702,24 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
     scores_dense(s, qb, src);
 #else
     k_run run[2];
-    const u16 *v[2];
+    u32 addr[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int p = p0 + g + 8 * r;
         const unsigned char *rec = records + (g + 8 * r) * K_STAGED;
-        v[r] = (const u16 *)(rec + BITMAP_BYTES) + run_start(rec, KC * t, KC, p >= lo && p < hi, run[r]);
+        addr[r] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, KC * t, KC, p >= lo && p < hi, run[r]);
     }
     score_chains acc;
     chains_clear(acc);
 #pragma unroll
     for (int kk = 0; kk < MT; kk++) {
-        const u32 n0 = (u32)(run[0] >> (4 * kk)) & 15u, n1 = (u32)(run[1] >> (4 * kk)) & 15u;
+        const int c = 4 * kk;                 /* channel of the run */
+        const u32 w0 = (u32)(run[0] >> (c / 32 * 32)), w1 = (u32)(run[1] >> (c / 32 * 32));
         u32 a[4];
-        a[0] = take_pair(n0, v[0]);
-        a[1] = take_pair(n1, v[1]);
-        a[2] = take_pair(n0 >> 2, v[0]);
-        a[3] = take_pair(n1 >> 2, v[1]);
+        a[0] = take_pair(addr[0], w0, c);
+        a[1] = take_pair(addr[1], w1, c);
+        a[2] = take_pair(addr[0], w0, c + 2);
+        a[3] = take_pair(addr[1], w1, c + 2);
         chains_mma(acc, kk, a, qb);
     }
     chains_sum(s, acc);
@@ -792,7 +806,7 @@ struct v_runs {
     const u16 *src[4];     /* dense rows: the VC-channel run, or null */
 #else
     u32 bits[4];
-    const u16 *v[4];
+    u32 addr[4];           /* shared address of the first value of each run */
 #endif
 };
 __device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi)
@@ -805,7 +819,7 @@ __device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *rec
 #if MUSTAFAR_V_KEPT == D
         vr.src[i] = p >= lo && p < hi ? (const u16 *)(rec + BITMAP_BYTES) + VC * g : 0;
 #else
-        vr.v[i] = (const u16 *)(rec + BITMAP_BYTES) + run_start(rec, VC * g, VC, p >= lo && p < hi, vr.bits[i]);
+        vr.addr[i] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, VC * g, VC, p >= lo && p < hi, vr.bits[i]);
 #endif
     }
 }
@@ -821,10 +835,7 @@ __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v
     for (int k = 0; k < VC; k++) {
         u32 x[4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            x[i] = 0;
-            if (vr.bits[i] >> k & 1u) x[i] = *vr.v[i]++;
-        }
+        for (int i = 0; i < 4; i++) x[i] = take_value(vr.addr[i], vr.bits[i], k);
         pv_channel(st, pb, k, x, low);
     }
 #endif
