@@ -2111,13 +2111,16 @@ static const char *const mustafar__kernel_source[] = {
 "}\n"
 "\n"
 "/* ---- append: compress tokens into pages, fill the dense window -------------\n"
-"   One lane group per (item, KV head, K or V).  Items [0, compress_total) are\n"
-"   positions compressed into pages (from the window ring or the input); the\n"
-"   rest are positions entering the window.  A new position p goes to ring\n"
-"   slot p % window, whose current occupant (the old window position q with\n"
-"   the same slot) may be compressed by this same call: then the group that\n"
-"   compresses q writes p after it has read the slot (each lane rewrites only\n"
-"   the channels it read itself), and the window item of p does nothing.\n"
+"   Items [0, compress_total) are positions compressed into pages (from the\n"
+"   window ring or the input); the rest are positions entering the window.\n"
+"   Each (item, KV head) is a unit of work for one lane group: its K and V\n"
+"   vectors one after the other (pair_kv, large appends: the item's job,\n"
+"   page and ring slot are found once for both), or one of the two (small\n"
+"   appends: twice the groups, half the latency).  A new position p goes to\n"
+"   ring slot p % window, whose current occupant (the old window position q\n"
+"   with the same slot) may be compressed by this same call: then the group\n"
+"   that compresses q writes p after it has read the slot (each lane rewrites\n"
+"   only the channels it read itself), and the window item of p does nothing.\n"
 "   Window entries span at most `window` positions, so each slot receives at\n"
 "   most one. */\n"
 "\n"
@@ -2141,10 +2144,11 @@ static const char *const mustafar__kernel_source[] = {
 "    return lo;\n"
 "}\n"
 "\n"
-"extern \"C\" __global__ void __launch_bounds__(256) mustafar_append(\n"
+"/* 4 blocks (64 registers) per SM: the latency of the search hides behind more warps */\n"
+"extern \"C\" __global__ void __launch_bounds__(256, 4) mustafar_append(\n"
 "    const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,\n"
 "    const int *global_patches, int npatches, int compress_total, int window_total,\n"
-"    int num_kv_heads, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,\n"
+"    int num_kv_heads, int pair_kv, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,\n"
 "    unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window, u16 *v_window,\n"
 "    int window)\n"
 "{\n"
@@ -2155,61 +2159,69 @@ static const char *const mustafar__kernel_source[] = {
 "    if (blockIdx.x == 0)\n"
 "        for (int i = threadIdx.x; i < npatches; i += blockDim.x)\n"
 "            page_table[patches[2 * i]] = patches[2 * i + 1];\n"
-"    const long long total = 2ll * (compress_total + window_total) * num_kv_heads;\n"
+"    const long long units = ((long long)compress_total + window_total) * num_kv_heads << (pair_kv ? 0 : 1);\n"
 "    const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;\n"
-"    const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;\n"
-"    if (first >= total) return;               /* whole warp past the end */\n"
-"    const bool valid = vec < total, is_v = vec & 1;\n"
-"    const long long item = vec >> 1;\n"
+"    const long long unit = (long long)blockIdx.x * BLOCK_VECTORS + group;\n"
+"    if (first >= units) return;               /* whole warp past the end */\n"
+"    const bool valid = unit < units;\n"
+"    const long long item = pair_kv ? unit : unit >> 1;\n"
+"    const int kv_first = pair_kv ? 0 : (int)(unit & 1), kv_end = pair_kv ? 2 : kv_first + 1;\n"
 "    const int g = (int)(item / num_kv_heads), head = (int)(item % num_kv_heads);\n"
-"    const u16 *in = is_v ? v_in : k_in;\n"
-"    u16 *ring_base = is_v ? v_window : k_window;\n"
 "    const bool compress = valid && g < compress_total;\n"
-"\n"
-"    unsigned char *dst = 0;\n"
-"    u16 *ring = 0;                            /* ring slot read by this group, if any */\n"
-"    const u16 *successor = 0;                 /* new window entry for that slot, if any */\n"
-"    u32 x[PAIRS];\n"
-"#pragma unroll\n"
-"    for (int r = 0; r < PAIRS; r++) x[r] = 0;\n"
+"\n",
+"    /* The record slot and element offsets (-1: none) of this item, the same\n"
+"       for K and V: the vector to compress (in the ring or the input), the\n"
+"       ring slot written, the input vector written there. */\n"
+"    long long slot = 0, source = -1, ring = -1, successor = -1;\n"
+"    bool from_ring = false;\n"
 "    if (compress) {\n"
-"        const append_job j = jobs[find_job(jobs, njobs, g, false)];\n",
+"        const append_job j = jobs[find_job(jobs, njobs, g, false)];\n"
 "        const int p = j.old_compressed + (g - j.compress_offset);\n"
 "        const int page_index = p / MUSTAFAR_PAGE_SIZE;\n"
 "        const int page = page_index >= j.pages_before\n"
 "                             ? patches[2 * (j.first_patch + page_index - j.pages_before) + 1]\n"
 "                             : page_table[(long long)j.row * table_stride + page_index];\n"
-"        const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
-"                               p % MUSTAFAR_PAGE_SIZE;\n"
-"        dst = (is_v ? v_pages : k_pages) + slot * (is_v ? V_RECORD : K_RECORD);\n"
-"        if (p < j.old_length) {\n"
-"            ring = ring_base + (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
-"            load_part(x, ring);\n"
+"        slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE + p % MUSTAFAR_PAGE_SIZE;\n"
+"        if (p < j.old_length) {              /* compressed from the ring */\n"
+"            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
+"            source = ring;\n"
+"            from_ring = true;\n"
 "            const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
 "            const int next = first_new + ((p - first_new) % window + window) % window;\n"
 "            if (next < j.old_length + j.new_tokens)\n"
-"                successor = in + ((long long)(j.input_offset + next - j.old_length) * num_kv_heads + head) * D;\n"
+"                successor = ((long long)(j.input_offset + next - j.old_length) * num_kv_heads + head) * D;\n"
 "        } else {\n"
-"            load_part(x, in + ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D);\n"
+"            source = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
 "        }\n"
-"    }\n"
-"    if (__any_sync(0xffffffffu, compress)) {\n"
-"        const u32 keep = select_kept(x, is_v ? MUSTAFAR_V_KEPT : MUSTAFAR_K_KEPT);\n"
-"        compress_part(x, keep, stage[group], is_v ? V_RECORD : K_RECORD, dst, compress);\n"
-"    }\n"
-"    if (successor) {                          /* p left the ring: its slot's new entry */\n"
-"        load_part(x, successor);\n"
-"        store_part(ring, x);\n"
-"    }\n"
-"    if (valid && !compress) {\n"
+"    } else if (valid) {                       /* enters the window */\n"
 "        const int w = g - compress_total;\n"
 "        const append_job j = jobs[find_job(jobs, njobs, w, true)];\n"
 "        const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
 "        const int p = first_new + (w - j.window_offset);\n"
 "        const int occupant = j.old_compressed + ((p - j.old_compressed) % window + window) % window;\n"
-"        if (occupant < j.old_length && occupant < j.new_compressed) return;  /* written above */\n"
-"        load_part(x, in + ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D);\n"
-"        store_part(ring_base + (((long long)j.row * window + p % window) * num_kv_heads + head) * D, x);\n"
+"        if (!(occupant < j.old_length && occupant < j.new_compressed)) {   /* else written above */\n"
+"            successor = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
+"            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
+"        }\n"
+"    }\n"
+"\n"
+"#pragma unroll 1\n"
+"    for (int kv = kv_first; kv < kv_end; kv++) {\n"
+"        const u16 *in = kv ? v_in : k_in;\n"
+"        u16 *ring_base = kv ? v_window : k_window;\n"
+"        u32 x[PAIRS];\n"
+"#pragma unroll\n"
+"        for (int r = 0; r < PAIRS; r++) x[r] = 0;\n"
+"        if (compress) load_part(x, (from_ring ? ring_base : in) + source);\n"
+"        if (__any_sync(0xffffffffu, compress)) {\n"
+"            const int record = kv ? V_RECORD : K_RECORD;\n"
+"            const u32 keep = select_kept(x, kv ? MUSTAFAR_V_KEPT : MUSTAFAR_K_KEPT);\n"
+"            compress_part(x, keep, stage[group], record, (kv ? v_pages : k_pages) + slot * record, compress);\n"
+"        }\n"
+"        if (successor >= 0) {                 /* the ring slot's new entry */\n"
+"            load_part(x, in + successor);\n"
+"            store_part(ring_base + ring, x);\n"
+"        }\n"
 "    }\n"
 "}\n"
 "\n"
@@ -2223,7 +2235,7 @@ static const char *const mustafar__kernel_source[] = {
 "   Both products run transposed, so that the query heads (often only 4 or 8\n"
 "   per KV head) are the mma's 8-wide N dimension instead of padding its\n"
 "   16-high M dimension:\n"
-"     S^T = K Q^T    M = 16 positions, N = 8 heads, K = channels\n"
+"     S^T = K Q^T    M = 16 positions, N = 8 heads, K = channels\n",
 "     O^T = V^T P^T  M = 16 channels,  N = 8 heads, K = 16 positions\n"
 "   and P^T comes from S^T by an in-register 8x8 transpose (movmatrix).\n"
 "\n"
@@ -2238,7 +2250,7 @@ static const char *const mustafar__kernel_source[] = {
 "\n"
 "#define KC (D / 4)\n"
 "#define VC (D / 8)\n"
-"#define MT (D / 16)                          /* m-tiles of O^T */\n",
+"#define MT (D / 16)                          /* m-tiles of O^T */\n"
 "#define NT (MUSTAFAR_GROUP > 8 ? 2 : 1)      /* n-tiles of 8 heads per block */\n"
 "#define HEADS_PER_BLOCK (8 * NT)\n"
 "#if KC > 32\n"
@@ -2301,7 +2313,7 @@ static const char *const mustafar__kernel_source[] = {
 "   Records are trusted to keep exactly KEPT elements; a corrupt one can only\n"
 "   make the decode read other bytes of the shared-memory staging (padded for\n"
 "   that), never outside it. */\n"
-"template <typename R>\n"
+"template <typename R>\n",
 "__device__ __forceinline__ int run_start(const unsigned char *rec, int first, int n, bool valid, R &bits)\n"
 "{\n"
 "    u32 w[D / 32];\n"
@@ -2322,7 +2334,7 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "    before += __popc(own & ((1u << (first % 32)) - 1u));\n"
 "    u64 b;\n"
-"    if (n == 64) b = own | ((u64)next << 32);\n",
+"    if (n == 64) b = own | ((u64)next << 32);\n"
 "    else if (n == 32) b = own;\n"
 "    else b = (own >> (first % 32)) & ((1u << n) - 1u);\n"
 "    bits = valid ? (R)b : (R)0;\n"
@@ -2406,7 +2418,7 @@ static const char *const mustafar__kernel_source[] = {
 "{\n"
 "#pragma unroll\n"
 "    for (int nt = 0; nt < NT; nt++) mma_16816(acc.c[kk & 1][nt], a, qb[nt][kk]);\n"
-"}\n"
+"}\n",
 "__device__ __forceinline__ void chains_sum(float s[NT][4], const score_chains &acc)\n"
 "{\n"
 "#pragma unroll\n"
@@ -2424,7 +2436,7 @@ static const char *const mustafar__kernel_source[] = {
 "    chains_clear(acc);\n"
 "#pragma unroll\n"
 "    for (int kk = 0; kk < MT; kk++) {\n"
-"        const uint2 x0 = src[0] ? *(const uint2 *)(src[0] + 4 * kk) : make_uint2(0, 0);\n",
+"        const uint2 x0 = src[0] ? *(const uint2 *)(src[0] + 4 * kk) : make_uint2(0, 0);\n"
 "        const uint2 x1 = src[1] ? *(const uint2 *)(src[1] + 4 * kk) : make_uint2(0, 0);\n"
 "        const u32 a[4] = {x0.x, x1.x, x0.y, x1.y};\n"
 "        chains_mma(acc, kk, a, qb);\n"
@@ -2494,7 +2506,7 @@ static const char *const mustafar__kernel_source[] = {
 "                const float corr = exp2f(st.m[nt][h] - (m_new == NEG_INF ? 0.0f : m_new));\n"
 "                st.m[nt][h] = m_new;\n"
 "                st.l[nt][h] *= corr;\n"
-"                if (__any_sync(0xffffffffu, corr != 1.0f)) {\n"
+"                if (__any_sync(0xffffffffu, corr != 1.0f)) {\n",
 "#pragma unroll\n"
 "                    for (int mm = 0; mm < MT; mm++) { st.o[nt][mm][h] *= corr; st.o[nt][mm][2 + h] *= corr; }\n"
 "                }\n"
@@ -2510,7 +2522,7 @@ static const char *const mustafar__kernel_source[] = {
 "}\n"
 "\n"
 "/* O^T += V^T P^T given the channel-run values of this thread: x[i] is\n"
-"   channel k of position 2t + (i & 1) + 8 * (i >> 1).  Channels k < D/16 wait\n",
+"   channel k of position 2t + (i & 1) + 8 * (i >> 1).  Channels k < D/16 wait\n"
 "   in `low` for their partner k + D/16 (rows g and g+8 of m-tile k). */\n"
 "__device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,\n"
 "                                           const u32 x[4], u32 (&low)[MT][2])\n"
@@ -2591,7 +2603,7 @@ static const char *const mustafar__kernel_source[] = {
 "/* Row of the window ring holding position p, or null outside [lo, hi). */\n"
 "__device__ __forceinline__ const u16 *ring_row(const u16 *ring, int row, int window, int head,\n"
 "                                               int num_kv_heads, int p, int lo, int hi)\n"
-"{\n"
+"{\n",
 "    return p >= lo && p < hi ? ring + (((long long)row * window + p % window) * num_kv_heads + head) * D : 0;\n"
 "}\n"
 "\n"
@@ -2605,7 +2617,7 @@ static const char *const mustafar__kernel_source[] = {
 "extern \"C\" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(\n"
 "    const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,\n"
 "    const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,\n"
-"    const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,\n",
+"    const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,\n"
 "    float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,\n"
 "    float scale_log2)\n"
 "{\n"
@@ -2664,7 +2676,7 @@ static const char *const mustafar__kernel_source[] = {
 "        next_page = lane_page(table, ahead + sweep, compressed_end);\n"
 "        if (ahead < compressed_end)\n"
 "            prefetch_records(warp_smem + ahead_stage * STAGE_BYTES, ahead, compressed_end, page,\n"
-"                             k_pages, v_pages, kv_head, num_kv_heads);\n"
+"                             k_pages, v_pages, kv_head, num_kv_heads);\n",
 "        copy_commit();\n"
 "        copy_wait<MUSTAFAR_STAGES - 1>();\n"
 "        __syncwarp();\n"
@@ -2681,7 +2693,7 @@ static const char *const mustafar__kernel_source[] = {
 "        if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {\n"
 "            const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;\n"
 "            float s[NT][4];\n"
-"            u32 pb[NT][2];\n",
+"            u32 pb[NT][2];\n"
 "            const u16 *ks[2], *vs[4];\n"
 "#pragma unroll\n"
 "            for (int r = 0; r < 2; r++) {\n"
@@ -2755,7 +2767,7 @@ static const char *const mustafar__kernel_source[] = {
 "        }\n"
 "    }\n"
 "}\n"
-"\n"
+"\n",
 "/* Merges the splits of every (sequence, query head): one block of\n"
 "   COMBINE_THREADS each.  Thread (part, c) sums channels 4c..4c+3 over the\n"
 "   splits s = part (mod COMBINE_PARTS) with 16-byte loads, independent of\n"
@@ -2766,7 +2778,7 @@ static const char *const mustafar__kernel_source[] = {
 "#define COMBINE_THREADS 256\n"
 "#define COMBINE_QUADS (D / 4)\n"
 "#define COMBINE_PARTS (COMBINE_THREADS / COMBINE_QUADS)\n"
-"extern \"C\" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(const float *partial_o,\n",
+"extern \"C\" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(const float *partial_o,\n"
 "                                                                               const float *partial_ml,\n"
 "                                                                               u16 *out, int splits)\n"
 "{\n"
@@ -3293,6 +3305,12 @@ static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kern
 /* Token vectors per 256-thread block of the pruning kernels (BLOCK_VECTORS
    there): head_dim / 32 lanes each. */
 #define MUSTAFAR__BLOCK_VECTORS(head_dim) (8192 / (size_t)(head_dim))
+/* Appends of at least this many (position, KV head) items give each lane
+   group both vectors of an item: the item's job, page and ring slot are
+   found once (fewer instructions), at the price of a longer group (slower
+   for small, latency-bound appends).  Above it the grid still has 1024
+   blocks or more. */
+#define MUSTAFAR__PAIR_KV_ITEMS 65536
 
 static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int head_dim,
                                               float sparsity, mustafar_dtype dtype, const void *in,
@@ -3327,10 +3345,12 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
                        mustafar__job_window_first(last);
     mustafar__append_inline *inl = &ctx->cuda.append_params;
     int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
-    /* one lane group per (position, KV head, K or V) */
-    long long vectors = 2 * ((long long)compress_total + window_total) * hkv;
+    /* one lane group per (position, KV head) for large appends (the K and V
+       vectors in turn), else per (position, KV head, K or V) */
+    long long items = ((long long)compress_total + window_total) * hkv;
     long long per_block = (long long)MUSTAFAR__BLOCK_VECTORS(L->head_dim);
-    long long blocks = (vectors + per_block - 1) / per_block;
+    int pair_kv = items >= MUSTAFAR__PAIR_KV_ITEMS;
+    long long blocks = ((items << !pair_kv) + per_block - 1) / per_block;
     const void *dev_jobs = NULL, *dev_patches = NULL;
     mustafar__module *m;
     mustafar_status st;
@@ -3365,9 +3385,9 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     }
     args[0] = inl; args[1] = &dev_jobs; args[2] = &njobs; args[3] = &dev_patches;
     args[4] = &npatches; args[5] = &compress_total; args[6] = &window_total; args[7] = &hkv;
-    args[8] = (void *)&k; args[9] = (void *)&v; args[10] = (void *)&kv->k_pages;
-    args[11] = (void *)&kv->v_pages; args[12] = (void *)&kv->page_table; args[13] = &stride;
-    args[14] = (void *)&kv->k_window; args[15] = (void *)&kv->v_window; args[16] = &window;
+    args[8] = &pair_kv; args[9] = (void *)&k; args[10] = (void *)&v; args[11] = (void *)&kv->k_pages;
+    args[12] = (void *)&kv->v_pages; args[13] = (void *)&kv->page_table; args[14] = &stride;
+    args[15] = (void *)&kv->k_window; args[16] = (void *)&kv->v_window; args[17] = &window;
     return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args, 0);
 }
 

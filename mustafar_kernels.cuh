@@ -364,13 +364,16 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const
 }
 
 /* ---- append: compress tokens into pages, fill the dense window -------------
-   One lane group per (item, KV head, K or V).  Items [0, compress_total) are
-   positions compressed into pages (from the window ring or the input); the
-   rest are positions entering the window.  A new position p goes to ring
-   slot p % window, whose current occupant (the old window position q with
-   the same slot) may be compressed by this same call: then the group that
-   compresses q writes p after it has read the slot (each lane rewrites only
-   the channels it read itself), and the window item of p does nothing.
+   Items [0, compress_total) are positions compressed into pages (from the
+   window ring or the input); the rest are positions entering the window.
+   Each (item, KV head) is a unit of work for one lane group: its K and V
+   vectors one after the other (pair_kv, large appends: the item's job,
+   page and ring slot are found once for both), or one of the two (small
+   appends: twice the groups, half the latency).  A new position p goes to
+   ring slot p % window, whose current occupant (the old window position q
+   with the same slot) may be compressed by this same call: then the group
+   that compresses q writes p after it has read the slot (each lane rewrites
+   only the channels it read itself), and the window item of p does nothing.
    Window entries span at most `window` positions, so each slot receives at
    most one. */
 
@@ -394,10 +397,11 @@ __device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g
     return lo;
 }
 
-extern "C" __global__ void __launch_bounds__(256) mustafar_append(
+/* 4 blocks (64 registers) per SM: the latency of the search hides behind more warps */
+extern "C" __global__ void __launch_bounds__(256, 4) mustafar_append(
     const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,
     const int *global_patches, int npatches, int compress_total, int window_total,
-    int num_kv_heads, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,
+    int num_kv_heads, int pair_kv, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,
     unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window, u16 *v_window,
     int window)
 {
@@ -408,23 +412,21 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_append(
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < npatches; i += blockDim.x)
             page_table[patches[2 * i]] = patches[2 * i + 1];
-    const long long total = 2ll * (compress_total + window_total) * num_kv_heads;
+    const long long units = ((long long)compress_total + window_total) * num_kv_heads << (pair_kv ? 0 : 1);
     const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;
-    const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;
-    if (first >= total) return;               /* whole warp past the end */
-    const bool valid = vec < total, is_v = vec & 1;
-    const long long item = vec >> 1;
+    const long long unit = (long long)blockIdx.x * BLOCK_VECTORS + group;
+    if (first >= units) return;               /* whole warp past the end */
+    const bool valid = unit < units;
+    const long long item = pair_kv ? unit : unit >> 1;
+    const int kv_first = pair_kv ? 0 : (int)(unit & 1), kv_end = pair_kv ? 2 : kv_first + 1;
     const int g = (int)(item / num_kv_heads), head = (int)(item % num_kv_heads);
-    const u16 *in = is_v ? v_in : k_in;
-    u16 *ring_base = is_v ? v_window : k_window;
     const bool compress = valid && g < compress_total;
 
-    unsigned char *dst = 0;
-    u16 *ring = 0;                            /* ring slot read by this group, if any */
-    const u16 *successor = 0;                 /* new window entry for that slot, if any */
-    u32 x[PAIRS];
-#pragma unroll
-    for (int r = 0; r < PAIRS; r++) x[r] = 0;
+    /* The record slot and element offsets (-1: none) of this item, the same
+       for K and V: the vector to compress (in the ring or the input), the
+       ring slot written, the input vector written there. */
+    long long slot = 0, source = -1, ring = -1, successor = -1;
+    bool from_ring = false;
     if (compress) {
         const append_job j = jobs[find_job(jobs, njobs, g, false)];
         const int p = j.old_compressed + (g - j.compress_offset);
@@ -432,37 +434,47 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_append(
         const int page = page_index >= j.pages_before
                              ? patches[2 * (j.first_patch + page_index - j.pages_before) + 1]
                              : page_table[(long long)j.row * table_stride + page_index];
-        const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
-                               p % MUSTAFAR_PAGE_SIZE;
-        dst = (is_v ? v_pages : k_pages) + slot * (is_v ? V_RECORD : K_RECORD);
-        if (p < j.old_length) {
-            ring = ring_base + (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
-            load_part(x, ring);
+        slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE + p % MUSTAFAR_PAGE_SIZE;
+        if (p < j.old_length) {              /* compressed from the ring */
+            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
+            source = ring;
+            from_ring = true;
             const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
             const int next = first_new + ((p - first_new) % window + window) % window;
             if (next < j.old_length + j.new_tokens)
-                successor = in + ((long long)(j.input_offset + next - j.old_length) * num_kv_heads + head) * D;
+                successor = ((long long)(j.input_offset + next - j.old_length) * num_kv_heads + head) * D;
         } else {
-            load_part(x, in + ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D);
+            source = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;
         }
-    }
-    if (__any_sync(0xffffffffu, compress)) {
-        const u32 keep = select_kept(x, is_v ? MUSTAFAR_V_KEPT : MUSTAFAR_K_KEPT);
-        compress_part(x, keep, stage[group], is_v ? V_RECORD : K_RECORD, dst, compress);
-    }
-    if (successor) {                          /* p left the ring: its slot's new entry */
-        load_part(x, successor);
-        store_part(ring, x);
-    }
-    if (valid && !compress) {
+    } else if (valid) {                       /* enters the window */
         const int w = g - compress_total;
         const append_job j = jobs[find_job(jobs, njobs, w, true)];
         const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;
         const int p = first_new + (w - j.window_offset);
         const int occupant = j.old_compressed + ((p - j.old_compressed) % window + window) % window;
-        if (occupant < j.old_length && occupant < j.new_compressed) return;  /* written above */
-        load_part(x, in + ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D);
-        store_part(ring_base + (((long long)j.row * window + p % window) * num_kv_heads + head) * D, x);
+        if (!(occupant < j.old_length && occupant < j.new_compressed)) {   /* else written above */
+            successor = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;
+            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;
+        }
+    }
+
+#pragma unroll 1
+    for (int kv = kv_first; kv < kv_end; kv++) {
+        const u16 *in = kv ? v_in : k_in;
+        u16 *ring_base = kv ? v_window : k_window;
+        u32 x[PAIRS];
+#pragma unroll
+        for (int r = 0; r < PAIRS; r++) x[r] = 0;
+        if (compress) load_part(x, (from_ring ? ring_base : in) + source);
+        if (__any_sync(0xffffffffu, compress)) {
+            const int record = kv ? V_RECORD : K_RECORD;
+            const u32 keep = select_kept(x, kv ? MUSTAFAR_V_KEPT : MUSTAFAR_K_KEPT);
+            compress_part(x, keep, stage[group], record, (kv ? v_pages : k_pages) + slot * record, compress);
+        }
+        if (successor >= 0) {                 /* the ring slot's new entry */
+            load_part(x, in + successor);
+            store_part(ring_base + ring, x);
+        }
     }
 }
 

@@ -202,9 +202,11 @@ static void test_cache_pool_sharing(mustafar_context *ctx)
 /* The layout documented in CONCEPTS, read back through
    mustafar_cache_layer_view / mustafar_cache_sequence_view: every record is
    the reference encoding of its token, every window slot holds its dense
-   token, pages are never shared; mustafar_paged_attention on the view gives
-   the same output (bitwise) as mustafar_cache_attention. */
-static void check_view_case(mustafar_context *ctx, tb_rng *r, const mustafar_cache_desc *d)
+   token, pages are never shared; mustafar_paged_attention on the view and
+   mustafar_cache_attention both match the float64 reference (and each other
+   bitwise on the CPU backend).  Sequence lengths
+   are {3, 16, 17, 50, 130} x scale, all but two tokens appended in one call. */
+static void check_view_case(mustafar_context *ctx, tb_rng *r, const mustafar_cache_desc *d, int scale)
 {
     tm_model m;
     int idx[5], lens[5] = {3, 16, 17, 50, 130}, nt[5], i, l, t, h;
@@ -213,7 +215,7 @@ static void check_view_case(mustafar_context *ctx, tb_rng *r, const mustafar_cac
         idx[i] = tm_add(&m);
         if (idx[i] < 0) { tm_destroy(&m); return; }
     }
-    for (i = 0; i < 5; i++) nt[i] = lens[i] - 2;
+    for (i = 0; i < 5; i++) nt[i] = lens[i] * scale - 2;
     for (l = 0; l < m.L; l++) tm_append(&m, l, 5, idx, nt);
     for (t = 0; t < 2; t++) {              /* two decode steps */
         for (i = 0; i < 5; i++) nt[i] = 1;
@@ -237,8 +239,8 @@ static void check_view_case(mustafar_context *ctx, tb_rng *r, const mustafar_cac
               "layer_view(%d) fields do not match the cache description", l);
         CHECK(kv.k_pages && kv.v_pages && kv.page_table && kv.num_pages > 0 &&
               (m.W == 0 || (kv.k_window && kv.v_window)), "layer_view(%d) has NULL pointers", l);
-        CHECK(kv.page_table_stride * kv.page_size >= 1024 - m.W, "page_table_stride %d too small for "
-              "max_sequence_length 1024", kv.page_table_stride);
+        CHECK(kv.page_table_stride * kv.page_size >= d->capacity_tokens - m.W, "page_table_stride %d too "
+              "small for max_sequence_length %d", kv.page_table_stride, (int)d->capacity_tokens);
         if (!(kv.k_pages && kv.v_pages && kv.page_table && kv.num_pages > 0 && kv.page_table_stride > 0)) continue;
         if (m.W > 0 && !(kv.k_window && kv.v_window)) continue;
         if (kv.num_rows != maxrows) continue;
@@ -318,9 +320,13 @@ static void check_view_case(mustafar_context *ctx, tb_rng *r, const mustafar_cac
                 CHECK_ST(ctx, tm_attention_raw(&m, l, 5, ids, q, o1, 0.0f, 0, 0), MUSTAFAR_OK)) {
                 int diff;
                 tb_download(ctx, o2, dout, qb);
-                diff = first_diff16(o1, o2, qb / 2);
+                /* on CUDA a device-side sequence list gives the host only a
+                   length bound: the split over the sequence, and with it the
+                   float summation order, may differ; the reference decides */
+                diff = tb_is_cuda(ctx) ? -1 : first_diff16(o1, o2, qb / 2);
                 CHECK(diff < 0, "layer %d: paged_attention on the view differs from cache_attention at element %d "
                       "(0x%04X vs 0x%04X)", l, diff, diff >= 0 ? o2[diff] : 0, diff >= 0 ? o1[diff] : 0);
+                tm_compare(&m, l, 5, idx, q, o1, 0.0f, "cache_attention");
                 tm_compare(&m, l, 5, idx, q, o2, 0.0f, "paged_attention on the view");
             }
             tb_free(ctx, dseqs);
@@ -347,9 +353,15 @@ static void test_cache_layout_view(mustafar_context *ctx)
     mustafar_cache_desc d;
     tb_rng_for_test(&r, g_cur_test);
     tm_desc(&d, 2, 2, 8, 128, MUSTAFAR_DTYPE_F16, 0.7f, 0.5f, 16, 16, 1024, 8);
-    check_view_case(ctx, &r, &d);
+    check_view_case(ctx, &r, &d, 1);
     tm_desc(&d, 2, 2, 4, 64, MUSTAFAR_DTYPE_BF16, 0.5f, 0.7f, 0, 8, 1024, 6);
-    check_view_case(ctx, &r, &d);
+    check_view_case(ctx, &r, &d, 1);
     tm_desc(&d, 1, 1, 8, 256, MUSTAFAR_DTYPE_F16, 0.9f, 0.0f, 64, 32, 1024, 5);
-    check_view_case(ctx, &r, &d);
+    check_view_case(ctx, &r, &d, 1);
+    /* one append of 69040 (position, KV head) items: large enough that the
+       CUDA kernel compresses K and V of an item in one lane group */
+    if (tb_is_cuda(ctx)) {
+        tm_desc(&d, 1, 8, 32, 128, MUSTAFAR_DTYPE_F16, 0.7f, 0.5f, 16, 16, 9216, 5);
+        check_view_case(ctx, &r, &d, 40);
+    }
 }
