@@ -714,24 +714,25 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
     scores_dense(s, qb, src);
 #else
     k_run run[2];
-    u32 addr[2];
+    u32 addr[2][2];        /* [row][half of the run]: from 32 channels on, two address chains per row */
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int p = p0 + g + 8 * r;
         const unsigned char *rec = records + (g + 8 * r) * K_STAGED;
-        addr[r] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, KC * t, KC, p >= lo && p < hi, run[r]);
+        addr[r][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, KC * t, KC, p >= lo && p < hi, run[r]);
+        addr[r][1] = addr[r][0] + 2 * __popcll((u64)run[r] & ((1ull << (KC / 2)) - 1));
     }
     score_chains acc;
     chains_clear(acc);
 #pragma unroll
     for (int kk = 0; kk < MT; kk++) {
-        const int c = 4 * kk;                 /* channel of the run */
+        const int c = 4 * kk, half = KC >= 32 && c >= KC / 2;   /* channel of the run */
         const u32 w0 = (u32)(run[0] >> (c / 32 * 32)), w1 = (u32)(run[1] >> (c / 32 * 32));
         u32 a[4];
-        a[0] = take_pair(addr[0], w0, c);
-        a[1] = take_pair(addr[1], w1, c);
-        a[2] = take_pair(addr[0], w0, c + 2);
-        a[3] = take_pair(addr[1], w1, c + 2);
+        a[0] = take_pair(addr[0][half], w0, c);
+        a[1] = take_pair(addr[1][half], w1, c);
+        a[2] = take_pair(addr[0][half], w0, c + 2);
+        a[3] = take_pair(addr[1][half], w1, c + 2);
         chains_mma(acc, kk, a, qb);
     }
     chains_sum(s, acc);
@@ -818,7 +819,7 @@ struct v_runs {
     const u16 *src[4];     /* dense rows: the VC-channel run, or null */
 #else
     u32 bits[4];
-    u32 addr[4];           /* shared address of the first value of each run */
+    u32 addr[4][2];        /* shared address of the first value of each half run */
 #endif
 };
 __device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi)
@@ -831,24 +832,32 @@ __device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *rec
 #if MUSTAFAR_V_KEPT == D
         vr.src[i] = p >= lo && p < hi ? (const u16 *)(rec + BITMAP_BYTES) + VC * g : 0;
 #else
-        vr.addr[i] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, VC * g, VC, p >= lo && p < hi, vr.bits[i]);
+        vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, VC * g, VC, p >= lo && p < hi, vr.bits[i]);
+        vr.addr[i][1] = vr.addr[i][0] + 2 * __popc(vr.bits[i] & ((1u << MT) - 1u));
 #endif
     }
 }
 
-/* O^T += V^T P^T for the 16 staged V records of a tile. */
+/* O^T += V^T P^T for the 16 staged V records of a tile.  Channel k of a
+   run (row g of m-tile k) and channel k + D/16 (row g + 8) come from the
+   two halves of the run, two independent address chains. */
 __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v_runs &vr)
 {
 #if MUSTAFAR_V_KEPT == D
     pv_dense(st, pb, vr.src);
 #else
-    u32 low[MT][2];
 #pragma unroll
-    for (int k = 0; k < VC; k++) {
-        u32 x[4];
+    for (int k = 0; k < MT; k++) {
+        u32 lo[4], hi[4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) x[i] = take_value(vr.addr[i], vr.bits[i], k);
-        pv_channel(st, pb, k, x, low);
+        for (int i = 0; i < 4; i++) {
+            lo[i] = take_value(vr.addr[i][0], vr.bits[i], k);
+            hi[i] = take_value(vr.addr[i][1], vr.bits[i], k + MT);
+        }
+        const u32 a[4] = {__byte_perm(lo[0], lo[1], 0x5410), __byte_perm(hi[0], hi[1], 0x5410),
+                          __byte_perm(lo[2], lo[3], 0x5410), __byte_perm(hi[2], hi[3], 0x5410)};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][k], a, pb[nt]);
     }
 #endif
 }
