@@ -2144,7 +2144,8 @@ static const char *const mustafar__kernel_source[] = {
 "    return lo;\n"
 "}\n"
 "\n"
-"/* 4 blocks (64 registers) per SM: the latency of the search hides behind more warps */\n"
+"/* 4 blocks (64 registers) per SM: left alone, ptxas gives the K/V loop 77\n"
+"   registers and the SM 3 blocks */\n"
 "extern \"C\" __global__ void __launch_bounds__(256, 4) mustafar_append(\n"
 "    const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,\n"
 "    const int *global_patches, int npatches, int compress_total, int window_total,\n"
@@ -3317,8 +3318,8 @@ static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kern
 /* Appends of at least this many (position, KV head) items give each lane
    group both vectors of an item: the item's job, page and ring slot are
    found once (fewer instructions), at the price of a longer group (slower
-   for small, latency-bound appends).  Above it the grid still has 1024
-   blocks or more. */
+   for small, latency-bound appends).  Above it the grid still has 512
+   (head_dim 64) to 2048 (head_dim 256) blocks of 256 threads. */
 #define MUSTAFAR__PAIR_KV_ITEMS 65536
 
 static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int head_dim,

@@ -397,7 +397,8 @@ __device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g
     return lo;
 }
 
-/* 4 blocks (64 registers) per SM: the latency of the search hides behind more warps */
+/* 4 blocks (64 registers) per SM: left alone, ptxas gives the K/V loop 77
+   registers and the SM 3 blocks */
 extern "C" __global__ void __launch_bounds__(256, 4) mustafar_append(
     const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,
     const int *global_patches, int npatches, int compress_total, int window_total,
