@@ -526,38 +526,61 @@ struct warp_state {
 #define V_STAGED STAGED(V_RECORD)
 #define STAGE_BYTES (TILE * (K_STAGED + V_STAGED))
 
-/* Page id of this lane's prefetch position p0 + lane % 16 (0 past `end`).
-   Loaded one tile before the copies that need it, so that the page-table
-   latency hides behind a tile of work. */
+/* Page id for the prefetch of the tile at p0 (0 past `end`), loaded one
+   tile before the copies that need it, so that the page-table latency hides
+   behind a tile of work.  Tiles start at multiples of TILE (the host keeps
+   split chunks multiples of the warp sweep): when TILE divides the page size
+   a tile lies in one page; otherwise lane l holds the page of position
+   p0 + l % 16. */
 __device__ __forceinline__ int lane_page(const int *table, int p0, int end)
 {
+#if MUSTAFAR_PAGE_SIZE % TILE == 0
+    return p0 < end ? table[p0 / MUSTAFAR_PAGE_SIZE] : 0;
+#else
     const int p = p0 + (threadIdx.x & 15);
     return p < end ? table[p / MUSTAFAR_PAGE_SIZE] : 0;
+#endif
 }
 
-/* Queues the records of the tile's compressed positions [p0, p0+16) below
-   `end`: lane l copies the K record (l < 16) or the V record (l >= 16) of
-   position p0 + l % 16, which lies in page `page`. */
+/* Queues the first `count` records of a tile, each RECORD bytes in global
+   memory and staged STAGED_BYTES apart, as 16-byte chunks: lane l copies
+   chunks l, l + 32, ..., so that one copy instruction of the warp reads 512
+   contiguous bytes of a page (whole sectors, not one 16-byte piece of 32
+   records). */
+template <int RECORD, int STAGED_BYTES>
+__device__ __forceinline__ void copy_records(unsigned char *dst, const unsigned char *pages, int page,
+                                             int p0, int count, int head, int num_kv_heads)
+{
+    const int lane = threadIdx.x & 31;
+    const int chunks = RECORD / 16;
+#if MUSTAFAR_PAGE_SIZE % TILE == 0
+    const unsigned char *src = pages + (((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
+                                        p0 % MUSTAFAR_PAGE_SIZE) * RECORD;
+#endif
+#pragma unroll
+    for (int i = 0; i < (TILE * chunks + 31) / 32; i++) {
+        const int j = lane + 32 * i, tok = j / chunks;
+#if MUSTAFAR_PAGE_SIZE % TILE != 0
+        const int tok_page = __shfl_sync(0xffffffffu, page, tok & 15);
+        const unsigned char *src = pages + (((long long)tok_page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
+                                            (p0 + tok) % MUSTAFAR_PAGE_SIZE) * RECORD - tok * RECORD;
+#endif
+        if (j < TILE * chunks && tok < count)
+            copy16(dst + 16 * j + (STAGED_BYTES - RECORD) * tok, src + 16 * j);
+    }
+}
+
+/* Queues the K and V records of the tile's compressed positions
+   [p0, p0+16) below `end`. */
 __device__ __forceinline__ void prefetch_records(unsigned char *stage, int p0, int end, int page,
                                                  const unsigned char *k_pages,
                                                  const unsigned char *v_pages, int head,
                                                  int num_kv_heads)
 {
-    const int lane = threadIdx.x & 31, tok = lane & 15, p = p0 + tok;
-    if (p >= end) return;
-    const long long slot = ((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
-                           p % MUSTAFAR_PAGE_SIZE;
-    if (lane < 16) {
-        const unsigned char *src = k_pages + slot * K_RECORD;
-        unsigned char *dst = stage + tok * K_STAGED;
-#pragma unroll
-        for (int c = 0; c < K_RECORD / 16; c++) copy16(dst + 16 * c, src + 16 * c);
-    } else {
-        const unsigned char *src = v_pages + slot * V_RECORD;
-        unsigned char *dst = stage + TILE * K_STAGED + tok * V_STAGED;
-#pragma unroll
-        for (int c = 0; c < V_RECORD / 16; c++) copy16(dst + 16 * c, src + 16 * c);
-    }
+    const int count = end - p0 < TILE ? end - p0 : TILE;
+    copy_records<K_RECORD, K_STAGED>(stage, k_pages, page, p0, count, head, num_kv_heads);
+    copy_records<V_RECORD, V_STAGED>(stage + TILE * K_STAGED, v_pages, page, p0, count, head,
+                                     num_kv_heads);
 }
 
 /* The channel run [first, first + n) of a staged record (n = 8..64, first a
