@@ -583,15 +583,37 @@ __device__ __forceinline__ void prefetch_records(unsigned char *stage, int p0, i
                                      num_kv_heads);
 }
 
-/* The channel run [first, first + n) of a staged record (n = 8..64, first a
-   multiple of n): its bits (zero for a position outside the range, `valid`
-   false) and the index of its first kept value, from the whole bitmap in one
-   shared load (no shuffles: the decode's start waits on one load only).
-   Records are trusted to keep exactly KEPT elements; a corrupt one can only
-   make the decode read other bytes of the shared-memory staging (padded for
-   that), never outside it. */
-template <typename R>
-__device__ __forceinline__ int run_start(const unsigned char *rec, int first, int n, bool valid, R &bits)
+/* Where a thread's channel run [first, first + N) lies in every record, as
+   lane constants made once per kernel: below[i] is 1 if bitmap word i lies
+   wholly below `first`, else 0; `low` masks the bits of the run's own word
+   below it (runs shorter than 32 channels).  With them a run start takes
+   multiply-adds (FMA pipe) instead of selects (ALU pipe, which the decode
+   slots fill). */
+template <int N>
+struct run_place {
+    int first;
+    int below[D / 32 - 1];
+    u32 low;
+};
+template <int N>
+__device__ __forceinline__ run_place<N> make_run_place(int first)
+{
+    run_place<N> pl;
+    pl.first = first;
+#pragma unroll
+    for (int i = 0; i < D / 32 - 1; i++)   /* through a shuffle: ptxas would turn a known 0/1 factor into a select */
+        pl.below[i] = __shfl_sync(0xffffffffu, (int)(32 * (i + 1) <= first), threadIdx.x & 31);
+    pl.low = (1u << (first % 32)) - 1u;
+    return pl;
+}
+
+/* The run of a staged record: its bits (zero for a position outside the
+   range, `valid` false) and the index of its first kept value.  Records are
+   trusted to keep exactly KEPT elements; a corrupt one can only make the
+   decode read other bytes of the shared-memory staging (padded for that),
+   never outside it. */
+template <int N, typename R>
+__device__ __forceinline__ int run_start(const unsigned char *rec, const run_place<N> &pl, bool valid, R &bits)
 {
     u32 w[D / 32];
 #pragma unroll
@@ -600,21 +622,16 @@ __device__ __forceinline__ int run_start(const unsigned char *rec, int first, in
         w[i] = x.x;
         w[i + 1] = x.y;
     }
-    const int word = first / 32;
     int before = 0;
-    u32 own = 0, next = 0;
 #pragma unroll
-    for (int i = 0; i < D / 32; i++) {     /* masks, not w[word]: w stays in registers */
-        before += __popc(w[i] & (0u - (u32)(i < word)));
-        own |= w[i] & (0u - (u32)(i == word));
-        next |= w[i] & (0u - (u32)(i == word + 1));
-    }
-    before += __popc(own & ((1u << (first % 32)) - 1u));
-    u64 b;
-    if (n == 64) b = own | ((u64)next << 32);
-    else if (n == 32) b = own;
-    else b = (own >> (first % 32)) & ((1u << n) - 1u);
-    bits = valid ? (R)b : (R)0;
+    for (int i = 0; i < D / 32 - 1; i++) before += __popc(w[i]) * pl.below[i];
+    R b;
+    if (N == 64) b = (R) * (const u64 *)(rec + pl.first / 8);
+    else if (N == 32) b = (R) * (const u32 *)(rec + pl.first / 8);
+    else if (N == 16) b = (R) * (const u16 *)(rec + pl.first / 8);
+    else b = (R) * (const unsigned char *)(rec + pl.first / 8);
+    if (N < 32) before += __popc(*(const u32 *)(rec + pl.first / 32 * 4) & pl.low);
+    bits = valid ? b : (R)0;
     return before;
 }
 
@@ -632,11 +649,18 @@ __device__ __forceinline__ u32 take_value(u32 &addr, u32 word, int k)
     return x;
 }
 
+/* Two zero-extended 16-bit values as a packed pair, by a multiply-add: the
+   FMA pipe has room, the ALU pipe (where a byte permute runs) does not. */
+__device__ __forceinline__ u32 pack_halves(u32 lo, u32 hi)
+{
+    return hi * 0x10000u + lo;
+}
+
 /* Channels c, c+1 of a run (c even) as a packed pair. */
 __device__ __forceinline__ u32 take_pair(u32 &addr, u32 word, int c)
 {
     const u32 lo = take_value(addr, word, c % 32);
-    return __byte_perm(lo, take_value(addr, word, c % 32 + 1), 0x5410);
+    return pack_halves(lo, take_value(addr, word, c % 32 + 1));
 }
 
 __device__ __forceinline__ u32 transpose8x8(u32 x)
@@ -723,7 +747,8 @@ __device__ __forceinline__ void scores_dense(float s[NT][4], const u32 qb[NT][MT
 
 /* S^T for the 16 staged K records of a tile. */
 __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][MT][2],
-                                              const unsigned char *records, int p0, int lo, int hi)
+                                              const unsigned char *records, int p0, int lo, int hi,
+                                              const run_place<KC> &pl)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #if MUSTAFAR_K_KEPT == D
@@ -743,7 +768,7 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
     for (int r = 0; r < 2; r++) {
         const int p = p0 + g + 8 * r;
         const unsigned char *rec = records + (g + 8 * r) * K_STAGED;
-        addr[r][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, KC * t, KC, p >= lo && p < hi, run[r]);
+        addr[r][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, p >= lo && p < hi, run[r]);
         addr[r][1] = addr[r][0] + 2 * __popcll((u64)run[r] & ((1ull << (KC / 2)) - 1));
     }
     score_chains acc;
@@ -846,7 +871,8 @@ struct v_runs {
     u32 addr[4][2];        /* shared address of the first value of each half run */
 #endif
 };
-__device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi)
+__device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi,
+                                            const run_place<VC> &pl)
 {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -856,7 +882,7 @@ __device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *rec
 #if MUSTAFAR_V_KEPT == D
         vr.src[i] = p >= lo && p < hi ? (const u16 *)(rec + BITMAP_BYTES) + VC * g : 0;
 #else
-        vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, VC * g, VC, p >= lo && p < hi, vr.bits[i]);
+        vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, p >= lo && p < hi, vr.bits[i]);
         vr.addr[i][1] = vr.addr[i][0] + 2 * __popc(vr.bits[i] & ((1u << MT) - 1u));
 #endif
     }
@@ -878,8 +904,8 @@ __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v
             lo[i] = take_value(vr.addr[i][0], vr.bits[i], k);
             hi[i] = take_value(vr.addr[i][1], vr.bits[i], k + MT);
         }
-        const u32 a[4] = {__byte_perm(lo[0], lo[1], 0x5410), __byte_perm(hi[0], hi[1], 0x5410),
-                          __byte_perm(lo[2], lo[3], 0x5410), __byte_perm(hi[2], hi[3], 0x5410)};
+        const u32 a[4] = {pack_halves(lo[0], lo[1]), pack_halves(hi[0], hi[1]),
+                          pack_halves(lo[2], lo[3]), pack_halves(hi[2], hi[3])};
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][k], a, pb[nt]);
     }
@@ -926,6 +952,8 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     const int *table = page_table + (long long)sq.row * table_stride;
     unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;
 
+    const run_place<KC> k_place = make_run_place<KC>(KC * t);
+    const run_place<VC> v_place = make_run_place<VC>(VC * g);
     u32 qb[NT][MT][2];
     load_q(qb, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);
 
@@ -969,10 +997,10 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
         if (p0 < compressed_end) {
             float s[NT][4];
             u32 pb[NT][2];
-            scores_staged(s, qb, stage, p0, begin, compressed_end);
+            scores_staged(s, qb, stage, p0, begin, compressed_end, k_place);
             scale_and_mask(s, scale_log2, p0, begin, compressed_end);
             v_runs vr;
-            find_v_runs(vr, stage + TILE * K_STAGED, p0, begin, compressed_end);
+            find_v_runs(vr, stage + TILE * K_STAGED, p0, begin, compressed_end, v_place);
             tile_softmax(st, s, pb);
             pv_staged(st, pb, vr);
         }
