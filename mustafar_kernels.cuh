@@ -70,6 +70,17 @@ __device__ __forceinline__ u16 from_float(float f)
 #endif
 }
 
+/* 2^x by the hardware approximation alone (one MUFU.EX2): exp2f adds a
+   range fix-up (compare, two conditional multiplies) for results below
+   2^-126, which the softmax weights of a tile do not need (they flush to
+   zero, as they would round to zero in the 16-bit P operand anyway). */
+__device__ __forceinline__ float fast_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ u32 pack2(float lo, float hi)
 {
     return (u32)from_float(lo) | ((u32)from_float(hi) << 16);
@@ -806,7 +817,7 @@ __device__ __forceinline__ void tile_softmax(warp_state &st, float s[NT][4], u32
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
                 const float m_new = fmaxf(st.m[nt][h], mx);
-                const float corr = exp2f(st.m[nt][h] - (m_new == NEG_INF ? 0.0f : m_new));
+                const float corr = fast_exp2(st.m[nt][h] - (m_new == NEG_INF ? 0.0f : m_new));
                 st.m[nt][h] = m_new;
                 st.l[nt][h] *= corr;
                 if (__any_sync(0xffffffffu, corr != 1.0f)) {
@@ -815,8 +826,8 @@ __device__ __forceinline__ void tile_softmax(warp_state &st, float s[NT][4], u32
                 }
             }
             const float ref = st.m[nt][h] == NEG_INF ? 0.0f : st.m[nt][h];
-            s[nt][h] = exp2f(s[nt][h] - ref);
-            s[nt][2 + h] = exp2f(s[nt][2 + h] - ref);
+            s[nt][h] = fast_exp2(s[nt][h] - ref);
+            s[nt][2 + h] = fast_exp2(s[nt][2 + h] - ref);
             st.l[nt][h] += s[nt][h] + s[nt][2 + h];
         }
         pb[nt][0] = transpose8x8(pack2(s[nt][0], s[nt][1]));   /* positions 0..7 */
