@@ -761,8 +761,9 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
                                               const unsigned char *records, int p0, int lo, int hi,
                                               const run_place<KC> &pl)
 {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int g = (threadIdx.x & 31) >> 2;
 #if MUSTAFAR_K_KEPT == D
+    const int t = threadIdx.x & 3;
     const u16 *src[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -885,13 +886,13 @@ struct v_runs {
 __device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi,
                                             const run_place<VC> &pl)
 {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int t = threadIdx.x & 3;
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
         const unsigned char *rec = records + tok * V_STAGED;
 #if MUSTAFAR_V_KEPT == D
-        vr.src[i] = p >= lo && p < hi ? (const u16 *)(rec + BITMAP_BYTES) + VC * g : 0;
+        vr.src[i] = p >= lo && p < hi ? (const u16 *)(rec + BITMAP_BYTES) + VC * ((threadIdx.x & 31) >> 2) : 0;
 #else
         vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, p >= lo && p < hi, vr.bits[i]);
         vr.addr[i][1] = vr.addr[i][0] + 2 * __popc(vr.bits[i] & ((1u << MT) - 1u));
