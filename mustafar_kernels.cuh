@@ -698,7 +698,8 @@ __device__ __forceinline__ void load_q(u32 qb[NT][MT][2], const u16 *q, int rows
 }
 
 /* S^T tile: rows g, g+8 are positions p0 + g, p0 + g + 8; scaled to log2
-   units; positions outside [lo, hi) get -inf. */
+   units; with EDGE, positions outside [lo, hi) get -inf. */
+template <bool EDGE>
 __device__ __forceinline__ void scale_and_mask(float s[NT][4], float scale_log2, int p0, int lo, int hi)
 {
     const int g = (threadIdx.x & 31) >> 2;
@@ -707,7 +708,7 @@ __device__ __forceinline__ void scale_and_mask(float s[NT][4], float scale_log2,
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int p = p0 + g + (i >= 2 ? 8 : 0);
-            s[nt][i] = (p >= lo && p < hi) ? s[nt][i] * scale_log2 : NEG_INF;
+            s[nt][i] = !EDGE || (p >= lo && p < hi) ? s[nt][i] * scale_log2 : NEG_INF;
         }
 }
 
@@ -757,6 +758,7 @@ __device__ __forceinline__ void scores_dense(float s[NT][4], const u32 qb[NT][MT
 }
 
 /* S^T for the 16 staged K records of a tile. */
+template <bool EDGE>
 __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][MT][2],
                                               const unsigned char *records, int p0, int lo, int hi,
                                               const run_place<KC> &pl)
@@ -768,7 +770,7 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int p = p0 + g + 8 * r;
-        src[r] = p >= lo && p < hi
+        src[r] = !EDGE || (p >= lo && p < hi)
                      ? (const u16 *)(records + (g + 8 * r) * K_STAGED + BITMAP_BYTES) + KC * t
                      : 0;
     }
@@ -780,7 +782,7 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
     for (int r = 0; r < 2; r++) {
         const int p = p0 + g + 8 * r;
         const unsigned char *rec = records + (g + 8 * r) * K_STAGED;
-        addr[r][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, p >= lo && p < hi, run[r]);
+        addr[r][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, !EDGE || (p >= lo && p < hi), run[r]);
         addr[r][1] = addr[r][0] + 2 * __popcll((u64)run[r] & ((1ull << (KC / 2)) - 1));
     }
     score_chains acc;
@@ -883,6 +885,7 @@ struct v_runs {
     u32 addr[4][2];        /* shared address of the first value of each half run */
 #endif
 };
+template <bool EDGE>
 __device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi,
                                             const run_place<VC> &pl)
 {
@@ -892,9 +895,9 @@ __device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *rec
         const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
         const unsigned char *rec = records + tok * V_STAGED;
 #if MUSTAFAR_V_KEPT == D
-        vr.src[i] = p >= lo && p < hi ? (const u16 *)(rec + BITMAP_BYTES) + VC * ((threadIdx.x & 31) >> 2) : 0;
+        vr.src[i] = !EDGE || (p >= lo && p < hi) ? (const u16 *)(rec + BITMAP_BYTES) + VC * ((threadIdx.x & 31) >> 2) : 0;
 #else
-        vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, p >= lo && p < hi, vr.bits[i]);
+        vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, !EDGE || (p >= lo && p < hi), vr.bits[i]);
         vr.addr[i][1] = vr.addr[i][0] + 2 * __popc(vr.bits[i] & ((1u << MT) - 1u));
 #endif
     }
@@ -922,6 +925,26 @@ __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v
         for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][k], a, pb[nt]);
     }
 #endif
+}
+
+/* One tile of 16 staged positions: scores, online softmax, O update.  Only
+   a tile at the end of the compressed range (EDGE) checks each position
+   against [lo, hi): tiles start inside the range, so every other tile lies
+   wholly in it. */
+template <bool EDGE>
+__device__ __forceinline__ void staged_tile(warp_state &st, const u32 qb[NT][MT][2],
+                                            const unsigned char *stage, int p0, int lo, int hi,
+                                            float scale_log2, const run_place<KC> &k_place,
+                                            const run_place<VC> &v_place)
+{
+    float s[NT][4];
+    u32 pb[NT][2];
+    scores_staged<EDGE>(s, qb, stage, p0, lo, hi, k_place);
+    scale_and_mask<EDGE>(s, scale_log2, p0, lo, hi);
+    v_runs vr;
+    find_v_runs<EDGE>(vr, stage + TILE * K_STAGED, p0, lo, hi, v_place);
+    tile_softmax(st, s, pb);
+    pv_staged(st, pb, vr);
 }
 
 /* Row of the window ring holding position p, or null outside [lo, hi). */
@@ -1006,16 +1029,10 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
         copy_commit();
         copy_wait<MUSTAFAR_STAGES - 1>();
         __syncwarp();
-        if (p0 < compressed_end) {
-            float s[NT][4];
-            u32 pb[NT][2];
-            scores_staged(s, qb, stage, p0, begin, compressed_end, k_place);
-            scale_and_mask(s, scale_log2, p0, begin, compressed_end);
-            v_runs vr;
-            find_v_runs(vr, stage + TILE * K_STAGED, p0, begin, compressed_end, v_place);
-            tile_softmax(st, s, pb);
-            pv_staged(st, pb, vr);
-        }
+        if (p0 + TILE <= compressed_end)
+            staged_tile<false>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);
+        else if (p0 < compressed_end)
+            staged_tile<true>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);
         if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {
             const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;
             float s[NT][4];
@@ -1033,7 +1050,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
                 if (vs[i]) vs[i] += VC * g;
             }
             scores_dense(s, qb, ks);
-            scale_and_mask(s, scale_log2, p0, lo, end);
+            scale_and_mask<true>(s, scale_log2, p0, lo, end);
             tile_softmax(st, s, pb);
             pv_dense(st, pb, vs);
         }
