@@ -93,13 +93,16 @@ __device__ __forceinline__ u32 smem_addr(const void *p)
     return (u32)__cvta_generic_to_shared(p);
 }
 
-/* 16-byte global -> shared copy; asynchronous from sm_80 on. */
-__device__ __forceinline__ void copy16(void *dst, const void *src)
+/* 16-byte global -> shared copy to shared address `dst`; asynchronous from
+   sm_80 on. */
+__device__ __forceinline__ void copy16(u32 dst, const void *src)
 {
 #if MUSTAFAR_SM >= 80
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
 #else
-    *(uint4 *)dst = *(const uint4 *)src;
+    const uint4 x = *(const uint4 *)src;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(x.x), "r"(x.y), "r"(x.z),
+                 "r"(x.w) : "memory");
 #endif
 }
 __device__ __forceinline__ void copy_commit()
@@ -553,20 +556,20 @@ __device__ __forceinline__ int lane_page(const int *table, int p0, int end)
 #endif
 }
 
-/* Queues the first `count` records of a tile, each RECORD bytes in global
-   memory and staged STAGED_BYTES apart, as 16-byte chunks: lane l copies
-   chunks l, l + 32, ..., so that one copy instruction of the warp reads 512
-   contiguous bytes of a page (whole sectors, not one 16-byte piece of 32
-   records). */
-template <int RECORD, int STAGED_BYTES>
-__device__ __forceinline__ void copy_records(unsigned char *dst, const unsigned char *pages, int page,
-                                             int p0, int count, int head, int num_kv_heads)
+/* Queues the first `count` records of a tile (all 16 when FULL), each
+   RECORD bytes in global memory and staged STAGED_BYTES apart from shared
+   address `dst` on, as 16-byte chunks: lane l copies chunks l, l + 32, ...,
+   so that one copy instruction of the warp reads 512 contiguous bytes of a
+   page (whole sectors, not one 16-byte piece of 32 records). */
+template <int RECORD, int STAGED_BYTES, bool FULL>
+__device__ __forceinline__ void copy_records(u32 dst, const unsigned char *pages, int page, int p0,
+                                             int count, int head, int num_kv_heads)
 {
     const int lane = threadIdx.x & 31;
     const int chunks = RECORD / 16;
 #if MUSTAFAR_PAGE_SIZE % TILE == 0
     const unsigned char *src = pages + (((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
-                                        p0 % MUSTAFAR_PAGE_SIZE) * RECORD;
+                                        p0 % MUSTAFAR_PAGE_SIZE) * RECORD + 16 * lane;
 #endif
 #pragma unroll
     for (int i = 0; i < (TILE * chunks + 31) / 32; i++) {
@@ -574,24 +577,29 @@ __device__ __forceinline__ void copy_records(unsigned char *dst, const unsigned 
 #if MUSTAFAR_PAGE_SIZE % TILE != 0
         const int tok_page = __shfl_sync(0xffffffffu, page, tok & 15);
         const unsigned char *src = pages + (((long long)tok_page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
-                                            (p0 + tok) % MUSTAFAR_PAGE_SIZE) * RECORD - tok * RECORD;
+                                            (p0 + tok) % MUSTAFAR_PAGE_SIZE) * RECORD - tok * RECORD + 16 * lane;
 #endif
-        if (j < TILE * chunks && tok < count)
-            copy16(dst + 16 * j + (STAGED_BYTES - RECORD) * tok, src + 16 * j);
+        if (j < TILE * chunks && (FULL || tok < count))
+            copy16(dst + 16 * j + (STAGED_BYTES - RECORD) * tok, src + 512 * i);
     }
 }
 
 /* Queues the K and V records of the tile's compressed positions
-   [p0, p0+16) below `end`. */
-__device__ __forceinline__ void prefetch_records(unsigned char *stage, int p0, int end, int page,
+   [p0, p0+16) below `end` into the stage at shared address `stage`. */
+__device__ __forceinline__ void prefetch_records(u32 stage, int p0, int end, int page,
                                                  const unsigned char *k_pages,
                                                  const unsigned char *v_pages, int head,
                                                  int num_kv_heads)
 {
-    const int count = end - p0 < TILE ? end - p0 : TILE;
-    copy_records<K_RECORD, K_STAGED>(stage, k_pages, page, p0, count, head, num_kv_heads);
-    copy_records<V_RECORD, V_STAGED>(stage + TILE * K_STAGED, v_pages, page, p0, count, head,
-                                     num_kv_heads);
+    if (p0 + TILE <= end) {
+        copy_records<K_RECORD, K_STAGED, true>(stage, k_pages, page, p0, TILE, head, num_kv_heads);
+        copy_records<V_RECORD, V_STAGED, true>(stage + TILE * K_STAGED, v_pages, page, p0, TILE, head,
+                                               num_kv_heads);
+    } else {
+        copy_records<K_RECORD, K_STAGED, false>(stage, k_pages, page, p0, end - p0, head, num_kv_heads);
+        copy_records<V_RECORD, V_STAGED, false>(stage + TILE * K_STAGED, v_pages, page, p0, end - p0,
+                                                head, num_kv_heads);
+    }
 }
 
 /* Where a thread's channel run [first, first + N) lies in every record, as
@@ -986,6 +994,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     const int end = begin + chunk < length ? begin + chunk : length;
     const int *table = page_table + (long long)sq.row * table_stride;
     unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;
+    const u32 warp_stage = smem_addr(warp_smem);
 
     const run_place<KC> k_place = make_run_place<KC>(KC * t);
     const run_place<VC> v_place = make_run_place<VC>(VC * g);
@@ -1010,7 +1019,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     for (int i = 0; i < MUSTAFAR_STAGES - 1; i++) {
         const int pi = begin + warp * TILE + i * sweep;
         if (pi < compressed_end)
-            prefetch_records(warp_smem + i * STAGE_BYTES, pi, compressed_end,
+            prefetch_records(warp_stage + i * STAGE_BYTES, pi, compressed_end,
                              lane_page(table, pi, compressed_end), k_pages, v_pages, kv_head,
                              num_kv_heads);
         copy_commit();
@@ -1024,7 +1033,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
         const int page = next_page;
         next_page = lane_page(table, ahead + sweep, compressed_end);
         if (ahead < compressed_end)
-            prefetch_records(warp_smem + ahead_stage * STAGE_BYTES, ahead, compressed_end, page,
+            prefetch_records(warp_stage + ahead_stage * STAGE_BYTES, ahead, compressed_end, page,
                              k_pages, v_pages, kv_head, num_kv_heads);
         copy_commit();
         copy_wait<MUSTAFAR_STAGES - 1>();
