@@ -1819,8 +1819,9 @@ static const char *const mustafar__kernel_source[] = {
 "\n"
 "/* 2^x by the hardware approximation alone (one MUFU.EX2): exp2f adds a\n"
 "   range fix-up (compare, two conditional multiplies) for results below\n"
-"   2^-126, which the softmax weights of a tile do not need (they flush to\n"
-"   zero, as they would round to zero in the 16-bit P operand anyway). */\n"
+"   2^-126.  The softmax weights do not need it: they are taken relative to\n"
+"   the running maximum, whose own weight is 1, so a weight that flushes to\n"
+"   zero was below 2^-126 of the sum. */\n"
 "__device__ __forceinline__ float fast_exp2(float x)\n"
 "{\n"
 "    float y;\n"
@@ -1836,10 +1837,10 @@ static const char *const mustafar__kernel_source[] = {
 "/* ---- warp and shared-memory helpers --------------------------------------- */\n"
 "\n"
 "__device__ __forceinline__ u32 smem_addr(const void *p)\n"
-"{\n"
+"{\n",
 "    return (u32)__cvta_generic_to_shared(p);\n"
 "}\n"
-"\n",
+"\n"
 "/* 16-byte global -> shared copy to shared address `dst`; asynchronous from\n"
 "   sm_80 on. */\n"
 "__device__ __forceinline__ void copy16(u32 dst, const void *src)\n"
@@ -2307,15 +2308,16 @@ static const char *const mustafar__kernel_source[] = {
 "   RECORD bytes in global memory and staged STAGED_BYTES apart from shared\n"
 "   address `dst` on, as 16-byte chunks: lane l copies chunks l, l + 32, ...,\n"
 "   so that one copy instruction of the warp reads 512 contiguous bytes of a\n"
-"   page (whole sectors, not one 16-byte piece of 32 records). */\n"
+"   page when TILE divides the page size (whole sectors, not one 16-byte\n"
+"   piece of 32 records), else runs of consecutive records per page. */\n"
 "template <int RECORD, int STAGED_BYTES, bool FULL>\n"
 "__device__ __forceinline__ void copy_records(u32 dst, const unsigned char *pages, int page, int p0,\n"
 "                                             int count, int head, int num_kv_heads)\n"
 "{\n"
 "    const int lane = threadIdx.x & 31;\n"
 "    const int chunks = RECORD / 16;\n"
-"#if MUSTAFAR_PAGE_SIZE % TILE == 0\n"
-"    const unsigned char *src = pages + (((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n",
+"#if MUSTAFAR_PAGE_SIZE % TILE == 0\n",
+"    const unsigned char *src = pages + (((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
 "                                        p0 % MUSTAFAR_PAGE_SIZE) * RECORD + 16 * lane;\n"
 "#endif\n"
 "#pragma unroll\n"
@@ -2323,8 +2325,9 @@ static const char *const mustafar__kernel_source[] = {
 "        const int j = lane + 32 * i, tok = j / chunks;\n"
 "#if MUSTAFAR_PAGE_SIZE % TILE != 0\n"
 "        const int tok_page = __shfl_sync(0xffffffffu, page, tok & 15);\n"
-"        const unsigned char *src = pages + (((long long)tok_page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
-"                                            (p0 + tok) % MUSTAFAR_PAGE_SIZE) * RECORD - tok * RECORD + 16 * lane;\n"
+"        const long long slot = ((long long)tok_page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
+"                               (p0 + tok) % MUSTAFAR_PAGE_SIZE;\n"
+"        const unsigned char *src = pages + ((slot - tok) * RECORD + 16 * lane);   /* chunk j at src + 512 i */\n"
 "#endif\n"
 "        if (j < TILE * chunks && (FULL || tok < count))\n"
 "            copy16(dst + 16 * j + (STAGED_BYTES - RECORD) * tok, src + 512 * i);\n"
@@ -2373,17 +2376,22 @@ static const char *const mustafar__kernel_source[] = {
 "    return pl;\n"
 "}\n"
 "\n"
-"/* The run of a staged record: its bits (zero for a position outside the\n"
-"   range, `valid` false) and the index of its first kept value.  Records are\n"
-"   trusted to keep exactly KEPT elements; a corrupt one can only make the\n"
-"   decode read other bytes of the shared-memory staging (padded for that),\n"
-"   never outside it. */\n"
+"/* The run of a staged record (N = 8..64 channels, first a multiple of N):\n"
+"   its bits (zero for a position outside the range, `valid` false) and the\n"
+"   index of its first kept value.  The bitmap comes in whole 8-byte loads\n"
+"   (its last word is not needed); the run's bits and, for runs shorter than\n"
+"   a word, its own word are loaded again at their lane-dependent offsets\n"
+"   rather than picked from w[], which a runtime index would put in local\n"
+"   memory.  Records are trusted to keep exactly KEPT elements; a corrupt one\n"
+"   can only make the decode read other bytes of the shared-memory staging\n"
+"   (padded for that), never outside it. */\n"
 "template <int N, typename R>\n"
 "__device__ __forceinline__ int run_start(const unsigned char *rec, const run_place<N> &pl, bool valid, R &bits)\n"
 "{\n"
+"    static_assert(N == 8 || N == 16 || N == 32 || N == 64, \"runs are 8, 16, 32 or 64 channels\");\n"
 "    u32 w[D / 32];\n"
 "#pragma unroll\n"
-"    for (int i = 0; i < D / 32; i += 2) {\n"
+"    for (int i = 0; i < D / 32; i += 2) {\n",
 "        const uint2 x = *(const uint2 *)(rec + 4 * i);\n"
 "        w[i] = x.x;\n"
 "        w[i + 1] = x.y;\n"
@@ -2395,7 +2403,7 @@ static const char *const mustafar__kernel_source[] = {
 "    if (N == 64) b = (R) * (const u64 *)(rec + pl.first / 8);\n"
 "    else if (N == 32) b = (R) * (const u32 *)(rec + pl.first / 8);\n"
 "    else if (N == 16) b = (R) * (const u16 *)(rec + pl.first / 8);\n"
-"    else b = (R) * (const unsigned char *)(rec + pl.first / 8);\n",
+"    else b = (R) * (const unsigned char *)(rec + pl.first / 8);\n"
 "    if (N < 32) before += __popc(*(const u32 *)(rec + pl.first / 32 * 4) & pl.low);\n"
 "    bits = valid ? b : (R)0;\n"
 "    return before;\n"
@@ -2485,7 +2493,7 @@ static const char *const mustafar__kernel_source[] = {
 "                                           const u32 qb[NT][MT][2])\n"
 "{\n"
 "#pragma unroll\n"
-"    for (int nt = 0; nt < NT; nt++) mma_16816(acc.c[kk & 1][nt], a, qb[nt][kk]);\n"
+"    for (int nt = 0; nt < NT; nt++) mma_16816(acc.c[kk & 1][nt], a, qb[nt][kk]);\n",
 "}\n"
 "__device__ __forceinline__ void chains_sum(float s[NT][4], const score_chains &acc)\n"
 "{\n"
@@ -2497,7 +2505,7 @@ static const char *const mustafar__kernel_source[] = {
 "\n"
 "/* S^T for a tile whose K rows g and g+8 are dense: `src[r]` points at the\n"
 "   KC-channel run of row r, or is null for a position outside the range. */\n"
-"__device__ __forceinline__ void scores_dense(float s[NT][4], const u32 qb[NT][MT][2],\n",
+"__device__ __forceinline__ void scores_dense(float s[NT][4], const u32 qb[NT][MT][2],\n"
 "                                             const u16 *const src[2])\n"
 "{\n"
 "    score_chains acc;\n"
@@ -2572,7 +2580,7 @@ static const char *const mustafar__kernel_source[] = {
 "            if (grow) {\n"
 "                float mx = fmaxf(s[nt][h], s[nt][2 + h]);\n"
 "                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));\n"
-"                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));\n"
+"                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));\n",
 "                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));\n"
 "                const float m_new = fmaxf(st.m[nt][h], mx);\n"
 "                const float corr = fast_exp2(st.m[nt][h] - (m_new == NEG_INF ? 0.0f : m_new));\n"
@@ -2581,7 +2589,7 @@ static const char *const mustafar__kernel_source[] = {
 "                if (__any_sync(0xffffffffu, corr != 1.0f)) {\n"
 "#pragma unroll\n"
 "                    for (int mm = 0; mm < MT; mm++) { st.o[nt][mm][h] *= corr; st.o[nt][mm][2 + h] *= corr; }\n"
-"                }\n",
+"                }\n"
 "            }\n"
 "            const float ref = st.m[nt][h] == NEG_INF ? 0.0f : st.m[nt][h];\n"
 "            s[nt][h] = fast_exp2(s[nt][h] - ref);\n"
@@ -2599,7 +2607,7 @@ static const char *const mustafar__kernel_source[] = {
 "__device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,\n"
 "                                           const u32 x[4], u32 (&low)[MT][2])\n"
 "{\n"
-"    const u32 p01 = __byte_perm(x[0], x[1], 0x5410), p23 = __byte_perm(x[2], x[3], 0x5410);\n"
+"    const u32 p01 = pack_halves(x[0], x[1]), p23 = pack_halves(x[2], x[3]);\n"
 "    if (k < MT) {\n"
 "        low[k][0] = p01;\n"
 "        low[k][1] = p23;\n"
@@ -2660,7 +2668,7 @@ static const char *const mustafar__kernel_source[] = {
 "\n"
 "/* O^T += V^T P^T for the 16 staged V records of a tile.  Channel k of a\n"
 "   run (row g of m-tile k) and channel k + D/16 (row g + 8) come from the\n"
-"   two halves of the run, two independent address chains. */\n"
+"   two halves of the run, two independent address chains. */\n",
 "__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v_runs &vr)\n"
 "{\n"
 "#if MUSTAFAR_V_KEPT == D\n"
@@ -2674,7 +2682,7 @@ static const char *const mustafar__kernel_source[] = {
 "            lo[i] = take_value(vr.addr[i][0], vr.bits[i], k);\n"
 "            hi[i] = take_value(vr.addr[i][1], vr.bits[i], k + MT);\n"
 "        }\n"
-"        const u32 a[4] = {pack_halves(lo[0], lo[1]), pack_halves(hi[0], hi[1]),\n",
+"        const u32 a[4] = {pack_halves(lo[0], lo[1]), pack_halves(hi[0], hi[1]),\n"
 "                          pack_halves(lo[2], lo[3]), pack_halves(hi[2], hi[3])};\n"
 "#pragma unroll\n"
 "        for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][k], a, pb[nt]);\n"
@@ -2738,7 +2746,7 @@ static const char *const mustafar__kernel_source[] = {
 "    const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];\n"
 "    const int length = sq.num_compressed + sq.num_window;\n"
 "    const int begin = split * chunk;\n"
-"    const int end = begin + chunk < length ? begin + chunk : length;\n"
+"    const int end = begin + chunk < length ? begin + chunk : length;\n",
 "    const int *table = page_table + (long long)sq.row * table_stride;\n"
 "    unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;\n"
 "    const u32 warp_stage = smem_addr(warp_smem);\n"
@@ -2751,7 +2759,7 @@ static const char *const mustafar__kernel_source[] = {
 "    warp_state st;\n"
 "#pragma unroll\n"
 "    for (int nt = 0; nt < NT; nt++) {\n"
-"#pragma unroll\n",
+"#pragma unroll\n"
 "        for (int mm = 0; mm < MT; mm++)\n"
 "#pragma unroll\n"
 "            for (int i = 0; i < 4; i++) st.o[nt][mm][i] = 0.0f;\n"
@@ -2818,7 +2826,7 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "    for (int nt = 0; nt < NT; nt++)\n"
 "#pragma unroll\n"
-"        for (int h = 0; h < 2; h++) {\n"
+"        for (int h = 0; h < 2; h++) {\n",
 "            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 4);\n"
 "            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 8);\n"
 "            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 16);\n"
@@ -2832,7 +2840,7 @@ static const char *const mustafar__kernel_source[] = {
 "        for (int h = 0; h < 2; h++) {\n"
 "            const int r = 8 * nt + 2 * t + h;\n"
 "            if (r < rows) {\n"
-"                if (g == 0) {\n",
+"                if (g == 0) {\n"
 "                    ml[(warp * 16 + r) * 2] = st.m[nt][h];\n"
 "                    ml[(warp * 16 + r) * 2 + 1] = st.l[nt][h];\n"
 "                }\n"
@@ -2896,7 +2904,7 @@ static const char *const mustafar__kernel_source[] = {
 "    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));\n"
 "    if ((threadIdx.x & 31) == 0) max_part[threadIdx.x >> 5] = m;\n"
 "    __syncthreads();\n"
-"    for (int w = 0; w < COMBINE_THREADS / 32; w++) m = fmaxf(m, max_part[w]);\n"
+"    for (int w = 0; w < COMBINE_THREADS / 32; w++) m = fmaxf(m, max_part[w]);\n",
 "    const float ref = m == NEG_INF ? 0.0f : m;\n"
 "#pragma unroll 4\n"
 "    for (int s = part; s < splits; s += COMBINE_PARTS) {\n"
@@ -2910,7 +2918,7 @@ static const char *const mustafar__kernel_source[] = {
 "    __syncthreads();\n"
 "    if (part == 0) {\n"
 "        for (int p = 1; p < COMBINE_PARTS; p++) {\n"
-"            const float4 y = acc_part[p][c];\n",
+"            const float4 y = acc_part[p][c];\n"
 "            acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;\n"
 "            l += sum_part[p];\n"
 "        }\n"
@@ -3541,12 +3549,10 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
     st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
                               L->page_size, &m);
     if (st) return st;
+    /* at most 1024 splits (grid z allows 65535), each a whole number of
+       sweeps: the kernel's tiles start at multiples of 16 */
     chunk = mustafar__choose_chunk(ctx, m, nseq, hkv * head_blocks, max_len);
     splits = max_len > 0 ? (int)((max_len + (int64_t)chunk - 1) / chunk) : 1;
-    if (splits > 65535) {                   /* chunks stay whole sweeps: tiles start at multiples of 16 */
-        chunk = (int)mustafar__round_up((size_t)((max_len + 65534) / 65535), (size_t)(16 * m->warps));
-        splits = (int)((max_len + (int64_t)chunk - 1) / chunk);
-    }
     partial_o = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * L->head_dim * 4 : 0;
     partial_ml = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * 2 * 4 : 0;
     st = mustafar__cuda_scratch(ctx, seq_bytes + partial_o + partial_ml, (void **)&dev);

@@ -72,8 +72,9 @@ __device__ __forceinline__ u16 from_float(float f)
 
 /* 2^x by the hardware approximation alone (one MUFU.EX2): exp2f adds a
    range fix-up (compare, two conditional multiplies) for results below
-   2^-126, which the softmax weights of a tile do not need (they flush to
-   zero, as they would round to zero in the 16-bit P operand anyway). */
+   2^-126.  The softmax weights do not need it: they are taken relative to
+   the running maximum, whose own weight is 1, so a weight that flushes to
+   zero was below 2^-126 of the sum. */
 __device__ __forceinline__ float fast_exp2(float x)
 {
     float y;
@@ -560,7 +561,8 @@ __device__ __forceinline__ int lane_page(const int *table, int p0, int end)
    RECORD bytes in global memory and staged STAGED_BYTES apart from shared
    address `dst` on, as 16-byte chunks: lane l copies chunks l, l + 32, ...,
    so that one copy instruction of the warp reads 512 contiguous bytes of a
-   page (whole sectors, not one 16-byte piece of 32 records). */
+   page when TILE divides the page size (whole sectors, not one 16-byte
+   piece of 32 records), else runs of consecutive records per page. */
 template <int RECORD, int STAGED_BYTES, bool FULL>
 __device__ __forceinline__ void copy_records(u32 dst, const unsigned char *pages, int page, int p0,
                                              int count, int head, int num_kv_heads)
@@ -576,8 +578,9 @@ __device__ __forceinline__ void copy_records(u32 dst, const unsigned char *pages
         const int j = lane + 32 * i, tok = j / chunks;
 #if MUSTAFAR_PAGE_SIZE % TILE != 0
         const int tok_page = __shfl_sync(0xffffffffu, page, tok & 15);
-        const unsigned char *src = pages + (((long long)tok_page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
-                                            (p0 + tok) % MUSTAFAR_PAGE_SIZE) * RECORD - tok * RECORD + 16 * lane;
+        const long long slot = ((long long)tok_page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +
+                               (p0 + tok) % MUSTAFAR_PAGE_SIZE;
+        const unsigned char *src = pages + ((slot - tok) * RECORD + 16 * lane);   /* chunk j at src + 512 i */
 #endif
         if (j < TILE * chunks && (FULL || tok < count))
             copy16(dst + 16 * j + (STAGED_BYTES - RECORD) * tok, src + 512 * i);
@@ -626,14 +629,19 @@ __device__ __forceinline__ run_place<N> make_run_place(int first)
     return pl;
 }
 
-/* The run of a staged record: its bits (zero for a position outside the
-   range, `valid` false) and the index of its first kept value.  Records are
-   trusted to keep exactly KEPT elements; a corrupt one can only make the
-   decode read other bytes of the shared-memory staging (padded for that),
-   never outside it. */
+/* The run of a staged record (N = 8..64 channels, first a multiple of N):
+   its bits (zero for a position outside the range, `valid` false) and the
+   index of its first kept value.  The bitmap comes in whole 8-byte loads
+   (its last word is not needed); the run's bits and, for runs shorter than
+   a word, its own word are loaded again at their lane-dependent offsets
+   rather than picked from w[], which a runtime index would put in local
+   memory.  Records are trusted to keep exactly KEPT elements; a corrupt one
+   can only make the decode read other bytes of the shared-memory staging
+   (padded for that), never outside it. */
 template <int N, typename R>
 __device__ __forceinline__ int run_start(const unsigned char *rec, const run_place<N> &pl, bool valid, R &bits)
 {
+    static_assert(N == 8 || N == 16 || N == 32 || N == 64, "runs are 8, 16, 32 or 64 channels");
     u32 w[D / 32];
 #pragma unroll
     for (int i = 0; i < D / 32; i += 2) {
@@ -852,7 +860,7 @@ __device__ __forceinline__ void tile_softmax(warp_state &st, float s[NT][4], u32
 __device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,
                                            const u32 x[4], u32 (&low)[MT][2])
 {
-    const u32 p01 = __byte_perm(x[0], x[1], 0x5410), p23 = __byte_perm(x[2], x[3], 0x5410);
+    const u32 p01 = pack_halves(x[0], x[1]), p23 = pack_halves(x[2], x[3]);
     if (k < MT) {
         low[k][0] = p01;
         low[k][1] = p23;

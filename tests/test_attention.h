@@ -10,9 +10,9 @@ typedef struct attn_case {
     int outlier;
 } attn_case;
 
-/* GQA group sizes 1, 3, 4, 8; windows 0/16/64; pages 8/16/32; all (K, V)
-   sparsities; head_dim 64/128/256; both dtypes; 2-3 layers.  The first
-   four run under --quick. */
+/* GQA group sizes 1, 3, 4, 8; windows 0/16/64; pages 8/16/24/32 (24: tiles
+   straddle pages); all (K, V) sparsities; head_dim 64/128/256; both
+   dtypes; 2-3 layers.  The first four run under --quick. */
 static const attn_case k_attn_cases[] = {
     /*  D  bf16 hkv hq  W  page  ks     vs    layers scale  outlier */
     {128, 0, 2, 8, 16, 16, 0.5f, 0.5f, 3, 0.05f, 1},
