@@ -652,11 +652,12 @@ __device__ __forceinline__ int run_start(const unsigned char *rec, const run_pla
     int before = 0;
 #pragma unroll
     for (int i = 0; i < D / 32 - 1; i++) before += __popc(w[i]) * pl.below[i];
+    const unsigned char *own = rec + pl.first / 8;      /* aligned: first is a multiple of N */
     R b;
-    if (N == 64) b = (R) * (const u64 *)(rec + pl.first / 8);
-    else if (N == 32) b = (R) * (const u32 *)(rec + pl.first / 8);
-    else if (N == 16) b = (R) * (const u16 *)(rec + pl.first / 8);
-    else b = (R) * (const unsigned char *)(rec + pl.first / 8);
+    if (N == 64) b = (R)*(const u64 *)own;
+    else if (N == 32) b = (R)*(const u32 *)own;
+    else if (N == 16) b = (R)*(const u16 *)own;
+    else b = (R)*own;
     if (N < 32) before += __popc(*(const u32 *)(rec + pl.first / 32 * 4) & pl.low);
     bits = valid ? b : (R)0;
     return before;

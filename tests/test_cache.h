@@ -204,8 +204,8 @@ static void test_cache_pool_sharing(mustafar_context *ctx)
    the reference encoding of its token, every window slot holds its dense
    token, pages are never shared; mustafar_paged_attention on the view and
    mustafar_cache_attention both match the float64 reference (and each other
-   bitwise on the CPU backend).  Sequence lengths
-   are {3, 16, 17, 50, 130} x scale, all but two tokens appended in one call. */
+   bitwise on the CPU backend).  Sequence lengths are {3, 16, 17, 50, 130} x
+   scale, all but two tokens appended in one call. */
 static void check_view_case(mustafar_context *ctx, tb_rng *r, const mustafar_cache_desc *d, int scale)
 {
     tm_model m;
