@@ -2169,12 +2169,18 @@ static const char *const mustafar__kernel_source[] = {
 "    int window)\n"
 "{\n"
 "    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n"
-"    const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;\n"
+"#if MUSTAFAR_SM >= 90\n"
+"    /* A programmatic dependent like the attention: ready early, then waits\n"
+"       for the kernel before it (whose reads of the ring this overwrites). */\n"
+"    asm volatile(\"griddepcontrol.launch_dependents;\");\n"
+"    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n"
+"#endif\n"
+"    const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;\n",
 "    const int *patches = inl.njobs ? inl.patches : global_patches;\n"
 "    const int group = threadIdx.x / VEC_LANES;\n"
 "    if (blockIdx.x == 0)\n"
 "        for (int i = threadIdx.x; i < npatches; i += blockDim.x)\n"
-"            page_table[patches[2 * i]] = patches[2 * i + 1];\n",
+"            page_table[patches[2 * i]] = patches[2 * i + 1];\n"
 "    const long long units = ((long long)compress_total + window_total) * num_kv_heads << (pair_kv ? 0 : 1);\n"
 "    const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;\n"
 "    const long long unit = (long long)blockIdx.x * BLOCK_VECTORS + group;\n"
@@ -2229,18 +2235,19 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "        for (int r = 0; r < PAIRS; r++) x[r] = 0;\n"
 "        if (compress) load_part(x, (from_ring ? ring_base : in) + source);\n"
+"        if (successor >= 0) {                 /* the ring slot's new entry, once the lane has read */\n"
+"            u32 y[PAIRS];                     /* its channels of the old one: both loads in flight */\n",
+"            load_part(y, in + successor);     /* together (a small append is latency-bound) */\n"
+"            store_part(ring_base + ring, y);\n"
+"        }\n"
 "        if (__any_sync(0xffffffffu, compress)) {\n"
 "            const int record = kv ? V_RECORD : K_RECORD;\n"
 "            const u32 keep = select_kept(x, kv ? MUSTAFAR_V_KEPT : MUSTAFAR_K_KEPT);\n"
 "            compress_part(x, keep, stage[group], record, (kv ? v_pages : k_pages) + slot * record, compress);\n"
 "        }\n"
-"        if (successor >= 0) {                 /* the ring slot's new entry */\n"
-"            load_part(x, in + successor);\n"
-"            store_part(ring_base + ring, x);\n"
-"        }\n"
 "    }\n"
 "}\n"
-"\n",
+"\n"
 "/* ---- decode attention -------------------------------------------------------\n"
 "   Block (sequence, KV head x head block, split), MUSTAFAR_WARPS warps.  Each\n"
 "   warp walks 16-position tiles of the block's range with its own online\n"
@@ -2307,7 +2314,7 @@ static const char *const mustafar__kernel_source[] = {
 "/* Queues the first `count` records of a tile (all 16 when FULL), each\n"
 "   RECORD bytes in global memory and staged STAGED_BYTES apart from shared\n"
 "   address `dst` on, as 16-byte chunks: lane l copies chunks l, l + 32, ...,\n"
-"   so that one copy instruction of the warp reads 512 contiguous bytes of a\n"
+"   so that one copy instruction of the warp reads 512 contiguous bytes of a\n",
 "   page when TILE divides the page size (whole sectors, not one 16-byte\n"
 "   piece of 32 records), else runs of consecutive records per page. */\n"
 "template <int RECORD, int STAGED_BYTES, bool FULL>\n"
@@ -2316,7 +2323,7 @@ static const char *const mustafar__kernel_source[] = {
 "{\n"
 "    const int lane = threadIdx.x & 31;\n"
 "    const int chunks = RECORD / 16;\n"
-"#if MUSTAFAR_PAGE_SIZE % TILE == 0\n",
+"#if MUSTAFAR_PAGE_SIZE % TILE == 0\n"
 "    const unsigned char *src = pages + (((long long)page * num_kv_heads + head) * MUSTAFAR_PAGE_SIZE +\n"
 "                                        p0 % MUSTAFAR_PAGE_SIZE) * RECORD + 16 * lane;\n"
 "#endif\n"
@@ -2381,7 +2388,7 @@ static const char *const mustafar__kernel_source[] = {
 "   index of its first kept value.  The bitmap comes in whole 8-byte loads\n"
 "   (its last word is not needed); the run's bits and, for runs shorter than\n"
 "   a word, its own word are loaded again at their lane-dependent offsets\n"
-"   rather than picked from w[], which a runtime index would put in local\n"
+"   rather than picked from w[], which a runtime index would put in local\n",
 "   memory.  Records are trusted to keep exactly KEPT elements; a corrupt one\n"
 "   can only make the decode read other bytes of the shared-memory staging\n"
 "   (padded for that), never outside it. */\n"
@@ -2391,7 +2398,7 @@ static const char *const mustafar__kernel_source[] = {
 "    static_assert(N == 8 || N == 16 || N == 32 || N == 64, \"runs are 8, 16, 32 or 64 channels\");\n"
 "    u32 w[D / 32];\n"
 "#pragma unroll\n"
-"    for (int i = 0; i < D / 32; i += 2) {\n",
+"    for (int i = 0; i < D / 32; i += 2) {\n"
 "        const uint2 x = *(const uint2 *)(rec + 4 * i);\n"
 "        w[i] = x.x;\n"
 "        w[i + 1] = x.y;\n"
@@ -2480,7 +2487,7 @@ static const char *const mustafar__kernel_source[] = {
 "   latency on the critical path. */\n"
 "struct score_chains {\n"
 "    float c[2][NT][4];\n"
-"};\n"
+"};\n",
 "__device__ __forceinline__ void chains_clear(score_chains &acc)\n"
 "{\n"
 "#pragma unroll\n"
@@ -2494,7 +2501,7 @@ static const char *const mustafar__kernel_source[] = {
 "                                           const u32 qb[NT][MT][2])\n"
 "{\n"
 "#pragma unroll\n"
-"    for (int nt = 0; nt < NT; nt++) mma_16816(acc.c[kk & 1][nt], a, qb[nt][kk]);\n",
+"    for (int nt = 0; nt < NT; nt++) mma_16816(acc.c[kk & 1][nt], a, qb[nt][kk]);\n"
 "}\n"
 "__device__ __forceinline__ void chains_sum(float s[NT][4], const score_chains &acc)\n"
 "{\n"
@@ -2573,7 +2580,7 @@ static const char *const mustafar__kernel_source[] = {
 "__device__ __forceinline__ void tile_softmax(warp_state &st, float s[NT][4], u32 pb[NT][2])\n"
 "{\n"
 "#pragma unroll\n"
-"    for (int nt = 0; nt < NT; nt++) {\n"
+"    for (int nt = 0; nt < NT; nt++) {\n",
 "        const bool grow = __any_sync(0xffffffffu, fmaxf(s[nt][0], s[nt][2]) > st.m[nt][0] ||\n"
 "                                                      fmaxf(s[nt][1], s[nt][3]) > st.m[nt][1]);\n"
 "#pragma unroll\n"
@@ -2581,7 +2588,7 @@ static const char *const mustafar__kernel_source[] = {
 "            if (grow) {\n"
 "                float mx = fmaxf(s[nt][h], s[nt][2 + h]);\n"
 "                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));\n"
-"                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));\n",
+"                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));\n"
 "                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));\n"
 "                const float m_new = fmaxf(st.m[nt][h], mx);\n"
 "                const float corr = fast_exp2(st.m[nt][h] - (m_new == NEG_INF ? 0.0f : m_new));\n"
@@ -2658,7 +2665,7 @@ static const char *const mustafar__kernel_source[] = {
 "    for (int i = 0; i < 4; i++) {\n"
 "        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;\n"
 "        const unsigned char *rec = records + tok * V_STAGED;\n"
-"#if MUSTAFAR_V_KEPT == D\n"
+"#if MUSTAFAR_V_KEPT == D\n",
 "        vr.src[i] = !EDGE || (p >= lo && p < hi) ? (const u16 *)(rec + BITMAP_BYTES) + VC * ((threadIdx.x & 31) >> 2) : 0;\n"
 "#else\n"
 "        vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, !EDGE || (p >= lo && p < hi), vr.bits[i]);\n"
@@ -2669,7 +2676,7 @@ static const char *const mustafar__kernel_source[] = {
 "\n"
 "/* O^T += V^T P^T for the 16 staged V records of a tile.  Channel k of a\n"
 "   run (row g of m-tile k) and channel k + D/16 (row g + 8) come from the\n"
-"   two halves of the run, two independent address chains. */\n",
+"   two halves of the run, two independent address chains. */\n"
 "__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v_runs &vr)\n"
 "{\n"
 "#if MUSTAFAR_V_KEPT == D\n"
@@ -2734,7 +2741,12 @@ static const char *const mustafar__kernel_source[] = {
 "{\n"
 "    extern __shared__ __align__(16) unsigned char smem[];\n"
 "#if MUSTAFAR_SM >= 90\n"
+"    /* Launched as a programmatic dependent of the kernel before it (an\n"
+"       append, the last call's combine, or the caller's): its blocks get\n"
+"       ready during that kernel, then wait here for all of its writes (and\n"
+"       for its reads of the scratch written below) before touching memory. */\n"
 "    asm volatile(\"griddepcontrol.launch_dependents;\");   /* the combine may be scheduled */\n"
+"    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n",
 "#endif\n"
 "    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;\n"
 "    const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;\n"
@@ -2747,7 +2759,7 @@ static const char *const mustafar__kernel_source[] = {
 "    const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];\n"
 "    const int length = sq.num_compressed + sq.num_window;\n"
 "    const int begin = split * chunk;\n"
-"    const int end = begin + chunk < length ? begin + chunk : length;\n",
+"    const int end = begin + chunk < length ? begin + chunk : length;\n"
 "    const int *table = page_table + (long long)sq.row * table_stride;\n"
 "    unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;\n"
 "    const u32 warp_stage = smem_addr(warp_smem);\n"
@@ -2806,7 +2818,7 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "            for (int r = 0; r < 2; r++) {\n"
 "                ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo, end);\n"
-"                if (ks[r]) ks[r] += KC * t;\n"
+"                if (ks[r]) ks[r] += KC * t;\n",
 "            }\n"
 "#pragma unroll\n"
 "            for (int i = 0; i < 4; i++) {\n"
@@ -2827,7 +2839,7 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "    for (int nt = 0; nt < NT; nt++)\n"
 "#pragma unroll\n"
-"        for (int h = 0; h < 2; h++) {\n",
+"        for (int h = 0; h < 2; h++) {\n"
 "            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 4);\n"
 "            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 8);\n"
 "            st.l[nt][h] += __shfl_xor_sync(0xffffffffu, st.l[nt][h], 16);\n"
@@ -2890,9 +2902,10 @@ static const char *const mustafar__kernel_source[] = {
 "                                                                               const float *partial_ml,\n"
 "                                                                               u16 *out, int splits)\n"
 "{\n"
-"    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS];\n"
+"    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS];\n",
 "    __shared__ float4 acc_part[COMBINE_PARTS][COMBINE_QUADS];\n"
 "#if MUSTAFAR_SM >= 90\n"
+"    asm volatile(\"griddepcontrol.launch_dependents;\");   /* the next call's kernel may get ready */\n"
 "    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n"
 "#endif\n"
 "    const long long head = blockIdx.x;\n"
@@ -2905,7 +2918,7 @@ static const char *const mustafar__kernel_source[] = {
 "    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));\n"
 "    if ((threadIdx.x & 31) == 0) max_part[threadIdx.x >> 5] = m;\n"
 "    __syncthreads();\n"
-"    for (int w = 0; w < COMBINE_THREADS / 32; w++) m = fmaxf(m, max_part[w]);\n",
+"    for (int w = 0; w < COMBINE_THREADS / 32; w++) m = fmaxf(m, max_part[w]);\n"
 "    const float ref = m == NEG_INF ? 0.0f : m;\n"
 "#pragma unroll 4\n"
 "    for (int s = part; s < splits; s += COMBINE_PARTS) {\n"
@@ -3496,7 +3509,7 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     args[8] = &pair_kv; args[9] = (void *)&k; args[10] = (void *)&v; args[11] = (void *)&kv->k_pages;
     args[12] = (void *)&kv->v_pages; args[13] = (void *)&kv->page_table; args[14] = &stride;
     args[15] = (void *)&kv->k_window; args[16] = (void *)&kv->v_window; args[17] = &window;
-    return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args, 0);
+    return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args, 1);
 }
 
 /* Positions per split.  Time is modelled as waves x tiles per block: the
@@ -3577,7 +3590,7 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
     args[15] = &splits; args[16] = &scale_log2;
     st = mustafar__launch(ctx, m->attention, "mustafar_attention", (unsigned)nseq,
                           (unsigned)(hkv * head_blocks), (unsigned)splits,
-                          (unsigned)(32 * m->warps), m->attention_smem, args, 0);
+                          (unsigned)(32 * m->warps), m->attention_smem, args, 1);
     if (st || splits == 1) return st;
     args[0] = &po; args[1] = &pml; args[2] = &out; args[3] = &splits;
     return mustafar__launch(ctx, m->combine, "mustafar_combine",

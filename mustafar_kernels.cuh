@@ -422,6 +422,12 @@ extern "C" __global__ void __launch_bounds__(256, 4) mustafar_append(
     int window)
 {
     __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];
+#if MUSTAFAR_SM >= 90
+    /* A programmatic dependent like the attention: ready early, then waits
+       for the kernel before it (whose reads of the ring this overwrites). */
+    asm volatile("griddepcontrol.launch_dependents;");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;
     const int *patches = inl.njobs ? inl.patches : global_patches;
     const int group = threadIdx.x / VEC_LANES;
@@ -482,14 +488,15 @@ extern "C" __global__ void __launch_bounds__(256, 4) mustafar_append(
 #pragma unroll
         for (int r = 0; r < PAIRS; r++) x[r] = 0;
         if (compress) load_part(x, (from_ring ? ring_base : in) + source);
+        if (successor >= 0) {                 /* the ring slot's new entry, once the lane has read */
+            u32 y[PAIRS];                     /* its channels of the old one: both loads in flight */
+            load_part(y, in + successor);     /* together (a small append is latency-bound) */
+            store_part(ring_base + ring, y);
+        }
         if (__any_sync(0xffffffffu, compress)) {
             const int record = kv ? V_RECORD : K_RECORD;
             const u32 keep = select_kept(x, kv ? MUSTAFAR_V_KEPT : MUSTAFAR_K_KEPT);
             compress_part(x, keep, stage[group], record, (kv ? v_pages : k_pages) + slot * record, compress);
-        }
-        if (successor >= 0) {                 /* the ring slot's new entry */
-            load_part(x, in + successor);
-            store_part(ring_base + ring, x);
         }
     }
 }
@@ -987,7 +994,12 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
 {
     extern __shared__ __align__(16) unsigned char smem[];
 #if MUSTAFAR_SM >= 90
+    /* Launched as a programmatic dependent of the kernel before it (an
+       append, the last call's combine, or the caller's): its blocks get
+       ready during that kernel, then wait here for all of its writes (and
+       for its reads of the scratch written below) before touching memory. */
     asm volatile("griddepcontrol.launch_dependents;");   /* the combine may be scheduled */
+    asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;
@@ -1146,6 +1158,7 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(c
     __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS];
     __shared__ float4 acc_part[COMBINE_PARTS][COMBINE_QUADS];
 #if MUSTAFAR_SM >= 90
+    asm volatile("griddepcontrol.launch_dependents;");   /* the next call's kernel may get ready */
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     const long long head = blockIdx.x;

@@ -31,7 +31,7 @@ def main():
     print(f"copy bandwidth {meta.get('copy_gbps', 0):.0f} GB/s; JIT init cold "
           f"{meta.get('cold_init_ms', 0):.0f} ms, warm {meta.get('warm_init_ms', 0):.1f} ms")
     hdr = ("| B | T | Hq/Hkv | D | s | time ms | GB/s | % copy | floor ms | SDPA ms | vs SDPA "
-           "| append ms | % of step | prefill GB/s |")
+           "| append ms | % of step | in-step append ms | % of step | prefill GB/s |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     plot = []
@@ -43,7 +43,8 @@ def main():
         print(f"| {k[0]} | {k[1]} | {k[2]}/{k[3]} | {k[4]} | {float(r['sparsity']):.1f} | {ms:.4f} "
               f"| {float(r['gbps']):.0f} | {pct:.0f} | {float(r['floor_ms']):.4f} | "
               f"{sd if sd else float('nan'):.4f} | {ratio:.2f}x | {float(r['append_ms']):.4f} | "
-              f"{100 * float(r['append_ms']) / ms:.1f} | {float(r['prefill_gbps']):.0f} |")
+              f"{100 * float(r['append_ms']) / ms:.1f} | {float(r['step_append_ms']):.4f} | "
+              f"{100 * float(r['step_append_ms']) / ms:.1f} | {float(r['prefill_gbps']):.0f} |")
         plot.append((k, float(r["sparsity"]), ratio))
     if a.plot and plot:
         import matplotlib
