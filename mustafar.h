@@ -499,16 +499,24 @@ typedef struct mustafar__append_job {
 
 #ifndef MUSTAFAR_NO_CUDA
 typedef struct mustafar__module mustafar__module;
-/* Small job and sequence lists travel in the kernel parameters instead of
-   being uploaded; these match append_inline and seqs_inline in the kernels. */
+/* Job and sequence lists that fit travel in the kernel parameters instead
+   of being uploaded; these match append_inline (the small and the wide
+   block) and seqs_inline in the kernels. */
 #define MUSTAFAR__INLINE_JOBS 48
 #define MUSTAFAR__INLINE_PATCHES 96
+#define MUSTAFAR__WIDE_JOBS 128
+#define MUSTAFAR__WIDE_PATCHES 3072
 #define MUSTAFAR__INLINE_SEQS 192
 typedef struct mustafar__append_inline {
     int32_t njobs, npatches;
     mustafar__append_job jobs[MUSTAFAR__INLINE_JOBS];
     int32_t patches[2 * MUSTAFAR__INLINE_PATCHES];
 } mustafar__append_inline;
+typedef struct mustafar__append_wide {
+    int32_t njobs, npatches;
+    mustafar__append_job jobs[MUSTAFAR__WIDE_JOBS];
+    int32_t patches[2 * MUSTAFAR__WIDE_PATCHES];
+} mustafar__append_wide;
 typedef struct mustafar__seqs_inline {
     int32_t count;
     mustafar_paged_seq seqs[MUSTAFAR__INLINE_SEQS];
@@ -524,6 +532,7 @@ typedef struct mustafar__cuda {
     size_t staging_bytes;
     cudaEvent_t staging_free;      /* recorded after the last upload from staging */
     mustafar__append_inline append_params;
+    mustafar__append_wide append_wide_params;
     mustafar__seqs_inline seq_params;
 } mustafar__cuda;
 #endif
@@ -1758,6 +1767,8 @@ static const char *const mustafar__kernel_source[] = {
 "     MUSTAFAR_WARPS       warps per attention block\n"
 "     MUSTAFAR_STAGES      tiles of records in flight per warp, plus one (2 or 3)\n"
 "     MUSTAFAR_SM          target SM (75, 80, 86, 89, 90, ...)\n"
+"     MUSTAFAR_APPEND_WIDE 1: only the wide append kernel (a library of its\n"
+"                          own, built when a large append first needs it)\n"
 "\n"
 "   Buffers (element = 16-bit fp16/bf16 bits; shapes outermost first):\n"
 "     record      [D/8 bytes bitmap][KEPT elements][zero pad to 16 bytes]\n"
@@ -1768,6 +1779,9 @@ static const char *const mustafar__kernel_source[] = {
 "     partial_o   [nseq][Hq][splits][D] float, unnormalised\n"
 "     partial_ml  [nseq][Hq][splits][2] float: running max (log2 units), sum */\n"
 "\n"
+"#ifndef MUSTAFAR_APPEND_WIDE\n"
+"#define MUSTAFAR_APPEND_WIDE 0\n"
+"#endif\n"
 "#define D MUSTAFAR_D\n"
 "#define BITMAP_BYTES (D / 8)\n"
 "#define RECORD_BYTES(kept) (((BITMAP_BYTES + 2 * (kept) + 15) / 16) * 16)\n"
@@ -1830,14 +1844,14 @@ static const char *const mustafar__kernel_source[] = {
 "}\n"
 "\n"
 "__device__ __forceinline__ u32 pack2(float lo, float hi)\n"
-"{\n"
+"{\n",
 "    return (u32)from_float(lo) | ((u32)from_float(hi) << 16);\n"
 "}\n"
 "\n"
 "/* ---- warp and shared-memory helpers --------------------------------------- */\n"
 "\n"
 "__device__ __forceinline__ u32 smem_addr(const void *p)\n"
-"{\n",
+"{\n"
 "    return (u32)__cvta_generic_to_shared(p);\n"
 "}\n"
 "\n"
@@ -1912,11 +1926,11 @@ static const char *const mustafar__kernel_source[] = {
 "   keep bits are bitmap word j.  The kept set is the KEPT largest magnitude\n"
 "   keys (bits & 0x7fff), ties to the lower channel: a binary search finds\n"
 "   the largest threshold t with count(key >= t) >= KEPT, every key above t is\n"
-"   kept, then the first ties in channel order.  Counting is SIMD within a\n"
+"   kept, then the first ties in channel order.  Counting is SIMD within a\n",
 "   register: for a field of n+1 bits holding k < 2^n, k + (2^n - t) sets the\n"
 "   field's top bit exactly when k >= t and cannot carry out of the field.\n"
 "   The search takes t's bits in three passes, cheapest fields first:\n"
-"     bits 14..8  7 steps on 4 byte fields per word (key >> 8)\n",
+"     bits 14..8  7 steps on 4 byte fields per word (key >> 8)\n"
 "     bits  7..1  7 steps on 4 byte fields per word: (key >> 1) & 0x7f for the\n"
 "                 keys whose bits 14..8 equal the first pass's result, 0x7f\n"
 "                 for keys above it, 0 for keys below\n"
@@ -2007,11 +2021,11 @@ static const char *const mustafar__kernel_source[] = {
 "{\n"
 "    const u32 bias = pair_bias(t);\n"
 "    u32 x = 0;\n"
-"#pragma unroll\n"
+"#pragma unroll\n",
 "    for (int r = 0; r < PAIRS; r++) x = (x >> 1) + ((key[r] + bias) & 0x80008000u);\n"
 "    x = __byte_perm(x, 0, 0x3120);\n"
 "    x = (x & 0xf00ff00fu) | ((x & 0x00f000f0u) << 4) | ((x >> 4) & 0x00f000f0u);\n"
-"    x = (x & 0xc3c3c3c3u) | ((x & 0x0c0c0c0cu) << 2) | ((x >> 2) & 0x0c0c0c0cu);\n",
+"    x = (x & 0xc3c3c3c3u) | ((x & 0x0c0c0c0cu) << 2) | ((x >> 2) & 0x0c0c0c0cu);\n"
 "    return (x & 0x99999999u) | ((x & 0x22222222u) << 1) | ((x >> 1) & 0x22222222u);\n"
 "}\n"
 "\n"
@@ -2094,11 +2108,12 @@ static const char *const mustafar__kernel_source[] = {
 "#define OP_PRUNE 0\n"
 "#define OP_COMPRESS 1\n"
 "#define OP_DECOMPRESS 2\n"
-"\n"
+"\n",
+"#if !MUSTAFAR_APPEND_WIDE\n"
 "extern \"C\" __global__ void __launch_bounds__(256) mustafar_records(int op, const void *in, void *out,\n"
 "                                                                    long long count)\n"
 "{\n"
-"    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n",
+"    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n"
 "    const int group = threadIdx.x / VEC_LANES;\n"
 "    const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;\n"
 "    const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;\n"
@@ -2124,6 +2139,7 @@ static const char *const mustafar__kernel_source[] = {
 "        store_part((u16 *)out + vec * D, x);\n"
 "    }\n"
 "}\n"
+"#endif\n"
 "\n"
 "/* ---- append: compress tokens into pages, fill the dense window -------------\n"
 "   Items [0, compress_total) are positions compressed into pages (from the\n"
@@ -2139,13 +2155,20 @@ static const char *const mustafar__kernel_source[] = {
 "   Window entries span at most `window` positions, so each slot receives at\n"
 "   most one. */\n"
 "\n"
+"/* Job and patch lists travel in the kernel parameters when they fit: an\n"
+"   upload would make the host wait for the copy engine before it can queue\n"
+"   the next call.  Decode steps use a small parameter block (cheap to\n"
+"   launch), larger appends such as prefill chunks a wide one (30 KB, under\n"
+"   the 32 KB limit of kernel parameters). */\n"
 "#define INLINE_JOBS 48\n"
 "#define INLINE_PATCHES 96\n"
-"/* Small appends travel in the kernel parameters (no upload). */\n"
+"#define WIDE_JOBS 128\n"
+"#define WIDE_PATCHES 3072\n"
+"template <int JOBS, int PATCHES>\n"
 "struct append_inline {\n"
 "    int njobs, npatches;                     /* 0: use the global arrays */\n"
-"    append_job jobs[INLINE_JOBS];\n"
-"    int patches[2 * INLINE_PATCHES];\n"
+"    append_job jobs[JOBS];\n"
+"    int patches[2 * PATCHES];\n"
 "};\n"
 "\n"
 "__device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g, bool window)\n"
@@ -2159,14 +2182,12 @@ static const char *const mustafar__kernel_source[] = {
 "    return lo;\n"
 "}\n"
 "\n"
-"/* 4 blocks (64 registers) per SM: left alone, ptxas gives the K/V loop 77\n"
-"   registers and the SM 3 blocks */\n"
-"extern \"C\" __global__ void __launch_bounds__(256, 4) mustafar_append(\n"
-"    const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,\n"
-"    const int *global_patches, int npatches, int compress_total, int window_total,\n"
-"    int num_kv_heads, int pair_kv, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,\n"
-"    unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window, u16 *v_window,\n"
-"    int window)\n"
+"template <typename Inline>\n"
+"__device__ __forceinline__ void append_body(\n"
+"    const Inline &inl, const append_job *global_jobs, int njobs, const int *global_patches,\n"
+"    int npatches, int compress_total, int window_total, int num_kv_heads, int pair_kv,\n"
+"    const u16 *k_in, const u16 *v_in, unsigned char *k_pages, unsigned char *v_pages,\n",
+"    int *page_table, int table_stride, u16 *k_window, u16 *v_window, int window)\n"
 "{\n"
 "    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n"
 "#if MUSTAFAR_SM >= 90\n"
@@ -2175,7 +2196,7 @@ static const char *const mustafar__kernel_source[] = {
 "    asm volatile(\"griddepcontrol.launch_dependents;\");\n"
 "    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n"
 "#endif\n"
-"    const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;\n",
+"    const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;\n"
 "    const int *patches = inl.njobs ? inl.patches : global_patches;\n"
 "    const int group = threadIdx.x / VEC_LANES;\n"
 "    if (blockIdx.x == 0)\n"
@@ -2227,7 +2248,7 @@ static const char *const mustafar__kernel_source[] = {
 "        }\n"
 "    }\n"
 "\n"
-"#pragma unroll 1\n"
+"#pragma unroll 1\n",
 "    for (int kv = kv_first; kv < kv_end; kv++) {\n"
 "        const u16 *in = kv ? v_in : k_in;\n"
 "        u16 *ring_base = kv ? v_window : k_window;\n"
@@ -2236,7 +2257,7 @@ static const char *const mustafar__kernel_source[] = {
 "        for (int r = 0; r < PAIRS; r++) x[r] = 0;\n"
 "        if (compress) load_part(x, (from_ring ? ring_base : in) + source);\n"
 "        if (successor >= 0) {                 /* the ring slot's new entry, once the lane has read */\n"
-"            u32 y[PAIRS];                     /* its channels of the old one: both loads in flight */\n",
+"            u32 y[PAIRS];                     /* its channels of the old one: both loads in flight */\n"
 "            load_part(y, in + successor);     /* together (a small append is latency-bound) */\n"
 "            store_part(ring_base + ring, y);\n"
 "        }\n"
@@ -2247,6 +2268,26 @@ static const char *const mustafar__kernel_source[] = {
 "        }\n"
 "    }\n"
 "}\n"
+"\n"
+"#define APPEND_KERNEL(name, JOBS, PATCHES)                                                          \\\n"
+"    extern \"C\" __global__ void __launch_bounds__(256, 4) name(                                      \\\n"
+"        const __grid_constant__ append_inline<JOBS, PATCHES> inl, const append_job *global_jobs,    \\\n"
+"        int njobs, const int *global_patches, int npatches, int compress_total, int window_total,  \\\n"
+"        int num_kv_heads, int pair_kv, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,   \\\n"
+"        unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window,                 \\\n"
+"        u16 *v_window, int window)                                                                  \\\n"
+"    {                                                                                               \\\n"
+"        append_body(inl, global_jobs, njobs, global_patches, npatches, compress_total,             \\\n"
+"                    window_total, num_kv_heads, pair_kv, k_in, v_in, k_pages, v_pages, page_table, \\\n"
+"                    table_stride, k_window, v_window, window);                                     \\\n"
+"    }\n"
+"/* 4 blocks (64 registers) per SM: left alone, ptxas gives the K/V loop 77\n"
+"   registers and the SM 3 blocks */\n"
+"#if MUSTAFAR_APPEND_WIDE\n"
+"APPEND_KERNEL(mustafar_append_wide, WIDE_JOBS, WIDE_PATCHES)\n"
+"#else\n"
+"APPEND_KERNEL(mustafar_append, INLINE_JOBS, INLINE_PATCHES)\n"
+"#endif\n"
 "\n"
 "/* ---- decode attention -------------------------------------------------------\n"
 "   Block (sequence, KV head x head block, split), MUSTAFAR_WARPS warps.  Each\n"
@@ -2272,7 +2313,7 @@ static const char *const mustafar__kernel_source[] = {
 "   Lane = 4*g + t as in the mma fragments. */\n"
 "\n"
 "#define KC (D / 4)\n"
-"#define VC (D / 8)\n"
+"#define VC (D / 8)\n",
 "#define MT (D / 16)                          /* m-tiles of O^T */\n"
 "#define NT (MUSTAFAR_GROUP > 8 ? 2 : 1)      /* n-tiles of 8 heads per block */\n"
 "#define HEADS_PER_BLOCK (8 * NT)\n"
@@ -2314,7 +2355,7 @@ static const char *const mustafar__kernel_source[] = {
 "/* Queues the first `count` records of a tile (all 16 when FULL), each\n"
 "   RECORD bytes in global memory and staged STAGED_BYTES apart from shared\n"
 "   address `dst` on, as 16-byte chunks: lane l copies chunks l, l + 32, ...,\n"
-"   so that one copy instruction of the warp reads 512 contiguous bytes of a\n",
+"   so that one copy instruction of the warp reads 512 contiguous bytes of a\n"
 "   page when TILE divides the page size (whole sectors, not one 16-byte\n"
 "   piece of 32 records), else runs of consecutive records per page. */\n"
 "template <int RECORD, int STAGED_BYTES, bool FULL>\n"
@@ -2348,7 +2389,7 @@ static const char *const mustafar__kernel_source[] = {
 "                                                 const unsigned char *v_pages, int head,\n"
 "                                                 int num_kv_heads)\n"
 "{\n"
-"    if (p0 + TILE <= end) {\n"
+"    if (p0 + TILE <= end) {\n",
 "        copy_records<K_RECORD, K_STAGED, true>(stage, k_pages, page, p0, TILE, head, num_kv_heads);\n"
 "        copy_records<V_RECORD, V_STAGED, true>(stage + TILE * K_STAGED, v_pages, page, p0, TILE, head,\n"
 "                                               num_kv_heads);\n"
@@ -2388,7 +2429,7 @@ static const char *const mustafar__kernel_source[] = {
 "   index of its first kept value.  The bitmap comes in whole 8-byte loads\n"
 "   (its last word is not needed); the run's bits and, for runs shorter than\n"
 "   a word, its own word are loaded again at their lane-dependent offsets\n"
-"   rather than picked from w[], which a runtime index would put in local\n",
+"   rather than picked from w[], which a runtime index would put in local\n"
 "   memory.  Records are trusted to keep exactly KEPT elements; a corrupt one\n"
 "   can only make the decode read other bytes of the shared-memory staging\n"
 "   (padded for that), never outside it. */\n"
@@ -2431,7 +2472,7 @@ static const char *const mustafar__kernel_source[] = {
 "    return x;\n"
 "}\n"
 "\n"
-"/* Two zero-extended 16-bit values as a packed pair, by a multiply-add: the\n"
+"/* Two zero-extended 16-bit values as a packed pair, by a multiply-add: the\n",
 "   FMA pipe has room, the ALU pipe (where a byte permute runs) does not. */\n"
 "__device__ __forceinline__ u32 pack_halves(u32 lo, u32 hi)\n"
 "{\n"
@@ -2487,7 +2528,7 @@ static const char *const mustafar__kernel_source[] = {
 "   latency on the critical path. */\n"
 "struct score_chains {\n"
 "    float c[2][NT][4];\n"
-"};\n",
+"};\n"
 "__device__ __forceinline__ void chains_clear(score_chains &acc)\n"
 "{\n"
 "#pragma unroll\n"
@@ -2533,7 +2574,7 @@ static const char *const mustafar__kernel_source[] = {
 "__device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][MT][2],\n"
 "                                              const unsigned char *records, int p0, int lo, int hi,\n"
 "                                              const run_place<KC> &pl)\n"
-"{\n"
+"{\n",
 "    const int g = (threadIdx.x & 31) >> 2;\n"
 "#if MUSTAFAR_K_KEPT == D\n"
 "    const int t = threadIdx.x & 3;\n"
@@ -2580,7 +2621,7 @@ static const char *const mustafar__kernel_source[] = {
 "__device__ __forceinline__ void tile_softmax(warp_state &st, float s[NT][4], u32 pb[NT][2])\n"
 "{\n"
 "#pragma unroll\n"
-"    for (int nt = 0; nt < NT; nt++) {\n",
+"    for (int nt = 0; nt < NT; nt++) {\n"
 "        const bool grow = __any_sync(0xffffffffu, fmaxf(s[nt][0], s[nt][2]) > st.m[nt][0] ||\n"
 "                                                      fmaxf(s[nt][1], s[nt][3]) > st.m[nt][1]);\n"
 "#pragma unroll\n"
@@ -2612,7 +2653,7 @@ static const char *const mustafar__kernel_source[] = {
 "/* O^T += V^T P^T given the channel-run values of this thread: x[i] is\n"
 "   channel k of position 2t + (i & 1) + 8 * (i >> 1).  Channels k < D/16 wait\n"
 "   in `low` for their partner k + D/16 (rows g and g+8 of m-tile k). */\n"
-"__device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,\n"
+"__device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,\n",
 "                                           const u32 x[4], u32 (&low)[MT][2])\n"
 "{\n"
 "    const u32 p01 = pack_halves(x[0], x[1]), p23 = pack_halves(x[2], x[3]);\n"
@@ -2665,7 +2706,7 @@ static const char *const mustafar__kernel_source[] = {
 "    for (int i = 0; i < 4; i++) {\n"
 "        const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;\n"
 "        const unsigned char *rec = records + tok * V_STAGED;\n"
-"#if MUSTAFAR_V_KEPT == D\n",
+"#if MUSTAFAR_V_KEPT == D\n"
 "        vr.src[i] = !EDGE || (p >= lo && p < hi) ? (const u16 *)(rec + BITMAP_BYTES) + VC * ((threadIdx.x & 31) >> 2) : 0;\n"
 "#else\n"
 "        vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, !EDGE || (p >= lo && p < hi), vr.bits[i]);\n"
@@ -2705,7 +2746,7 @@ static const char *const mustafar__kernel_source[] = {
 "template <bool EDGE>\n"
 "__device__ __forceinline__ void staged_tile(warp_state &st, const u32 qb[NT][MT][2],\n"
 "                                            const unsigned char *stage, int p0, int lo, int hi,\n"
-"                                            float scale_log2, const run_place<KC> &k_place,\n"
+"                                            float scale_log2, const run_place<KC> &k_place,\n",
 "                                            const run_place<VC> &v_place)\n"
 "{\n"
 "    float s[NT][4];\n"
@@ -2732,6 +2773,7 @@ static const char *const mustafar__kernel_source[] = {
 "    paged_seq seqs[INLINE_SEQS];\n"
 "};\n"
 "\n"
+"#if !MUSTAFAR_APPEND_WIDE\n"
 "extern \"C\" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(\n"
 "    const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,\n"
 "    const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,\n"
@@ -2746,7 +2788,7 @@ static const char *const mustafar__kernel_source[] = {
 "       ready during that kernel, then wait here for all of its writes (and\n"
 "       for its reads of the scratch written below) before touching memory. */\n"
 "    asm volatile(\"griddepcontrol.launch_dependents;\");   /* the combine may be scheduled */\n"
-"    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n",
+"    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n"
 "#endif\n"
 "    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;\n"
 "    const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;\n"
@@ -2781,7 +2823,7 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "\n"
 "    const int compressed_end = end < sq.num_compressed ? end : sq.num_compressed;\n"
-"    const int sweep = MUSTAFAR_WARPS * TILE;\n"
+"    const int sweep = MUSTAFAR_WARPS * TILE;\n",
 "    /* stage i % STAGES holds tile i of this warp; STAGES - 1 tiles ahead */\n"
 "#pragma unroll\n"
 "    for (int i = 0; i < MUSTAFAR_STAGES - 1; i++) {\n"
@@ -2818,7 +2860,7 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "            for (int r = 0; r < 2; r++) {\n"
 "                ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo, end);\n"
-"                if (ks[r]) ks[r] += KC * t;\n",
+"                if (ks[r]) ks[r] += KC * t;\n"
 "            }\n"
 "#pragma unroll\n"
 "            for (int i = 0; i < 4; i++) {\n"
@@ -2859,7 +2901,7 @@ static const char *const mustafar__kernel_source[] = {
 "                }\n"
 "#pragma unroll\n"
 "                for (int mm = 0; mm < MT; mm++) {\n"
-"                    o[(warp * HEAD_ROWS + r) * D + VC * g + mm] = st.o[nt][mm][h];\n"
+"                    o[(warp * HEAD_ROWS + r) * D + VC * g + mm] = st.o[nt][mm][h];\n",
 "                    o[(warp * HEAD_ROWS + r) * D + VC * g + MT + mm] = st.o[nt][mm][2 + h];\n"
 "                }\n"
 "            }\n"
@@ -2887,6 +2929,7 @@ static const char *const mustafar__kernel_source[] = {
 "        }\n"
 "    }\n"
 "}\n"
+"#endif\n"
 "\n"
 "/* Merges the splits of every (sequence, query head): one block of\n"
 "   COMBINE_THREADS each.  Thread (part, c) sums channels 4c..4c+3 over the\n"
@@ -2898,11 +2941,12 @@ static const char *const mustafar__kernel_source[] = {
 "#define COMBINE_THREADS 256\n"
 "#define COMBINE_QUADS (D / 4)\n"
 "#define COMBINE_PARTS (COMBINE_THREADS / COMBINE_QUADS)\n"
+"#if !MUSTAFAR_APPEND_WIDE\n"
 "extern \"C\" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(const float *partial_o,\n"
 "                                                                               const float *partial_ml,\n"
 "                                                                               u16 *out, int splits)\n"
 "{\n"
-"    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS];\n",
+"    __shared__ float max_part[COMBINE_THREADS / 32], sum_part[COMBINE_PARTS];\n"
 "    __shared__ float4 acc_part[COMBINE_PARTS][COMBINE_QUADS];\n"
 "#if MUSTAFAR_SM >= 90\n"
 "    asm volatile(\"griddepcontrol.launch_dependents;\");   /* the next call's kernel may get ready */\n"
@@ -2935,14 +2979,15 @@ static const char *const mustafar__kernel_source[] = {
 "            const float4 y = acc_part[p][c];\n"
 "            acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;\n"
 "            l += sum_part[p];\n"
-"        }\n"
+"        }\n",
 "        if (!(l > 0.0f)) {                  /* no position in range: zeros */\n"
 "            acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);\n"
 "            l = 1.0f;\n"
 "        }\n"
 "        *(uint2 *)(out + head * D + 4 * c) = make_uint2(pack2(acc.x / l, acc.y / l), pack2(acc.z / l, acc.w / l));\n"
 "    }\n"
-"}\n",
+"}\n"
+"#endif\n",
 0};
 /* END EMBEDDED mustafar_kernels.cuh */
 
@@ -2958,6 +3003,8 @@ struct mustafar__module {
     char options[320];
     cudaLibrary_t library;
     cudaKernel_t records, append, attention, combine;
+    cudaLibrary_t wide_library;    /* the wide append kernel alone, built on first use */
+    cudaKernel_t append_wide;
     int warps, blocks_per_sm;      /* attention blocks, and how many fit an SM */
     size_t attention_smem;
 };
@@ -3121,21 +3168,90 @@ static mustafar_status mustafar__nvrtc_compile(mustafar_context *ctx, const char
     return MUSTAFAR_OK;
 }
 
-static mustafar_status mustafar__load_library(mustafar_context *ctx, mustafar__module *m,
-                                              const void *cubin)
+/* A kernel library for the -D list `options`: from the disk cache when the
+   entry there loads, else compiled by NVRTC (and written to the cache). */
+static mustafar_status mustafar__build_library(mustafar_context *ctx, const char *options,
+                                               cudaLibrary_t *library)
 {
-    cudaError_t e = cudaLibraryLoadData(&m->library, cubin, NULL, NULL, 0, NULL, NULL, 0);
-    if (e != cudaSuccess)
+    mustafar__cuda *cu = &ctx->cuda;
+    char opts[400], arch[32], path[1200], *tok;
+    const char *argv[20];
+    int argc = 0, nvrtc_major = 0, nvrtc_minor = 0;
+    size_t size = 0;
+    void *cubin = NULL;
+    char *text = mustafar__kernel_text();
+    uint64_t key;
+    mustafar_status st;
+    cudaError_t e;
+    if (!text) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", cu->sm);
+    nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+    key = mustafar__fnv1a(1469598103934665603ull, text, strlen(text));
+    key = mustafar__fnv1a(key, options, strlen(options));
+    key = mustafar__fnv1a(key, arch, strlen(arch));
+    key = mustafar__fnv1a(key, &nvrtc_major, sizeof nvrtc_major);
+    key = mustafar__fnv1a(key, &nvrtc_minor, sizeof nvrtc_minor);
+    path[0] = 0;
+    if (cu->cache_dir[0]) {
+        snprintf(path, sizeof path, "%s/mustafar-%016llx.cubin", cu->cache_dir,
+                 (unsigned long long)key);
+        cubin = mustafar__disk_read(path, &size);
+        if (cubin && cudaLibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0) == cudaSuccess) {
+            MUSTAFAR_FREE(cubin);
+            MUSTAFAR_FREE(text);
+            return MUSTAFAR_OK;
+        }
+        MUSTAFAR_FREE(cubin);              /* none, or unloadable: compile again */
+        cubin = NULL;
+    }
+    snprintf(opts, sizeof opts, "%s", options);
+    argv[argc++] = arch;
+    argv[argc++] = "-lineinfo";
+    for (tok = opts; *tok && argc < 20;) {   /* split at spaces, in place */
+        argv[argc++] = tok;
+        while (*tok && *tok != ' ') tok++;
+        if (*tok) *tok++ = 0;
+    }
+    st = mustafar__nvrtc_compile(ctx, text, argv, argc, &cubin, &size);
+    MUSTAFAR_FREE(text);
+    if (st) return st;
+    e = cudaLibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0);
+    if (e != cudaSuccess) {
+        MUSTAFAR_FREE(cubin);
         return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "cudaLibraryLoadData failed: %s (%s)",
                               cudaGetErrorName(e), cudaGetErrorString(e));
-    if ((e = cudaLibraryGetKernel(&m->records, m->library, "mustafar_records")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->append, m->library, "mustafar_append")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->attention, m->library, "mustafar_attention")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine")) != cudaSuccess) {
-        cudaLibraryUnload(m->library);
-        m->library = NULL;
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "a kernel is missing from the library: %s",
-                              cudaGetErrorName(e));
+    }
+    if (path[0]) mustafar__disk_write(cu->cache_dir, path, cubin, size);
+    MUSTAFAR_FREE(cubin);
+    return MUSTAFAR_OK;
+}
+
+static mustafar_status mustafar__missing_kernel(mustafar_context *ctx, cudaLibrary_t *library,
+                                                cudaError_t e)
+{
+    cudaLibraryUnload(*library);
+    *library = NULL;
+    return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "a kernel is missing from the library: %s",
+                          cudaGetErrorName(e));
+}
+
+/* The wide append kernel (job and patch lists of large appends in a 30 KB
+   parameter block) has its own library, built on the first append that
+   needs it: decode-only use never compiles it, and context creation does
+   not wait for it. */
+static mustafar_status mustafar__append_wide_kernel(mustafar_context *ctx, mustafar__module *m)
+{
+    char options[400];
+    mustafar_status st;
+    cudaError_t e;
+    if (m->append_wide) return MUSTAFAR_OK;
+    snprintf(options, sizeof options, "%s -DMUSTAFAR_APPEND_WIDE=1", m->options);
+    st = mustafar__build_library(ctx, options, &m->wide_library);
+    if (st) return st;
+    e = cudaLibraryGetKernel(&m->append_wide, m->wide_library, "mustafar_append_wide");
+    if (e != cudaSuccess) {
+        m->append_wide = NULL;
+        return mustafar__missing_kernel(ctx, &m->wide_library, e);
     }
     return MUSTAFAR_OK;
 }
@@ -3162,16 +3278,12 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
 {
     mustafar__cuda *cu = &ctx->cuda;
     mustafar__module *m;
-    char options[320], arch[32], path[1200];
-    const char *argv[20];
-    int argc = 0, nvrtc_major = 0, nvrtc_minor = 0, optin = 0, warps = 4, stages = 3;
+    int optin = 0, warps = 4, stages = 3;
     size_t k_rec = mustafar__round_up((size_t)d / 8 + 2 * (size_t)k_kept, 16);
     size_t v_rec = mustafar__round_up((size_t)d / 8 + 2 * (size_t)v_kept, 16);
-    size_t smem, size = 0;
-    void *cubin = NULL;
-    char *text, *tok;
-    uint64_t key;
+    size_t smem;
     mustafar_status st;
+    cudaError_t e;
     const int config[6] = {d, (int)dtype, k_kept, v_kept, group, page_size};
     for (m = cu->modules; m; m = m->next)
         if (!memcmp(m->config, config, sizeof config)) { *out = m; return MUSTAFAR_OK; }
@@ -3181,59 +3293,29 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
     while (warps > 1 && mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages) > (size_t)optin)
         warps /= 2;
     smem = mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages);
-    snprintf(options, sizeof options,
+    m = (mustafar__module *)mustafar__calloc(sizeof *m);
+    if (!m) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    snprintf(m->options, sizeof m->options,
              "-DMUSTAFAR_D=%d -DMUSTAFAR_BF16=%d -DMUSTAFAR_K_KEPT=%d -DMUSTAFAR_V_KEPT=%d "
              "-DMUSTAFAR_GROUP=%d -DMUSTAFAR_PAGE_SIZE=%d -DMUSTAFAR_WARPS=%d -DMUSTAFAR_STAGES=%d "
              "-DMUSTAFAR_SM=%d",
              d, dtype == MUSTAFAR_DTYPE_BF16, k_kept, v_kept, group, page_size, warps, stages, cu->sm);
-    m = (mustafar__module *)mustafar__calloc(sizeof *m);
-    text = mustafar__kernel_text();
-    if (!m || !text) {
-        MUSTAFAR_FREE(m);
-        MUSTAFAR_FREE(text);
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
-    }
-    memcpy(m->options, options, sizeof options);
     memcpy(m->config, config, sizeof config);
     m->warps = warps;
     m->attention_smem = smem;
-    snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", cu->sm);
-    nvrtcVersion(&nvrtc_major, &nvrtc_minor);
-    key = mustafar__fnv1a(1469598103934665603ull, text, strlen(text));
-    key = mustafar__fnv1a(key, options, strlen(options));
-    key = mustafar__fnv1a(key, arch, strlen(arch));
-    key = mustafar__fnv1a(key, &nvrtc_major, sizeof nvrtc_major);
-    key = mustafar__fnv1a(key, &nvrtc_minor, sizeof nvrtc_minor);
-    path[0] = 0;
-    if (cu->cache_dir[0]) {
-        snprintf(path, sizeof path, "%s/mustafar-%016llx.cubin", cu->cache_dir,
-                 (unsigned long long)key);
-        cubin = mustafar__disk_read(path, &size);
-        if (cubin && mustafar__load_library(ctx, m, cubin) != MUSTAFAR_OK) {
-            MUSTAFAR_FREE(cubin);          /* unloadable entry: compile again */
-            cubin = NULL;
-        }
+    st = mustafar__build_library(ctx, m->options, &m->library);
+    if (st) {
+        MUSTAFAR_FREE(m);
+        return st;
     }
-    if (!cubin) {
-        argv[argc++] = arch;
-        argv[argc++] = "-lineinfo";
-        for (tok = options; *tok && argc < 20;) {   /* split at spaces, in place */
-            argv[argc++] = tok;
-            while (*tok && *tok != ' ') tok++;
-            if (*tok) *tok++ = 0;
-        }
-        st = mustafar__nvrtc_compile(ctx, text, argv, argc, &cubin, &size);
-        if (!st) st = mustafar__load_library(ctx, m, cubin);
-        if (st) {
-            MUSTAFAR_FREE(cubin);
-            MUSTAFAR_FREE(text);
-            MUSTAFAR_FREE(m);
-            return st;
-        }
-        if (path[0]) mustafar__disk_write(cu->cache_dir, path, cubin, size);
+    if ((e = cudaLibraryGetKernel(&m->records, m->library, "mustafar_records")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->append, m->library, "mustafar_append")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->attention, m->library, "mustafar_attention")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine")) != cudaSuccess) {
+        st = mustafar__missing_kernel(ctx, &m->library, e);
+        MUSTAFAR_FREE(m);
+        return st;
     }
-    MUSTAFAR_FREE(cubin);
-    MUSTAFAR_FREE(text);
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute((const void *)m->attention,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -3315,6 +3397,7 @@ static void mustafar__cuda_shutdown(mustafar_context *ctx)
     while (m) {
         mustafar__module *next = m->next;
         cudaLibraryUnload(m->library);
+        if (m->wide_library) cudaLibraryUnload(m->wide_library);
         MUSTAFAR_FREE(m);
         m = next;
     }
@@ -3465,6 +3548,8 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     int window_total = last->window_offset + last->old_length + last->new_tokens -
                        mustafar__job_window_first(last);
     mustafar__append_inline *inl = &ctx->cuda.append_params;
+    mustafar__append_wide *wide = &ctx->cuda.append_wide_params;
+    cudaKernel_t kernel;
     int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
     /* one lane group per (position, KV head) for large appends (the K and V
        vectors in turn), else per (position, KV head, K or V) */
@@ -3483,12 +3568,23 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     /* the kernel counts positions in int */
     if (blocks > 0x7fffffff || (long long)compress_total + window_total > 0x7fffffff)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "append too large");
+    kernel = m->append;
+    args[0] = inl;
     inl->njobs = inl->npatches = 0;
     if (njobs <= MUSTAFAR__INLINE_JOBS && npatches <= MUSTAFAR__INLINE_PATCHES) {
         inl->njobs = njobs;
         inl->npatches = npatches;
         memcpy(inl->jobs, jobs, sizeof *jobs * (size_t)njobs);
         if (npatches) memcpy(inl->patches, patches, 8 * (size_t)npatches);
+    } else if (njobs <= MUSTAFAR__WIDE_JOBS && npatches <= MUSTAFAR__WIDE_PATCHES) {
+        st = mustafar__append_wide_kernel(ctx, m);
+        if (st) return st;
+        kernel = m->append_wide;
+        args[0] = wide;
+        wide->njobs = njobs;
+        wide->npatches = npatches;
+        memcpy(wide->jobs, jobs, sizeof *jobs * (size_t)njobs);
+        if (npatches) memcpy(wide->patches, patches, 8 * (size_t)npatches);
     } else {
         size_t job_bytes = sizeof *jobs * (size_t)njobs, bytes = job_bytes + 8 * (size_t)npatches;
         unsigned char *blob, *dev;
@@ -3504,12 +3600,12 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
         dev_jobs = dev;
         dev_patches = dev + job_bytes;
     }
-    args[0] = inl; args[1] = &dev_jobs; args[2] = &njobs; args[3] = &dev_patches;
+    args[1] = &dev_jobs; args[2] = &njobs; args[3] = &dev_patches;
     args[4] = &npatches; args[5] = &compress_total; args[6] = &window_total; args[7] = &hkv;
     args[8] = &pair_kv; args[9] = (void *)&k; args[10] = (void *)&v; args[11] = (void *)&kv->k_pages;
     args[12] = (void *)&kv->v_pages; args[13] = (void *)&kv->page_table; args[14] = &stride;
     args[15] = (void *)&kv->k_window; args[16] = (void *)&kv->v_window; args[17] = &window;
-    return mustafar__launch(ctx, m->append, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args, 1);
+    return mustafar__launch(ctx, kernel, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args, 1);
 }
 
 /* Positions per split.  Time is modelled as waves x tiles per block: the

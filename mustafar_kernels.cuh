@@ -11,6 +11,8 @@
      MUSTAFAR_WARPS       warps per attention block
      MUSTAFAR_STAGES      tiles of records in flight per warp, plus one (2 or 3)
      MUSTAFAR_SM          target SM (75, 80, 86, 89, 90, ...)
+     MUSTAFAR_APPEND_WIDE 1: only the wide append kernel (a library of its
+                          own, built when a large append first needs it)
 
    Buffers (element = 16-bit fp16/bf16 bits; shapes outermost first):
      record      [D/8 bytes bitmap][KEPT elements][zero pad to 16 bytes]
@@ -21,6 +23,9 @@
      partial_o   [nseq][Hq][splits][D] float, unnormalised
      partial_ml  [nseq][Hq][splits][2] float: running max (log2 units), sum */
 
+#ifndef MUSTAFAR_APPEND_WIDE
+#define MUSTAFAR_APPEND_WIDE 0
+#endif
 #define D MUSTAFAR_D
 #define BITMAP_BYTES (D / 8)
 #define RECORD_BYTES(kept) (((BITMAP_BYTES + 2 * (kept) + 15) / 16) * 16)
@@ -348,6 +353,7 @@ __device__ __forceinline__ void expand_part(u32 x[PAIRS], const unsigned char *r
 #define OP_COMPRESS 1
 #define OP_DECOMPRESS 2
 
+#if !MUSTAFAR_APPEND_WIDE
 extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const void *in, void *out,
                                                                     long long count)
 {
@@ -377,6 +383,7 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const
         store_part((u16 *)out + vec * D, x);
     }
 }
+#endif
 
 /* ---- append: compress tokens into pages, fill the dense window -------------
    Items [0, compress_total) are positions compressed into pages (from the
@@ -392,13 +399,20 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const
    Window entries span at most `window` positions, so each slot receives at
    most one. */
 
+/* Job and patch lists travel in the kernel parameters when they fit: an
+   upload would make the host wait for the copy engine before it can queue
+   the next call.  Decode steps use a small parameter block (cheap to
+   launch), larger appends such as prefill chunks a wide one (30 KB, under
+   the 32 KB limit of kernel parameters). */
 #define INLINE_JOBS 48
 #define INLINE_PATCHES 96
-/* Small appends travel in the kernel parameters (no upload). */
+#define WIDE_JOBS 128
+#define WIDE_PATCHES 3072
+template <int JOBS, int PATCHES>
 struct append_inline {
     int njobs, npatches;                     /* 0: use the global arrays */
-    append_job jobs[INLINE_JOBS];
-    int patches[2 * INLINE_PATCHES];
+    append_job jobs[JOBS];
+    int patches[2 * PATCHES];
 };
 
 __device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g, bool window)
@@ -412,14 +426,12 @@ __device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g
     return lo;
 }
 
-/* 4 blocks (64 registers) per SM: left alone, ptxas gives the K/V loop 77
-   registers and the SM 3 blocks */
-extern "C" __global__ void __launch_bounds__(256, 4) mustafar_append(
-    const __grid_constant__ append_inline inl, const append_job *global_jobs, int njobs,
-    const int *global_patches, int npatches, int compress_total, int window_total,
-    int num_kv_heads, int pair_kv, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,
-    unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window, u16 *v_window,
-    int window)
+template <typename Inline>
+__device__ __forceinline__ void append_body(
+    const Inline &inl, const append_job *global_jobs, int njobs, const int *global_patches,
+    int npatches, int compress_total, int window_total, int num_kv_heads, int pair_kv,
+    const u16 *k_in, const u16 *v_in, unsigned char *k_pages, unsigned char *v_pages,
+    int *page_table, int table_stride, u16 *k_window, u16 *v_window, int window)
 {
     __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];
 #if MUSTAFAR_SM >= 90
@@ -500,6 +512,26 @@ extern "C" __global__ void __launch_bounds__(256, 4) mustafar_append(
         }
     }
 }
+
+#define APPEND_KERNEL(name, JOBS, PATCHES)                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 4) name(                                      \
+        const __grid_constant__ append_inline<JOBS, PATCHES> inl, const append_job *global_jobs,    \
+        int njobs, const int *global_patches, int npatches, int compress_total, int window_total,  \
+        int num_kv_heads, int pair_kv, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,   \
+        unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window,                 \
+        u16 *v_window, int window)                                                                  \
+    {                                                                                               \
+        append_body(inl, global_jobs, njobs, global_patches, npatches, compress_total,             \
+                    window_total, num_kv_heads, pair_kv, k_in, v_in, k_pages, v_pages, page_table, \
+                    table_stride, k_window, v_window, window);                                     \
+    }
+/* 4 blocks (64 registers) per SM: left alone, ptxas gives the K/V loop 77
+   registers and the SM 3 blocks */
+#if MUSTAFAR_APPEND_WIDE
+APPEND_KERNEL(mustafar_append_wide, WIDE_JOBS, WIDE_PATCHES)
+#else
+APPEND_KERNEL(mustafar_append, INLINE_JOBS, INLINE_PATCHES)
+#endif
 
 /* ---- decode attention -------------------------------------------------------
    Block (sequence, KV head x head block, split), MUSTAFAR_WARPS warps.  Each
@@ -985,6 +1017,7 @@ struct seqs_inline {
     paged_seq seqs[INLINE_SEQS];
 };
 
+#if !MUSTAFAR_APPEND_WIDE
 extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(
     const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,
     const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,
@@ -1140,6 +1173,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
         }
     }
 }
+#endif
 
 /* Merges the splits of every (sequence, query head): one block of
    COMBINE_THREADS each.  Thread (part, c) sums channels 4c..4c+3 over the
@@ -1151,6 +1185,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
 #define COMBINE_THREADS 256
 #define COMBINE_QUADS (D / 4)
 #define COMBINE_PARTS (COMBINE_THREADS / COMBINE_QUADS)
+#if !MUSTAFAR_APPEND_WIDE
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(const float *partial_o,
                                                                                const float *partial_ml,
                                                                                u16 *out, int splits)
@@ -1196,3 +1231,4 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) mustafar_combine(c
         *(uint2 *)(out + head * D + 4 * c) = make_uint2(pack2(acc.x / l, acc.y / l), pack2(acc.z / l, acc.w / l));
     }
 }
+#endif

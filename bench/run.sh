@@ -5,6 +5,8 @@ set -e
 BUILD=${BUILD:-build}
 OUTDIR=${OUT:-bench}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
-"$BUILD/bench" ${BENCH_ARGS:-} --csv "$OUTDIR/results.csv"
+# CUDA_CACHE_DISABLE: NVRTC (12.9+) keeps compiled programs in the driver's
+# compute cache across processes, which would make "cold" init a cache hit.
+CUDA_CACHE_DISABLE=1 "$BUILD/bench" ${BENCH_ARGS:-} --csv "$OUTDIR/results.csv"
 python3 bench/sdpa.py ${BENCH_ARGS:-} --csv "$OUTDIR/sdpa.csv"
 python3 bench/report.py "$OUTDIR/results.csv" "$OUTDIR/sdpa.csv" --plot "$OUTDIR/results.png"

@@ -157,6 +157,41 @@ static void test_cache_stats_and_pages(mustafar_context *ctx)
     tm_destroy(&m);
 }
 
+/* Appends whose job and page lists take each way to the GPU kernel: in the
+   small parameter block (<= 48 sequences, <= 96 new pages), in the wide one
+   (<= 128 sequences, <= 3072 new pages) and uploaded (more); page size 2
+   makes the page counts large with few tokens.  Every phase is checked
+   against the model; on the CPU the same calls are a plain model check. */
+static void test_cache_append_paths(mustafar_context *ctx)
+{
+    tb_rng r;
+    mustafar_cache_desc d;
+    tm_model m;
+    int idx[63], nt[63], i, three[3];
+    tb_rng_for_test(&r, g_cur_test);
+    tm_desc(&d, 1, 1, 2, 64, MUSTAFAR_DTYPE_F16, 0.5f, 0.5f, 4, 2, 12000, 63);
+    if (!tm_create(&m, ctx, &r, &d, 1)) return;
+    for (i = 0; i < 63; i++) {
+        idx[i] = tm_add(&m);
+        if (idx[i] < 0) { tm_destroy(&m); return; }
+    }
+    nt[0] = 6300;                                  /* 3148 new pages: uploaded */
+    tm_append(&m, 0, 1, idx, nt);
+    tm_check_all(&m, 0.0f, "3148 new pages in one append");
+    for (i = 0; i < 60; i++) nt[i] = 9;             /* 60 sequences: wide block */
+    tm_append(&m, 0, 60, idx + 3, nt);
+    tm_check_all(&m, 0.0f, "60 sequences in one append");
+    three[0] = idx[0]; three[1] = idx[1]; three[2] = idx[2];
+    nt[0] = nt[1] = nt[2] = 300;                    /* ~450 new pages: wide block */
+    tm_append(&m, 0, 3, three, nt);
+    tm_check_all(&m, 0.0f, "450 new pages in one append");
+    for (i = 0; i < 63; i++) nt[i] = 1;             /* a decode step of 63 sequences: wide */
+    tm_append(&m, 0, 63, idx, nt);
+    tm_append(&m, 0, 3, three, nt);                 /* of 3: small block */
+    tm_check_all(&m, 0.0f, "decode steps of 63 and 3 sequences");
+    tm_destroy(&m);
+}
+
 /* Sequences of different lengths share one pool; a full pool refuses,
    removal makes room for another sequence. */
 static void test_cache_pool_sharing(mustafar_context *ctx)

@@ -12,7 +12,10 @@ int main(void)
         {"-DMUSTAFAR_D=64", "-DMUSTAFAR_BF16=1", "-DMUSTAFAR_K_KEPT=32", "-DMUSTAFAR_V_KEPT=20",
          "-DMUSTAFAR_GROUP=1", "-DMUSTAFAR_PAGE_SIZE=8", "-DMUSTAFAR_WARPS=4", "-DMUSTAFAR_STAGES=2"},
         {"-DMUSTAFAR_D=256", "-DMUSTAFAR_BF16=1", "-DMUSTAFAR_K_KEPT=77", "-DMUSTAFAR_V_KEPT=128",
-         "-DMUSTAFAR_GROUP=20", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=2", "-DMUSTAFAR_STAGES=3"}};
+         "-DMUSTAFAR_GROUP=20", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=2", "-DMUSTAFAR_STAGES=3"},
+        /* the wide append kernel's own library (a 30 KB parameter block) */
+        {"-DMUSTAFAR_D=128", "-DMUSTAFAR_BF16=0", "-DMUSTAFAR_K_KEPT=39", "-DMUSTAFAR_V_KEPT=39",
+         "-DMUSTAFAR_GROUP=4", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=4", "-DMUSTAFAR_APPEND_WIDE=1"}};
     int archs[64], narch = 0, i, c, passed = 0, failed = 0;
     char *text = mustafar__kernel_text();
     if (!text || nvrtcGetNumSupportedArchs(&narch) != NVRTC_SUCCESS || narch > 64 ||
