@@ -400,10 +400,10 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const
    most one. */
 
 /* Job and patch lists travel in the kernel parameters when they fit: an
-   upload would make the host wait for the copy engine before it can queue
-   the next call.  Decode steps use a small parameter block (cheap to
-   launch), larger appends such as prefill chunks a wide one (30 KB, under
-   the 32 KB limit of kernel parameters). */
+   upload puts a copy between two kernels on the stream and makes the host
+   wait for the previous upload.  Decode steps use a small parameter block
+   (cheap to launch), larger appends such as prefill chunks a wide one
+   (30 KB, under the 32 KB limit of kernel parameters). */
 #define INLINE_JOBS 48
 #define INLINE_PATCHES 96
 #define WIDE_JOBS 128
