@@ -523,6 +523,7 @@ typedef struct mustafar__seqs_inline {
 } mustafar__seqs_inline;
 typedef struct mustafar__cuda {
     int device, sm, num_sms;
+    int wide_params;               /* driver and NVRTC take kernel parameters over 4 KB (12.1+) */
     cudaStream_t stream;
     char cache_dir[1024];          /* empty: disk cache disabled */
     mustafar__module *modules;     /* compiled kernel libraries, one per config */
@@ -3161,6 +3162,8 @@ static mustafar_status mustafar__nvrtc_compile(mustafar_context *ctx, const char
     if ((r = nvrtcGetCUBINSize(prog, size)) != NVRTC_SUCCESS || !*size ||
         !(*cubin = MUSTAFAR_MALLOC(*size)) || (r = nvrtcGetCUBIN(prog, (char *)*cubin)) != NVRTC_SUCCESS) {
         nvrtcDestroyProgram(&prog);
+        MUSTAFAR_FREE(*cubin);
+        *cubin = NULL;
         return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC produced no cubin: %s",
                               nvrtcGetErrorString(r));
     }
@@ -3374,6 +3377,11 @@ static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar
         return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
                               "this NVRTC cannot compile for sm_%d%d", major, minor);
     cu->sm = best;
+    {
+        int nvrtc_major = 0, nvrtc_minor = 0;
+        nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+        cu->wide_params = driver >= 12010 && nvrtc_major * 100 + nvrtc_minor >= 1201;
+    }
     cu->stream = (cudaStream_t)desc->cuda_stream;
     mustafar__resolve_cache_dir(cu, desc);
     MUSTAFAR__CUDA_CHECK(ctx, cudaEventCreateWithFlags(&cu->staging_free, cudaEventDisableTiming));
@@ -3550,6 +3558,7 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     mustafar__append_inline *inl = &ctx->cuda.append_params;
     mustafar__append_wide *wide = &ctx->cuda.append_wide_params;
     cudaKernel_t kernel;
+    const char *kernel_name = "mustafar_append";
     int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
     /* one lane group per (position, KV head) for large appends (the K and V
        vectors in turn), else per (position, KV head, K or V) */
@@ -3576,10 +3585,12 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
         inl->npatches = npatches;
         memcpy(inl->jobs, jobs, sizeof *jobs * (size_t)njobs);
         if (npatches) memcpy(inl->patches, patches, 8 * (size_t)npatches);
-    } else if (njobs <= MUSTAFAR__WIDE_JOBS && npatches <= MUSTAFAR__WIDE_PATCHES) {
+    } else if (ctx->cuda.wide_params && njobs <= MUSTAFAR__WIDE_JOBS &&
+               npatches <= MUSTAFAR__WIDE_PATCHES) {
         st = mustafar__append_wide_kernel(ctx, m);
         if (st) return st;
         kernel = m->append_wide;
+        kernel_name = "mustafar_append_wide";
         args[0] = wide;
         wide->njobs = njobs;
         wide->npatches = npatches;
@@ -3605,7 +3616,7 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     args[8] = &pair_kv; args[9] = (void *)&k; args[10] = (void *)&v; args[11] = (void *)&kv->k_pages;
     args[12] = (void *)&kv->v_pages; args[13] = (void *)&kv->page_table; args[14] = &stride;
     args[15] = (void *)&kv->k_window; args[16] = (void *)&kv->v_window; args[17] = &window;
-    return mustafar__launch(ctx, kernel, "mustafar_append", (unsigned)blocks, 1, 1, 256, 0, args, 1);
+    return mustafar__launch(ctx, kernel, kernel_name, (unsigned)blocks, 1, 1, 256, 0, args, 1);
 }
 
 /* Positions per split.  Time is modelled as waves x tiles per block: the
