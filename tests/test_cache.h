@@ -160,8 +160,10 @@ static void test_cache_stats_and_pages(mustafar_context *ctx)
 /* Appends whose job and page lists take each way to the GPU kernel: in the
    small parameter block (<= 48 sequences, <= 96 new pages), in the wide one
    (<= 128 sequences, <= 3072 new pages) and uploaded (more); page size 2
-   makes the page counts large with few tokens.  Every phase is checked
-   against the model; on the CPU the same calls are a plain model check. */
+   makes the page counts large with few tokens.  Then appends of >= 65536
+   (position, KV head) items, where one lane group compresses both K and V
+   of an item, starting from a full window.  Every phase is checked against
+   the model; on the CPU the same calls are a plain model check. */
 static void test_cache_append_paths(mustafar_context *ctx)
 {
     tb_rng r;
@@ -169,7 +171,7 @@ static void test_cache_append_paths(mustafar_context *ctx)
     tm_model m;
     int idx[63], nt[63], i, three[3];
     tb_rng_for_test(&r, g_cur_test);
-    tm_desc(&d, 1, 1, 2, 64, MUSTAFAR_DTYPE_F16, 0.5f, 0.5f, 4, 2, 12000, 63);
+    tm_desc(&d, 1, 1, 2, 64, MUSTAFAR_DTYPE_F16, 0.5f, 0.5f, 4, 2, 20000, 63);
     if (!tm_create(&m, ctx, &r, &d, 1)) return;
     for (i = 0; i < 63; i++) {
         idx[i] = tm_add(&m);
@@ -189,6 +191,20 @@ static void test_cache_append_paths(mustafar_context *ctx)
     tm_append(&m, 0, 63, idx, nt);
     tm_append(&m, 0, 3, three, nt);                 /* of 3: small block */
     tm_check_all(&m, 0.0f, "decode steps of 63 and 3 sequences");
+    nt[0] = 6200;                                  /* 3100 new pages, the first from the ring: uploaded */
+    tm_append(&m, 0, 1, idx, nt);
+    tm_check_all(&m, 0.0f, "3100 new pages after a full window");
+    tm_destroy(&m);
+
+    tm_desc(&d, 1, 4, 8, 64, MUSTAFAR_DTYPE_BF16, 0.7f, 0.5f, 8, 16, 17000, 2);
+    if (!tm_create(&m, ctx, &r, &d, 1)) return;
+    idx[0] = tm_add(&m);
+    if (idx[0] < 0) { tm_destroy(&m); return; }
+    nt[0] = 8;                                     /* a full window ... */
+    tm_append(&m, 0, 1, idx, nt);
+    nt[0] = 16400;                                 /* ... then 65600 items, K and V per lane group */
+    tm_append(&m, 0, 1, idx, nt);
+    tm_check_all(&m, 0.0f, "65600 items in one append");
     tm_destroy(&m);
 }
 
