@@ -3545,6 +3545,19 @@ static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int
                             1, 1, 256, 0, args, 0);
 }
 
+/* Copies an append's job and patch lists into a parameter block (the small
+   or the wide one: the same fields, different capacities). */
+static void mustafar__inline_lists(int32_t *njobs_out, int32_t *npatches_out,
+                                   mustafar__append_job *jobs_out, int32_t *patches_out,
+                                   const mustafar__append_job *jobs, int njobs,
+                                   const int32_t *patches, int npatches)
+{
+    *njobs_out = njobs;
+    *npatches_out = npatches;
+    memcpy(jobs_out, jobs, sizeof *jobs * (size_t)njobs);
+    if (npatches) memcpy(patches_out, patches, 8 * (size_t)npatches);
+}
+
 static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
                                              const mustafar_paged_kv *kv,
                                              const mustafar__append_job *jobs, int njobs,
@@ -3581,10 +3594,8 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
     args[0] = inl;
     inl->njobs = inl->npatches = 0;
     if (njobs <= MUSTAFAR__INLINE_JOBS && npatches <= MUSTAFAR__INLINE_PATCHES) {
-        inl->njobs = njobs;
-        inl->npatches = npatches;
-        memcpy(inl->jobs, jobs, sizeof *jobs * (size_t)njobs);
-        if (npatches) memcpy(inl->patches, patches, 8 * (size_t)npatches);
+        mustafar__inline_lists(&inl->njobs, &inl->npatches, inl->jobs, inl->patches, jobs, njobs,
+                               patches, npatches);
     } else if (ctx->cuda.wide_params && njobs <= MUSTAFAR__WIDE_JOBS &&
                npatches <= MUSTAFAR__WIDE_PATCHES) {
         st = mustafar__append_wide_kernel(ctx, m);
@@ -3592,10 +3603,8 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
         kernel = m->append_wide;
         kernel_name = "mustafar_append_wide";
         args[0] = wide;
-        wide->njobs = njobs;
-        wide->npatches = npatches;
-        memcpy(wide->jobs, jobs, sizeof *jobs * (size_t)njobs);
-        if (npatches) memcpy(wide->patches, patches, 8 * (size_t)npatches);
+        mustafar__inline_lists(&wide->njobs, &wide->npatches, wide->jobs, wide->patches, jobs, njobs,
+                               patches, npatches);
     } else {
         size_t job_bytes = sizeof *jobs * (size_t)njobs, bytes = job_bytes + 8 * (size_t)npatches;
         unsigned char *blob, *dev;
