@@ -35,11 +35,9 @@
        d.dense_window = 32; d.capacity_tokens = 1 << 20; d.max_sequences = 64;
        mustafar_cache_create(ctx, &d, &cache);
        mustafar_cache_add_sequence(cache, &seq);
-       int n = prompt_len;
-       for (int l = 0; l < 32; l++) {                  // prefill, then decode
-           mustafar_cache_append(cache, l, 1, &seq, &n, k[l], v[l]);
-           mustafar_cache_attention(cache, l, 1, &seq, q[l], out[l], 0.0f);
-       }
+       int n = prompt_len;                             // prefill, then 1 per step
+       for (int l = 0; l < 32; l++)    // mustafar_cache_append + _attention in one
+           mustafar_cache_decode_step(cache, l, 1, &seq, &n, k[l], v[l], q[l], out[l], 0.0f);
 
    OPTIONS (define before including)
 
@@ -309,6 +307,16 @@ MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int la
 MUSTAFAR_API mustafar_status mustafar_cache_attention(mustafar_cache *cache, int layer, int nseq,
                                                       const int *seq_ids, const void *q, void *out,
                                                       float scale);
+/* One decode step of one layer: mustafar_cache_append of k, v, then
+   mustafar_cache_attention of q, in one call.  On sm_90+ GPUs the attention
+   then starts while the append compresses the tokens leaving the window,
+   on the positions that append does not touch, instead of after it.  Bad
+   input fails before anything is appended; should the attention fail after
+   the append (a CUDA error), the tokens stay appended. */
+MUSTAFAR_API mustafar_status mustafar_cache_decode_step(mustafar_cache *cache, int layer, int nseq,
+                                                        const int *seq_ids, const int *ntokens,
+                                                        const void *k, const void *v, const void *q,
+                                                        void *out, float scale);
 /* Tokens of a sequence in one layer; -1 if the id or layer is not valid. */
 MUSTAFAR_API int mustafar_cache_sequence_length(const mustafar_cache *cache, int seq_id, int layer);
 MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cache,
@@ -932,7 +940,7 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
                                                 const mustafar_paged_kv *kv, int nseq,
                                                 const mustafar_paged_seq *seqs, int seqs_on_host,
                                                 int32_t max_len, const void *q, void *out,
-                                                float scale);
+                                                float scale, int unsettled);
 #endif
 
 enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
@@ -1008,23 +1016,28 @@ static mustafar_status mustafar__backend_append(mustafar_context *ctx, const mus
     return MUSTAFAR_OK;
 }
 
+/* unsettled >= 0: the call directly follows an append of this layer (a
+   decode step) that compressed at most that many positions per sequence;
+   -1 otherwise.  See the attention kernel. */
 static mustafar_status mustafar__backend_attention(mustafar_context *ctx, const mustafar__layout *L,
                                                    const mustafar_paged_kv *kv, int nseq,
                                                    const mustafar_paged_seq *seqs,
                                                    int seqs_on_host, int32_t max_len,
-                                                   const void *q, void *out, float scale)
+                                                   const void *q, void *out, float scale,
+                                                   int unsettled)
 {
     float *scores;
 #ifndef MUSTAFAR_NO_CUDA
     if (mustafar__is_cuda(ctx)) {
         int previous = mustafar__device_enter(ctx->cuda.device);
         mustafar_status st = mustafar__cuda_attention(ctx, L, kv, nseq, seqs, seqs_on_host,
-                                                      max_len, q, out, scale);
+                                                      max_len, q, out, scale, unsettled);
         mustafar__device_leave(previous, ctx->cuda.device);
         return st;
     }
 #endif
     MUSTAFAR__UNUSED(seqs_on_host);
+    MUSTAFAR__UNUSED(unsettled);
     scores = (float *)MUSTAFAR_MALLOC(sizeof(float) * (size_t)(max_len ? max_len : 1));
     if (!scores)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
@@ -1281,7 +1294,7 @@ MUSTAFAR_API mustafar_status mustafar_paged_attention(mustafar_context *ctx,
         if (st) return st;
     }
     return mustafar__backend_attention(ctx, &L, kv, nseq, seqs, 0, max_len, q, out,
-                                       mustafar__resolve_scale(scale, L.head_dim));
+                                       mustafar__resolve_scale(scale, L.head_dim), -1);
 }
 
 /* ---- cache object ----------------------------------------------------------------
@@ -1684,22 +1697,29 @@ MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int la
     return st;
 }
 
-MUSTAFAR_API mustafar_status mustafar_cache_attention(mustafar_cache *cache, int layer, int nseq,
-                                                      const int *seq_ids, const void *q, void *out,
-                                                      float scale)
+/* The arguments of an attention call (q and out only when nseq > 0). */
+static mustafar_status mustafar__check_attention(mustafar_cache *cache, int layer, int nseq,
+                                                 const int *seq_ids, const void *q, const void *out)
+{
+    mustafar_status st;
+    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
+    st = mustafar__cache_check_ids(cache, layer, nseq, seq_ids);
+    if (st || !nseq) return st;
+    if (!q || !out) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "q or out is NULL");
+    return mustafar__check_aligned(cache->ctx, q, out, "q and out");
+}
+
+/* mustafar_cache_attention after its checks; unsettled as in
+   mustafar__backend_attention. */
+static mustafar_status mustafar__cache_attend(mustafar_cache *cache, int layer, int nseq,
+                                              const int *seq_ids, const void *q, void *out,
+                                              float scale, int unsettled)
 {
     mustafar_paged_kv kv;
     mustafar_paged_seq *seqs;
     int32_t max_len = 0;
     int i;
     mustafar_status st;
-    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
-    st = mustafar__cache_check_ids(cache, layer, nseq, seq_ids);
-    if (st) return st;
-    if (!nseq) return MUSTAFAR_OK;
-    if (!q || !out) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "q or out is NULL");
-    st = mustafar__check_aligned(cache->ctx, q, out, "q and out");
-    if (st) return st;
     seqs = (mustafar_paged_seq *)mustafar__calloc(sizeof *seqs * (size_t)nseq);
     if (!seqs) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
     for (i = 0; i < nseq; i++) {
@@ -1709,9 +1729,42 @@ MUSTAFAR_API mustafar_status mustafar_cache_attention(mustafar_cache *cache, int
     }
     mustafar_cache_layer_view(cache, layer, &kv);
     st = mustafar__backend_attention(cache->ctx, &cache->layout, &kv, nseq, seqs, 1, max_len, q,
-                                     out, mustafar__resolve_scale(scale, cache->desc.head_dim));
+                                     out, mustafar__resolve_scale(scale, cache->desc.head_dim),
+                                     unsettled);
     MUSTAFAR_FREE(seqs);
     return st;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_attention(mustafar_cache *cache, int layer, int nseq,
+                                                      const int *seq_ids, const void *q, void *out,
+                                                      float scale)
+{
+    mustafar_status st = mustafar__check_attention(cache, layer, nseq, seq_ids, q, out);
+    if (st || !nseq) return st;
+    return mustafar__cache_attend(cache, layer, nseq, seq_ids, q, out, scale, -1);
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_decode_step(mustafar_cache *cache, int layer, int nseq,
+                                                        const int *seq_ids, const int *ntokens,
+                                                        const void *k, const void *v, const void *q,
+                                                        void *out, float scale)
+{
+    int32_t unsettled = 0;
+    int i;
+    mustafar_status st = mustafar__check_attention(cache, layer, nseq, seq_ids, q, out);
+    if (st || !nseq) return st;
+    /* the most positions the append compresses in one sequence (ntokens
+       is checked by the append; a negative count fails there) */
+    for (i = 0; ntokens && i < nseq; i++) {
+        int32_t len = cache->length[(size_t)seq_ids[i] * cache->desc.num_layers + layer], grown;
+        if (ntokens[i] < 0 || (int64_t)len + ntokens[i] > cache->desc.max_sequence_length) break;
+        grown = mustafar__cache_compressed(cache, len + ntokens[i]) -
+                mustafar__cache_compressed(cache, len);
+        if (grown > unsettled) unsettled = grown;
+    }
+    st = mustafar_cache_append(cache, layer, nseq, seq_ids, ntokens, k, v);
+    if (st) return st;
+    return mustafar__cache_attend(cache, layer, nseq, seq_ids, q, out, scale, (int)unsettled);
 }
 
 MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cache,
@@ -2193,9 +2246,12 @@ static const char *const mustafar__kernel_source[] = {
 "    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n"
 "#if MUSTAFAR_SM >= 90\n"
 "    /* A programmatic dependent like the attention: ready early, then waits\n"
-"       for the kernel before it (whose reads of the ring this overwrites). */\n"
-"    asm volatile(\"griddepcontrol.launch_dependents;\");\n"
+"       for the kernel before it (whose reads of the ring this overwrites).\n"
+"       The next kernel may start once every block is past the wait: all\n"
+"       work queued before this one is then complete, which a decode step's\n"
+"       attention relies on to read q and the older records at once. */\n"
 "    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n"
+"    asm volatile(\"griddepcontrol.launch_dependents;\");\n"
 "#endif\n"
 "    const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;\n"
 "    const int *patches = inl.njobs ? inl.patches : global_patches;\n"
@@ -2243,13 +2299,13 @@ static const char *const mustafar__kernel_source[] = {
 "        const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
 "        const int p = first_new + (w - j.window_offset);\n"
 "        const int occupant = j.old_compressed + ((p - j.old_compressed) % window + window) % window;\n"
-"        if (!(occupant < j.old_length && occupant < j.new_compressed)) {   /* else written above */\n"
+"        if (!(occupant < j.old_length && occupant < j.new_compressed)) {   /* else written above */\n",
 "            successor = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
 "            ring = (((long long)j.row * window + p % window) * num_kv_heads + head) * D;\n"
 "        }\n"
 "    }\n"
 "\n"
-"#pragma unroll 1\n",
+"#pragma unroll 1\n"
 "    for (int kv = kv_first; kv < kv_end; kv++) {\n"
 "        const u16 *in = kv ? v_in : k_in;\n"
 "        u16 *ring_base = kv ? v_window : k_window;\n"
@@ -2308,13 +2364,13 @@ static const char *const mustafar__kernel_source[] = {
 "   terms, so each thread takes whole runs of channels instead of the mma\n"
 "   fragment's interleave, and decodes a run with one popcount:\n"
 "     S^T  k index {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel\n"
-"          KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4\n"
+"          KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4\n",
 "     O^T  row g of m-tile mm is channel VC*g + mm, row g+8 is VC*g + D/16 + mm:\n"
 "          thread g owns a run of VC = D/8 channels.\n"
 "   Lane = 4*g + t as in the mma fragments. */\n"
 "\n"
 "#define KC (D / 4)\n"
-"#define VC (D / 8)\n",
+"#define VC (D / 8)\n"
 "#define MT (D / 16)                          /* m-tiles of O^T */\n"
 "#define NT (MUSTAFAR_GROUP > 8 ? 2 : 1)      /* n-tiles of 8 heads per block */\n"
 "#define HEADS_PER_BLOCK (8 * NT)\n"
@@ -2386,11 +2442,11 @@ static const char *const mustafar__kernel_source[] = {
 "/* Queues the K and V records of the tile's compressed positions\n"
 "   [p0, p0+16) below `end` into the stage at shared address `stage`. */\n"
 "__device__ __forceinline__ void prefetch_records(u32 stage, int p0, int end, int page,\n"
-"                                                 const unsigned char *k_pages,\n"
+"                                                 const unsigned char *k_pages,\n",
 "                                                 const unsigned char *v_pages, int head,\n"
 "                                                 int num_kv_heads)\n"
 "{\n"
-"    if (p0 + TILE <= end) {\n",
+"    if (p0 + TILE <= end) {\n"
 "        copy_records<K_RECORD, K_STAGED, true>(stage, k_pages, page, p0, TILE, head, num_kv_heads);\n"
 "        copy_records<V_RECORD, V_STAGED, true>(stage + TILE * K_STAGED, v_pages, page, p0, TILE, head,\n"
 "                                               num_kv_heads);\n"
@@ -2467,13 +2523,13 @@ static const char *const mustafar__kernel_source[] = {
 "{\n"
 "    const u32 bit = word & (1u << k);\n"
 "    u32 x;\n"
-"    asm(\"{ .reg .pred p; setp.ne.u32 p, %2, 0; mov.u32 %0, 0; @p ld.shared.u16 %0, [%1]; }\"\n"
+"    asm(\"{ .reg .pred p; setp.ne.u32 p, %2, 0; mov.u32 %0, 0; @p ld.shared.u16 %0, [%1]; }\"\n",
 "        : \"=r\"(x) : \"r\"(addr), \"r\"(bit));\n"
 "    addr += (bit >> k) << 1;\n"
 "    return x;\n"
 "}\n"
 "\n"
-"/* Two zero-extended 16-bit values as a packed pair, by a multiply-add: the\n",
+"/* Two zero-extended 16-bit values as a packed pair, by a multiply-add: the\n"
 "   FMA pipe has room, the ALU pipe (where a byte permute runs) does not. */\n"
 "__device__ __forceinline__ u32 pack_halves(u32 lo, u32 hi)\n"
 "{\n"
@@ -2572,10 +2628,10 @@ static const char *const mustafar__kernel_source[] = {
 "\n"
 "/* S^T for the 16 staged K records of a tile. */\n"
 "template <bool EDGE>\n"
-"__device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][MT][2],\n"
+"__device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][MT][2],\n",
 "                                              const unsigned char *records, int p0, int lo, int hi,\n"
 "                                              const run_place<KC> &pl)\n"
-"{\n",
+"{\n"
 "    const int g = (threadIdx.x & 31) >> 2;\n"
 "#if MUSTAFAR_K_KEPT == D\n"
 "    const int t = threadIdx.x & 3;\n"
@@ -2652,9 +2708,9 @@ static const char *const mustafar__kernel_source[] = {
 "}\n"
 "\n"
 "/* O^T += V^T P^T given the channel-run values of this thread: x[i] is\n"
-"   channel k of position 2t + (i & 1) + 8 * (i >> 1).  Channels k < D/16 wait\n"
+"   channel k of position 2t + (i & 1) + 8 * (i >> 1).  Channels k < D/16 wait\n",
 "   in `low` for their partner k + D/16 (rows g and g+8 of m-tile k). */\n"
-"__device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,\n",
+"__device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], int k,\n"
 "                                           const u32 x[4], u32 (&low)[MT][2])\n"
 "{\n"
 "    const u32 p01 = pack_halves(x[0], x[1]), p23 = pack_halves(x[2], x[3]);\n"
@@ -2745,9 +2801,9 @@ static const char *const mustafar__kernel_source[] = {
 "   against [lo, hi): tiles start inside the range, so every other tile lies\n"
 "   wholly in it. */\n"
 "template <bool EDGE>\n"
-"__device__ __forceinline__ void staged_tile(warp_state &st, const u32 qb[NT][MT][2],\n"
+"__device__ __forceinline__ void staged_tile(warp_state &st, const u32 qb[NT][MT][2],\n",
 "                                            const unsigned char *stage, int p0, int lo, int hi,\n"
-"                                            float scale_log2, const run_place<KC> &k_place,\n",
+"                                            float scale_log2, const run_place<KC> &k_place,\n"
 "                                            const run_place<VC> &v_place)\n"
 "{\n"
 "    float s[NT][4];\n"
@@ -2758,6 +2814,15 @@ static const char *const mustafar__kernel_source[] = {
 "    find_v_runs<EDGE>(vr, stage + TILE * K_STAGED, p0, lo, hi, v_place);\n"
 "    tile_softmax(st, s, pb);\n"
 "    pv_staged(st, pb, vr);\n"
+"}\n"
+"\n"
+"/* Waits for the kernel this one was launched as a programmatic dependent\n"
+"   of (sm_90+; before that, launches are in stream order anyway). */\n"
+"__device__ __forceinline__ void wait_for_previous_kernel()\n"
+"{\n"
+"#if MUSTAFAR_SM >= 90\n"
+"    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n"
+"#endif\n"
 "}\n"
 "\n"
 "/* Row of the window ring holding position p, or null outside [lo, hi). */\n"
@@ -2780,17 +2845,24 @@ static const char *const mustafar__kernel_source[] = {
 "    const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,\n"
 "    const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,\n"
 "    float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,\n"
-"    float scale_log2)\n"
+"    float scale_log2, int unsettled)\n"
 "{\n"
 "    extern __shared__ __align__(16) unsigned char smem[];\n"
-"#if MUSTAFAR_SM >= 90\n"
 "    /* Launched as a programmatic dependent of the kernel before it (an\n"
 "       append, the last call's combine, or the caller's): its blocks get\n"
-"       ready during that kernel, then wait here for all of its writes (and\n"
-"       for its reads of the scratch written below) before touching memory. */\n"
+"       ready during that kernel, then wait for all of its writes (and for\n"
+"       its reads of the scratch written below) before touching memory.  In\n"
+"       a decode step (unsettled >= 0) the kernel before is the step's\n"
+"       append, which lets this one start only once all work before it is\n"
+"       done; the records that append does not write (positions below\n"
+"       stable_end: the last `unsettled` compressed positions of a sequence\n"
+"       and its window may be written) are read at once, and each warp waits\n"
+"       just before it loads the page of its first tile at or past\n"
+"       stable_end, and before the global writes at the end. */\n"
+"#if MUSTAFAR_SM >= 90\n"
 "    asm volatile(\"griddepcontrol.launch_dependents;\");   /* the combine may be scheduled */\n"
-"    asm volatile(\"griddepcontrol.wait;\" ::: \"memory\");\n"
 "#endif\n"
+"    if (unsettled < 0) wait_for_previous_kernel();\n"
 "    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;\n"
 "    const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;\n"
 "    const int kv_head = blockIdx.y / head_blocks, head_block = blockIdx.y % head_blocks;\n"
@@ -2800,7 +2872,7 @@ static const char *const mustafar__kernel_source[] = {
 "                         ? MUSTAFAR_GROUP - head_block * HEADS_PER_BLOCK : HEADS_PER_BLOCK;\n"
 "    const int num_q_heads = num_kv_heads * MUSTAFAR_GROUP;\n"
 "    const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];\n"
-"    const int length = sq.num_compressed + sq.num_window;\n"
+"    const int length = sq.num_compressed + sq.num_window;\n",
 "    const int begin = split * chunk;\n"
 "    const int end = begin + chunk < length ? begin + chunk : length;\n"
 "    const int *table = page_table + (long long)sq.row * table_stride;\n"
@@ -2824,7 +2896,17 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "\n"
 "    const int compressed_end = end < sq.num_compressed ? end : sq.num_compressed;\n"
-"    const int sweep = MUSTAFAR_WARPS * TILE;\n",
+"    const int sweep = MUSTAFAR_WARPS * TILE;\n"
+"    /* this warp's tiles start at begin + warp*TILE + j*sweep; the page of\n"
+"       tile j is loaded in the prologue (j < STAGES) or in the sweep j - STAGES */\n"
+"    int wait_p0 = -1;                      /* the sweep that waits first, if any */\n"
+"    if (unsettled >= 0) {\n"
+"        const int stable_end = sq.num_compressed - unsettled;\n"
+"        const int x = stable_end - TILE - (begin + warp * TILE);\n"
+"        const int first_unstable = x < 0 ? 0 : x / sweep + 1;\n"
+"        if (first_unstable < MUSTAFAR_STAGES) wait_for_previous_kernel();\n"
+"        else wait_p0 = begin + warp * TILE + (first_unstable - MUSTAFAR_STAGES) * sweep;\n"
+"    }\n"
 "    /* stage i % STAGES holds tile i of this warp; STAGES - 1 tiles ahead */\n"
 "#pragma unroll\n"
 "    for (int i = 0; i < MUSTAFAR_STAGES - 1; i++) {\n"
@@ -2837,45 +2919,56 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "    int stage_index = 0;\n"
 "    int next_page = lane_page(table, begin + warp * TILE + (MUSTAFAR_STAGES - 1) * sweep, compressed_end);\n"
-"    for (int p0 = begin + warp * TILE; p0 < end; p0 += sweep) {\n"
-"        const int ahead = p0 + (MUSTAFAR_STAGES - 1) * sweep;\n"
-"        const int ahead_stage = stage_index == 0 ? MUSTAFAR_STAGES - 1 : stage_index - 1;\n"
-"        const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;\n"
-"        const int page = next_page;\n"
-"        next_page = lane_page(table, ahead + sweep, compressed_end);\n"
-"        if (ahead < compressed_end)\n"
-"            prefetch_records(warp_stage + ahead_stage * STAGE_BYTES, ahead, compressed_end, page,\n"
-"                             k_pages, v_pages, kv_head, num_kv_heads);\n"
-"        copy_commit();\n"
-"        copy_wait<MUSTAFAR_STAGES - 1>();\n"
-"        __syncwarp();\n"
-"        if (p0 + TILE <= compressed_end)\n"
-"            staged_tile<false>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);\n"
-"        else if (p0 < compressed_end)\n"
-"            staged_tile<true>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);\n"
-"        if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {\n"
-"            const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;\n"
-"            float s[NT][4];\n"
-"            u32 pb[NT][2];\n"
-"            const u16 *ks[2], *vs[4];\n"
-"#pragma unroll\n"
-"            for (int r = 0; r < 2; r++) {\n"
-"                ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo, end);\n"
-"                if (ks[r]) ks[r] += KC * t;\n"
+"    /* the sweeps before wait_p0, the wait, the rest: the loop body itself\n"
+"       has no check (one there cost the loop ~3 %) */\n"
+"    int p0 = begin + warp * TILE;\n"
+"    int stop = wait_p0 >= p0 && wait_p0 < end ? wait_p0 : end;\n"
+"#pragma unroll 1\n"
+"    for (;;) {\n"
+"        for (; p0 < stop; p0 += sweep) {\n"
+"            const int ahead = p0 + (MUSTAFAR_STAGES - 1) * sweep;\n"
+"            const int ahead_stage = stage_index == 0 ? MUSTAFAR_STAGES - 1 : stage_index - 1;\n"
+"            const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;\n"
+"            const int page = next_page;\n"
+"            next_page = lane_page(table, ahead + sweep, compressed_end);\n"
+"            if (ahead < compressed_end)\n"
+"                prefetch_records(warp_stage + ahead_stage * STAGE_BYTES, ahead, compressed_end, page,\n"
+"                                 k_pages, v_pages, kv_head, num_kv_heads);\n"
+"            copy_commit();\n"
+"            copy_wait<MUSTAFAR_STAGES - 1>();\n"
+"            __syncwarp();\n"
+"            if (p0 + TILE <= compressed_end)\n"
+"                staged_tile<false>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);\n"
+"            else if (p0 < compressed_end)\n"
+"                staged_tile<true>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);\n"
+"            if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {\n"
+"                const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;\n"
+"                float s[NT][4];\n"
+"                u32 pb[NT][2];\n"
+"                const u16 *ks[2], *vs[4];\n"
+"    #pragma unroll\n",
+"                for (int r = 0; r < 2; r++) {\n"
+"                    ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo,\n"
+"                                     end);\n"
+"                    if (ks[r]) ks[r] += KC * t;\n"
+"                }\n"
+"    #pragma unroll\n"
+"                for (int i = 0; i < 4; i++) {\n"
+"                    vs[i] = ring_row(v_window, sq.row, window, kv_head, num_kv_heads,\n"
+"                                     p0 + 2 * t + (i & 1) + 8 * (i >> 1), lo, end);\n"
+"                    if (vs[i]) vs[i] += VC * g;\n"
+"                }\n"
+"                scores_dense(s, qb, ks);\n"
+"                scale_and_mask<true>(s, scale_log2, p0, lo, end);\n"
+"                tile_softmax(st, s, pb);\n"
+"                pv_dense(st, pb, vs);\n"
 "            }\n"
-"#pragma unroll\n"
-"            for (int i = 0; i < 4; i++) {\n"
-"                vs[i] = ring_row(v_window, sq.row, window, kv_head, num_kv_heads,\n"
-"                                 p0 + 2 * t + (i & 1) + 8 * (i >> 1), lo, end);\n"
-"                if (vs[i]) vs[i] += VC * g;\n"
-"            }\n"
-"            scores_dense(s, qb, ks);\n"
-"            scale_and_mask<true>(s, scale_log2, p0, lo, end);\n"
-"            tile_softmax(st, s, pb);\n"
-"            pv_dense(st, pb, vs);\n"
+"            __syncwarp();                      /* the stage is refilled next iteration */\n"
+"            stage_index = stage_index == MUSTAFAR_STAGES - 1 ? 0 : stage_index + 1;\n"
 "        }\n"
-"        __syncwarp();                      /* the stage is refilled next iteration */\n"
-"        stage_index = stage_index == MUSTAFAR_STAGES - 1 ? 0 : stage_index + 1;\n"
+"        if (stop == end) break;\n"
+"        wait_for_previous_kernel();\n"
+"        stop = end;\n"
 "    }\n"
 "\n"
 "    /* merge the warps: [warps][16] (max, sum) pairs, then [warps][HEAD_ROWS][D] O */\n"
@@ -2902,12 +2995,13 @@ static const char *const mustafar__kernel_source[] = {
 "                }\n"
 "#pragma unroll\n"
 "                for (int mm = 0; mm < MT; mm++) {\n"
-"                    o[(warp * HEAD_ROWS + r) * D + VC * g + mm] = st.o[nt][mm][h];\n",
+"                    o[(warp * HEAD_ROWS + r) * D + VC * g + mm] = st.o[nt][mm][h];\n"
 "                    o[(warp * HEAD_ROWS + r) * D + VC * g + MT + mm] = st.o[nt][mm][2 + h];\n"
 "                }\n"
 "            }\n"
 "        }\n"
 "    __syncthreads();\n"
+"    if (unsettled >= 0) wait_for_previous_kernel();\n"
 "    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {\n"
 "        const int r = i / D, c = i % D;\n"
 "        float m = NEG_INF, l = 0.0f, acc = 0.0f;\n"
@@ -2939,7 +3033,7 @@ static const char *const mustafar__kernel_source[] = {
 "   memory.  From sm_90 on it is launched as a programmatic dependent of the\n"
 "   attention kernel: its blocks may start while that grid drains, and wait\n"
 "   here for its results. */\n"
-"#define COMBINE_THREADS 256\n"
+"#define COMBINE_THREADS 256\n",
 "#define COMBINE_QUADS (D / 4)\n"
 "#define COMBINE_PARTS (COMBINE_THREADS / COMBINE_QUADS)\n"
 "#if !MUSTAFAR_APPEND_WIDE\n"
@@ -2980,7 +3074,7 @@ static const char *const mustafar__kernel_source[] = {
 "            const float4 y = acc_part[p][c];\n"
 "            acc.x += y.x; acc.y += y.y; acc.z += y.z; acc.w += y.w;\n"
 "            l += sum_part[p];\n"
-"        }\n",
+"        }\n"
 "        if (!(l > 0.0f)) {                  /* no position in range: zeros */\n"
 "            acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);\n"
 "            l = 1.0f;\n"
@@ -3659,7 +3753,7 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
                                                 const mustafar_paged_kv *kv, int nseq,
                                                 const mustafar_paged_seq *seqs, int seqs_on_host,
                                                 int32_t max_len, const void *q, void *out,
-                                                float scale)
+                                                float scale, int unsettled)
 {
     mustafar__module *m;
     mustafar_status st;
@@ -3672,7 +3766,7 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
     unsigned char *dev;
     const void *dev_seqs = seqs;
     float *po, *pml, scale_log2 = scale * 1.4426950408889634f;
-    void *args[17];
+    void *args[18];
     MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
     if (nseq > 0x7fffffff / 2)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "nseq %d too large", nseq);
@@ -3696,6 +3790,7 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
         st = mustafar__cuda_upload(ctx, dev, seqs, sizeof *seqs * (size_t)nseq);
         if (st) return st;
         dev_seqs = dev;
+        unsettled = -1;       /* a copy now separates the append from the attention */
     }
     po = (float *)(dev + seq_bytes);
     pml = (float *)(dev + seq_bytes + partial_o);
@@ -3703,7 +3798,7 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
     args[3] = (void *)&kv->page_table; args[4] = &stride; args[5] = (void *)&kv->k_window;
     args[6] = (void *)&kv->v_window; args[7] = &window; args[8] = &dev_seqs; args[9] = (void *)&q;
     args[10] = &out; args[11] = &po; args[12] = &pml; args[13] = &hkv; args[14] = &chunk;
-    args[15] = &splits; args[16] = &scale_log2;
+    args[15] = &splits; args[16] = &scale_log2; args[17] = &unsettled;
     st = mustafar__launch(ctx, m->attention, "mustafar_attention", (unsigned)nseq,
                           (unsigned)(hkv * head_blocks), (unsigned)splits,
                           (unsigned)(32 * m->warps), m->attention_smem, args, 1);

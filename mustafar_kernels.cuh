@@ -436,9 +436,12 @@ __device__ __forceinline__ void append_body(
     __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];
 #if MUSTAFAR_SM >= 90
     /* A programmatic dependent like the attention: ready early, then waits
-       for the kernel before it (whose reads of the ring this overwrites). */
-    asm volatile("griddepcontrol.launch_dependents;");
+       for the kernel before it (whose reads of the ring this overwrites).
+       The next kernel may start once every block is past the wait: all
+       work queued before this one is then complete, which a decode step's
+       attention relies on to read q and the older records at once. */
     asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
 #endif
     const append_job *jobs = inl.njobs ? inl.jobs : global_jobs;
     const int *patches = inl.njobs ? inl.patches : global_patches;
@@ -1003,6 +1006,15 @@ __device__ __forceinline__ void staged_tile(warp_state &st, const u32 qb[NT][MT]
     pv_staged(st, pb, vr);
 }
 
+/* Waits for the kernel this one was launched as a programmatic dependent
+   of (sm_90+; before that, launches are in stream order anyway). */
+__device__ __forceinline__ void wait_for_previous_kernel()
+{
+#if MUSTAFAR_SM >= 90
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 /* Row of the window ring holding position p, or null outside [lo, hi). */
 __device__ __forceinline__ const u16 *ring_row(const u16 *ring, int row, int window, int head,
                                                int num_kv_heads, int p, int lo, int hi)
@@ -1023,17 +1035,24 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,
     const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,
     float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,
-    float scale_log2)
+    float scale_log2, int unsettled)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-#if MUSTAFAR_SM >= 90
     /* Launched as a programmatic dependent of the kernel before it (an
        append, the last call's combine, or the caller's): its blocks get
-       ready during that kernel, then wait here for all of its writes (and
-       for its reads of the scratch written below) before touching memory. */
+       ready during that kernel, then wait for all of its writes (and for
+       its reads of the scratch written below) before touching memory.  In
+       a decode step (unsettled >= 0) the kernel before is the step's
+       append, which lets this one start only once all work before it is
+       done; the records that append does not write (positions below
+       stable_end: the last `unsettled` compressed positions of a sequence
+       and its window may be written) are read at once, and each warp waits
+       just before it loads the page of its first tile at or past
+       stable_end, and before the global writes at the end. */
+#if MUSTAFAR_SM >= 90
     asm volatile("griddepcontrol.launch_dependents;");   /* the combine may be scheduled */
-    asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    if (unsettled < 0) wait_for_previous_kernel();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int head_blocks = (MUSTAFAR_GROUP + HEADS_PER_BLOCK - 1) / HEADS_PER_BLOCK;
     const int kv_head = blockIdx.y / head_blocks, head_block = blockIdx.y % head_blocks;
@@ -1068,6 +1087,16 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
 
     const int compressed_end = end < sq.num_compressed ? end : sq.num_compressed;
     const int sweep = MUSTAFAR_WARPS * TILE;
+    /* this warp's tiles start at begin + warp*TILE + j*sweep; the page of
+       tile j is loaded in the prologue (j < STAGES) or in the sweep j - STAGES */
+    int wait_p0 = -1;                      /* the sweep that waits first, if any */
+    if (unsettled >= 0) {
+        const int stable_end = sq.num_compressed - unsettled;
+        const int x = stable_end - TILE - (begin + warp * TILE);
+        const int first_unstable = x < 0 ? 0 : x / sweep + 1;
+        if (first_unstable < MUSTAFAR_STAGES) wait_for_previous_kernel();
+        else wait_p0 = begin + warp * TILE + (first_unstable - MUSTAFAR_STAGES) * sweep;
+    }
     /* stage i % STAGES holds tile i of this warp; STAGES - 1 tiles ahead */
 #pragma unroll
     for (int i = 0; i < MUSTAFAR_STAGES - 1; i++) {
@@ -1080,45 +1109,56 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     }
     int stage_index = 0;
     int next_page = lane_page(table, begin + warp * TILE + (MUSTAFAR_STAGES - 1) * sweep, compressed_end);
-    for (int p0 = begin + warp * TILE; p0 < end; p0 += sweep) {
-        const int ahead = p0 + (MUSTAFAR_STAGES - 1) * sweep;
-        const int ahead_stage = stage_index == 0 ? MUSTAFAR_STAGES - 1 : stage_index - 1;
-        const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;
-        const int page = next_page;
-        next_page = lane_page(table, ahead + sweep, compressed_end);
-        if (ahead < compressed_end)
-            prefetch_records(warp_stage + ahead_stage * STAGE_BYTES, ahead, compressed_end, page,
-                             k_pages, v_pages, kv_head, num_kv_heads);
-        copy_commit();
-        copy_wait<MUSTAFAR_STAGES - 1>();
-        __syncwarp();
-        if (p0 + TILE <= compressed_end)
-            staged_tile<false>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);
-        else if (p0 < compressed_end)
-            staged_tile<true>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);
-        if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {
-            const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;
-            float s[NT][4];
-            u32 pb[NT][2];
-            const u16 *ks[2], *vs[4];
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo, end);
-                if (ks[r]) ks[r] += KC * t;
+    /* the sweeps before wait_p0, the wait, the rest: the loop body itself
+       has no check (one there cost the loop ~3 %) */
+    int p0 = begin + warp * TILE;
+    int stop = wait_p0 >= p0 && wait_p0 < end ? wait_p0 : end;
+#pragma unroll 1
+    for (;;) {
+        for (; p0 < stop; p0 += sweep) {
+            const int ahead = p0 + (MUSTAFAR_STAGES - 1) * sweep;
+            const int ahead_stage = stage_index == 0 ? MUSTAFAR_STAGES - 1 : stage_index - 1;
+            const unsigned char *stage = warp_smem + stage_index * STAGE_BYTES;
+            const int page = next_page;
+            next_page = lane_page(table, ahead + sweep, compressed_end);
+            if (ahead < compressed_end)
+                prefetch_records(warp_stage + ahead_stage * STAGE_BYTES, ahead, compressed_end, page,
+                                 k_pages, v_pages, kv_head, num_kv_heads);
+            copy_commit();
+            copy_wait<MUSTAFAR_STAGES - 1>();
+            __syncwarp();
+            if (p0 + TILE <= compressed_end)
+                staged_tile<false>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);
+            else if (p0 < compressed_end)
+                staged_tile<true>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);
+            if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {
+                const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;
+                float s[NT][4];
+                u32 pb[NT][2];
+                const u16 *ks[2], *vs[4];
+    #pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo,
+                                     end);
+                    if (ks[r]) ks[r] += KC * t;
+                }
+    #pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    vs[i] = ring_row(v_window, sq.row, window, kv_head, num_kv_heads,
+                                     p0 + 2 * t + (i & 1) + 8 * (i >> 1), lo, end);
+                    if (vs[i]) vs[i] += VC * g;
+                }
+                scores_dense(s, qb, ks);
+                scale_and_mask<true>(s, scale_log2, p0, lo, end);
+                tile_softmax(st, s, pb);
+                pv_dense(st, pb, vs);
             }
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                vs[i] = ring_row(v_window, sq.row, window, kv_head, num_kv_heads,
-                                 p0 + 2 * t + (i & 1) + 8 * (i >> 1), lo, end);
-                if (vs[i]) vs[i] += VC * g;
-            }
-            scores_dense(s, qb, ks);
-            scale_and_mask<true>(s, scale_log2, p0, lo, end);
-            tile_softmax(st, s, pb);
-            pv_dense(st, pb, vs);
+            __syncwarp();                      /* the stage is refilled next iteration */
+            stage_index = stage_index == MUSTAFAR_STAGES - 1 ? 0 : stage_index + 1;
         }
-        __syncwarp();                      /* the stage is refilled next iteration */
-        stage_index = stage_index == MUSTAFAR_STAGES - 1 ? 0 : stage_index + 1;
+        if (stop == end) break;
+        wait_for_previous_kernel();
+        stop = end;
     }
 
     /* merge the warps: [warps][16] (max, sum) pairs, then [warps][HEAD_ROWS][D] O */
@@ -1151,6 +1191,7 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
             }
         }
     __syncthreads();
+    if (unsettled >= 0) wait_for_previous_kernel();
     for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
         const int r = i / D, c = i % D;
         float m = NEG_INF, l = 0.0f, acc = 0.0f;

@@ -215,10 +215,11 @@ static result run_row(mustafar_context *ctx, const row *r, const pool *pl, size_
     }
     qsort(times, 3, sizeof(float), cmp_float);
     res.append_ms = times[1];
-    /* what the append adds to a decode step: 50 steps of append then
-       attention against 50 attentions alone, both queued back to back,
-       alternated 5 times; the median difference per step.  The host's
-       append call overlaps the GPU's attention here, as in a decode loop. */
+    /* what the append adds to a decode step: 50 decode steps
+       (mustafar_cache_decode_step: append, then attention) against 50
+       attentions alone, both queued back to back, alternated 5 times; the
+       median difference per step.  The host's calls overlap the GPU's
+       work here, as in a decode loop. */
     for (i = 0; i < 5; i++) {
         float ms[2];
         int k, pass, with_append;
@@ -227,8 +228,11 @@ static result run_row(mustafar_context *ctx, const row *r, const pool *pl, size_
             CHECK_CUDA(cudaEventRecord(e0, 0));
             for (k = 0; k < 50; k++) {
                 const int *set_ids = ids + (k % sets) * r->batch;
-                if (with_append) CHECK(ctx, mustafar_cache_append(cache, 0, r->batch, set_ids, counts, dk, dv));
-                CHECK(ctx, mustafar_cache_attention(cache, 0, r->batch, set_ids, dq, dout, 0.0f));
+                if (with_append)
+                    CHECK(ctx, mustafar_cache_decode_step(cache, 0, r->batch, set_ids, counts, dk, dv, dq,
+                                                          dout, 0.0f));
+                else
+                    CHECK(ctx, mustafar_cache_attention(cache, 0, r->batch, set_ids, dq, dout, 0.0f));
             }
             CHECK_CUDA(cudaEventRecord(e1, 0));
             CHECK_CUDA(cudaEventSynchronize(e1));

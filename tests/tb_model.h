@@ -171,16 +171,27 @@ static void tm_gen(tm_model *m, uint16_t *k, uint16_t *v, int ntok)
             }
 }
 
+/* A decode step's query side: q [n][Hq][D] (host), out_host receives the
+   output (poisoned before the call, downloaded even when it fails). */
+typedef struct tm_query {
+    const uint16_t *q;
+    uint16_t *out_host;
+    float scale;
+    int null_q;
+    int busy;    /* attention calls queued just before the step (the GPU still runs them when the step's kernels are queued) */
+} tm_query;
+
 /* Appends to sequence ids (arbitrary, possibly invalid) with ntok[i]
    tokens each (negative counts get no data); on MUSTAFAR_OK the tokens are
-   recorded in the model.  kdev/vdev may be overridden to test NULL. */
-static mustafar_status tm_append_ex(tm_model *m, int layer, int n, const int *ids, const int *ntok,
-                                    int null_k, int null_v)
+   recorded in the model.  kdev/vdev may be overridden to test NULL.  With
+   a query, the call is mustafar_cache_decode_step instead. */
+static mustafar_status tm_append_query(tm_model *m, int layer, int n, const int *ids, const int *ntok,
+                                       int null_k, int null_v, const tm_query *query)
 {
     int total = 0, i, off;
-    size_t per = (size_t)m->hkv * m->D;
+    size_t per = (size_t)m->hkv * m->D, qbytes = (size_t)(n > 0 ? n : 1) * m->hq * m->D * 2;
     uint16_t *k, *v;
-    void *dk, *dv;
+    void *dk, *dv, *dq = NULL, *dout = NULL, *dbusy;
     mustafar_status st;
     for (i = 0; i < n; i++)
         if (ntok && ntok[i] > 0) total += ntok[i];
@@ -189,7 +200,24 @@ static mustafar_status tm_append_ex(tm_model *m, int layer, int n, const int *id
     tm_gen(m, k, v, total);
     dk = tb_dup(m->ctx, k, (size_t)total * per * 2);
     dv = tb_dup(m->ctx, v, (size_t)total * per * 2);
-    st = mustafar_cache_append(m->cache, layer, n, ids, ntok, null_k ? NULL : dk, null_v ? NULL : dv);
+    if (query) {
+        dq = tb_alloc(m->ctx, qbytes);
+        dout = tb_alloc(m->ctx, qbytes);
+        if (n > 0) tb_upload(m->ctx, dq, query->q, qbytes);
+        tb_poison(m->ctx, dout, qbytes);
+        dbusy = query->busy ? tb_alloc(m->ctx, qbytes) : NULL;
+        for (i = 0; i < query->busy; i++)
+            CHECK_ST(m->ctx, mustafar_cache_attention(m->cache, layer, n, ids, dq, dbusy, 0.0f), MUSTAFAR_OK);
+        st = mustafar_cache_decode_step(m->cache, layer, n, ids, ntok, null_k ? NULL : dk,
+                                        null_v ? NULL : dv, query->null_q ? NULL : dq, dout,
+                                        query->scale);
+        tb_download(m->ctx, query->out_host, dout, qbytes);
+        tb_free(m->ctx, dq);
+        tb_free(m->ctx, dout);
+        if (dbusy) tb_free(m->ctx, dbusy);
+    } else {
+        st = mustafar_cache_append(m->cache, layer, n, ids, ntok, null_k ? NULL : dk, null_v ? NULL : dv);
+    }
     if (st == MUSTAFAR_OK) {
         for (i = 0, off = 0; i < n; i++) {
             int idx = tm_find_live(m, ids[i]), t;
@@ -215,6 +243,12 @@ static mustafar_status tm_append_ex(tm_model *m, int layer, int n, const int *id
     free(k);
     free(v);
     return st;
+}
+
+static mustafar_status tm_append_ex(tm_model *m, int layer, int n, const int *ids, const int *ntok,
+                                    int null_k, int null_v)
+{
+    return tm_append_query(m, layer, n, ids, ntok, null_k, null_v, NULL);
 }
 
 /* Appends by model index; expects success. */
@@ -320,6 +354,33 @@ static void tm_check_attention(tm_model *m, int layer, int n, const int *idx, fl
     tb_fill_normal(m->rng, m->dt, q, (size_t)n * per, 1.0);
     if (CHECK_ST(m->ctx, tm_attention_raw(m, layer, n, ids, q, out, scale, 0, 0), MUSTAFAR_OK))
         tm_compare(m, layer, n, idx, q, out, scale, what);
+    free(q);
+    free(out);
+}
+
+/* A decode step by model index: ntok[i] tokens each (NULL: one), a fresh
+   q, `busy` attention calls queued first, mustafar_cache_decode_step, and
+   its output compared with the reference over the grown sequences.
+   Expects success. */
+static void tm_step(tm_model *m, int layer, int n, const int *idx, const int *ntok, int busy,
+                    const char *what)
+{
+    size_t per = (size_t)m->hq * m->D;
+    uint16_t *q = TB_NEW(uint16_t, (size_t)(n + 1) * per), *out = TB_NEW(uint16_t, (size_t)(n + 1) * per);
+    int ids[TM_MAX_SEQS], ones[TM_MAX_SEQS], i;
+    tm_query query;
+    for (i = 0; i < n; i++) {
+        ids[i] = m->seq[idx[i]].id;
+        ones[i] = 1;
+    }
+    tb_fill_normal(m->rng, m->dt, q, (size_t)n * per, 1.0);
+    query.q = q;
+    query.out_host = out;
+    query.scale = 0.0f;
+    query.null_q = 0;
+    query.busy = busy;
+    if (CHECK_ST(m->ctx, tm_append_query(m, layer, n, ids, ntok ? ntok : ones, 0, 0, &query), MUSTAFAR_OK))
+        tm_compare(m, layer, n, idx, q, out, 0.0f, what);
     free(q);
     free(out);
 }

@@ -208,6 +208,78 @@ static void test_cache_append_paths(mustafar_context *ctx)
     tm_destroy(&m);
 }
 
+/* One configuration of test_cache_decode_step: sequences of lens[] tokens,
+   then steps alternating between the two layers. */
+static void decode_step_case(mustafar_context *ctx, tb_rng *r, const mustafar_cache_desc *d,
+                             const int *lens, int n, int steps)
+{
+    tm_model m;
+    int idx[TM_MAX_SEQS], nt[TM_MAX_SEQS], ids[TM_MAX_SEQS], i, l, step;
+    const int many[5] = {0, 1, 3, 17, 40};
+    tm_query query;
+    uint16_t *q, *out;
+    if (!tm_create(&m, ctx, r, d, 1)) return;
+    for (i = 0; i < n; i++) {
+        idx[i] = tm_add(&m);
+        if (idx[i] < 0) { tm_destroy(&m); return; }
+        ids[i] = m.seq[idx[i]].id;
+        nt[i] = lens[i];
+    }
+    for (l = 0; l < 2; l++) tm_append(&m, l, n, idx, nt);
+    for (step = 0; step < steps; step++)
+        tm_step(&m, step % 2, n, idx, NULL, step % 3 ? 0 : 20, "decode step of one token");
+    for (i = 0; i < n; i++) nt[i] = many[i % 5];
+    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 0, "decode step of 0 to 40 tokens");
+    /* an append long enough that the attention's first tiles would reach
+       its new records before it writes them, were they not waited for; the
+       attention calls queued before keep the GPU behind the host, so that
+       the step's two kernels run back to back */
+    for (i = 0; i < n; i++) nt[i] = i == 0 ? 3000 : 1;
+    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 40, "decode step of 3000 tokens and of one");
+    /* failed steps append nothing */
+    q = TB_NEW(uint16_t, (size_t)n * m.hq * m.D);
+    out = TB_NEW(uint16_t, (size_t)n * m.hq * m.D);
+    tb_fill_normal(r, m.dt, q, (size_t)n * m.hq * m.D, 1.0);
+    query.q = q;
+    query.out_host = out;
+    query.scale = 0.0f;
+    query.null_q = 1;
+    query.busy = 0;
+    for (i = 0; i < n; i++) nt[i] = 1;
+    CHECK_ST(ctx, tm_append_query(&m, 0, n, ids, nt, 0, 0, &query), MUSTAFAR_ERROR_NULL_POINTER);
+    query.null_q = 0;
+    nt[n - 1] = -1;
+    CHECK_ST(ctx, tm_append_query(&m, 0, n, ids, nt, 0, 0, &query), MUSTAFAR_ERROR_INVALID_ARGUMENT);
+    for (i = 0; i < n; i++)
+        for (l = 0; l < 2; l++)
+            CHECK(mustafar_cache_sequence_length(m.cache, ids[i], l) == m.seq[idx[i]].len[l],
+                  "sequence %d layer %d: length %d after failed steps, expected %d", ids[i], l,
+                  mustafar_cache_sequence_length(m.cache, ids[i], l), m.seq[idx[i]].len[l]);
+    tm_check_all(&m, 0.0f, "after the decode steps");
+    free(q);
+    free(out);
+    tm_destroy(&m);
+}
+
+/* mustafar_cache_decode_step (append, then attention; on sm_90+ the
+   attention reads the older records while the append still compresses the
+   tokens leaving the window): every step's output against the float64
+   reference, for sequences below, at and far past the window (long ones
+   split over many blocks), steps of one token, then of 0 to 40, then one
+   that compresses 3000 positions of a sequence; failed steps (no q, a
+   negative count) append nothing. */
+static void test_cache_decode_step(mustafar_context *ctx)
+{
+    tb_rng r;
+    mustafar_cache_desc d;
+    const int lens[5] = {0, 7, 8, 600, 5000}, lens2[3] = {3000, 15, 200};
+    tb_rng_for_test(&r, g_cur_test);
+    tm_desc(&d, 2, 2, 8, 128, MUSTAFAR_DTYPE_F16, 0.7f, 0.7f, 8, 16, 16384, 5);
+    decode_step_case(ctx, &r, &d, lens, 5, 24);
+    tm_desc(&d, 2, 2, 32, 64, MUSTAFAR_DTYPE_BF16, 0.5f, 0.7f, 16, 8, 8192, 3);
+    decode_step_case(ctx, &r, &d, lens2, 3, 12);
+}
+
 /* Sequences of different lengths share one pool; a full pool refuses,
    removal makes room for another sequence. */
 static void test_cache_pool_sharing(mustafar_context *ctx)

@@ -60,6 +60,7 @@ static const tb_test k_tests[] = {
     {"test_cache_stats_and_pages", test_cache_stats_and_pages, 1},
     {"test_cache_pool_sharing", test_cache_pool_sharing, 1},
     {"test_cache_append_paths", test_cache_append_paths, 1},
+    {"test_cache_decode_step", test_cache_decode_step, 1},
     {"test_cache_layout_view", test_cache_layout_view, 1},
     /* case 6: stateless paged layer */
     {"test_paged_stateless", test_paged_stateless, 1},
