@@ -312,7 +312,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_attention(mustafar_cache *cache, int
    then starts while the append compresses the tokens leaving the window,
    on the positions that append does not touch, instead of after it.  Bad
    input fails before anything is appended; should the attention fail after
-   the append (a CUDA error), the tokens stay appended. */
+   the append (a CUDA error, or no memory for its scratch or sequence list),
+   the tokens stay appended and the error is returned. */
 MUSTAFAR_API mustafar_status mustafar_cache_decode_step(mustafar_cache *cache, int layer, int nseq,
                                                         const int *seq_ids, const int *ntokens,
                                                         const void *k, const void *v, const void *q,
@@ -1750,6 +1751,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_decode_step(mustafar_cache *cache, i
                                                         void *out, float scale)
 {
     int32_t unsettled = 0;
+    int64_t tokens = 0;
     int i;
     mustafar_status st = mustafar__check_attention(cache, layer, nseq, seq_ids, q, out);
     if (st || !nseq) return st;
@@ -1761,10 +1763,14 @@ MUSTAFAR_API mustafar_status mustafar_cache_decode_step(mustafar_cache *cache, i
         grown = mustafar__cache_compressed(cache, len + ntokens[i]) -
                 mustafar__cache_compressed(cache, len);
         if (grown > unsettled) unsettled = grown;
+        tokens += ntokens[i];
     }
     st = mustafar_cache_append(cache, layer, nseq, seq_ids, ntokens, k, v);
     if (st) return st;
-    return mustafar__cache_attend(cache, layer, nseq, seq_ids, q, out, scale, (int)unsettled);
+    /* no tokens: the append launched nothing, so the kernel before the
+       attention is not this step's append; a plain attention then */
+    return mustafar__cache_attend(cache, layer, nseq, seq_ids, q, out, scale,
+                                  tokens ? (int)unsettled : -1);
 }
 
 MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cache,
@@ -2854,7 +2860,9 @@ static const char *const mustafar__kernel_source[] = {
 "       its reads of the scratch written below) before touching memory.  In\n"
 "       a decode step (unsettled >= 0) the kernel before is the step's\n"
 "       append, which lets this one start only once all work before it is\n"
-"       done; the records that append does not write (positions below\n"
+"       complete (q, older records: read here before any wait of this\n"
+"       kernel, on the strength of that completion); the records that\n"
+"       append does not write (positions below\n"
 "       stable_end: the last `unsettled` compressed positions of a sequence\n"
 "       and its window may be written) are read at once, and each warp waits\n"
 "       just before it loads the page of its first tile at or past\n"
@@ -2870,9 +2878,9 @@ static const char *const mustafar__kernel_source[] = {
 "    const int q_head0 = kv_head * MUSTAFAR_GROUP + head_block * HEADS_PER_BLOCK;\n"
 "    const int rows = MUSTAFAR_GROUP - head_block * HEADS_PER_BLOCK < HEADS_PER_BLOCK\n"
 "                         ? MUSTAFAR_GROUP - head_block * HEADS_PER_BLOCK : HEADS_PER_BLOCK;\n"
-"    const int num_q_heads = num_kv_heads * MUSTAFAR_GROUP;\n"
+"    const int num_q_heads = num_kv_heads * MUSTAFAR_GROUP;\n",
 "    const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];\n"
-"    const int length = sq.num_compressed + sq.num_window;\n",
+"    const int length = sq.num_compressed + sq.num_window;\n"
 "    const int begin = split * chunk;\n"
 "    const int end = begin + chunk < length ? begin + chunk : length;\n"
 "    const int *table = page_table + (long long)sq.row * table_stride;\n"
@@ -2942,11 +2950,11 @@ static const char *const mustafar__kernel_source[] = {
 "            else if (p0 < compressed_end)\n"
 "                staged_tile<true>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);\n"
 "            if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {\n"
-"                const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;\n"
+"                const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;\n",
 "                float s[NT][4];\n"
 "                u32 pb[NT][2];\n"
 "                const u16 *ks[2], *vs[4];\n"
-"    #pragma unroll\n",
+"    #pragma unroll\n"
 "                for (int r = 0; r < 2; r++) {\n"
 "                    ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo,\n"
 "                                     end);\n"
@@ -3030,10 +3038,10 @@ static const char *const mustafar__kernel_source[] = {
 "   COMBINE_THREADS each.  Thread (part, c) sums channels 4c..4c+3 over the\n"
 "   splits s = part (mod COMBINE_PARTS) with 16-byte loads, independent of\n"
 "   each other so that they issue back to back; the parts meet in shared\n"
-"   memory.  From sm_90 on it is launched as a programmatic dependent of the\n"
+"   memory.  From sm_90 on it is launched as a programmatic dependent of the\n",
 "   attention kernel: its blocks may start while that grid drains, and wait\n"
 "   here for its results. */\n"
-"#define COMBINE_THREADS 256\n",
+"#define COMBINE_THREADS 256\n"
 "#define COMBINE_QUADS (D / 4)\n"
 "#define COMBINE_PARTS (COMBINE_THREADS / COMBINE_QUADS)\n"
 "#if !MUSTAFAR_APPEND_WIDE\n"

@@ -1044,7 +1044,9 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
        its reads of the scratch written below) before touching memory.  In
        a decode step (unsettled >= 0) the kernel before is the step's
        append, which lets this one start only once all work before it is
-       done; the records that append does not write (positions below
+       complete (q, older records: read here before any wait of this
+       kernel, on the strength of that completion); the records that
+       append does not write (positions below
        stable_end: the last `unsettled` compressed positions of a sequence
        and its window may be written) are read at once, and each warp waits
        just before it loads the page of its first tile at or past

@@ -230,6 +230,8 @@ static void decode_step_case(mustafar_context *ctx, tb_rng *r, const mustafar_ca
         tm_step(&m, step % 2, n, idx, NULL, step % 3 ? 0 : 20, "decode step of one token");
     for (i = 0; i < n; i++) nt[i] = many[i % 5];
     for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 0, "decode step of 0 to 40 tokens");
+    for (i = 0; i < n; i++) nt[i] = 0;          /* nothing appended: a plain attention */
+    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 20, "decode step of no tokens");
     /* an append long enough that the attention's first tiles would reach
        its new records before it writes them, were they not waited for; the
        attention calls queued before keep the GPU behind the host, so that
@@ -265,9 +267,9 @@ static void decode_step_case(mustafar_context *ctx, tb_rng *r, const mustafar_ca
    attention reads the older records while the append still compresses the
    tokens leaving the window): every step's output against the float64
    reference, for sequences below, at and far past the window (long ones
-   split over many blocks), steps of one token, then of 0 to 40, then one
-   that compresses 3000 positions of a sequence; failed steps (no q, a
-   negative count) append nothing. */
+   split over many blocks), steps of one token, then of 0 to 40, of none,
+   then one that compresses 3000 positions of a sequence; failed steps (no
+   q, a negative count) append nothing. */
 static void test_cache_decode_step(mustafar_context *ctx)
 {
     tb_rng r;
