@@ -1041,16 +1041,15 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     /* Launched as a programmatic dependent of the kernel before it (an
        append, the last call's combine, or the caller's): its blocks get
        ready during that kernel, then wait for all of its writes (and for
-       its reads of the scratch written below) before touching memory.  In
-       a decode step (unsettled >= 0) the kernel before is the step's
-       append, which lets this one start only once all work before it is
-       complete (q, older records: read here before any wait of this
-       kernel, on the strength of that completion); the records that
-       append does not write (positions below
-       stable_end: the last `unsettled` compressed positions of a sequence
-       and its window may be written) are read at once, and each warp waits
-       just before it loads the page of its first tile at or past
-       stable_end, and before the global writes at the end. */
+       its reads of the scratch written below) before touching memory.
+       In a decode step (unsettled >= 0) the kernel before is the step's
+       append, which lets this one start only once all work queued before
+       it is complete: q and the older records are read here before any
+       wait of this kernel, on the strength of that completion.  That
+       append may write the last `unsettled` compressed positions of a
+       sequence (from stable_end on) and its window: each warp waits just
+       before it loads the page of its first tile at or past stable_end,
+       and before the global writes at the end. */
 #if MUSTAFAR_SM >= 90
     asm volatile("griddepcontrol.launch_dependents;");   /* the combine may be scheduled */
 #endif
@@ -1138,13 +1137,13 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
                 float s[NT][4];
                 u32 pb[NT][2];
                 const u16 *ks[2], *vs[4];
-    #pragma unroll
+#pragma unroll
                 for (int r = 0; r < 2; r++) {
                     ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo,
                                      end);
                     if (ks[r]) ks[r] += KC * t;
                 }
-    #pragma unroll
+#pragma unroll
                 for (int i = 0; i < 4; i++) {
                     vs[i] = ring_row(v_window, sq.row, window, kv_head, num_kv_heads,
                                      p0 + 2 * t + (i & 1) + 8 * (i >> 1), lo, end);
