@@ -178,7 +178,8 @@ typedef struct tm_query {
     uint16_t *out_host;
     float scale;
     int null_q;
-    int busy;    /* attention calls queued just before the step (the GPU still runs them when the step's kernels are queued) */
+    int busy;    /* attention calls queued just before the step, which the GPU
+                    still runs when the step's kernels are queued */
 } tm_query;
 
 /* Appends to sequence ids (arbitrary, possibly invalid) with ntok[i]
