@@ -1585,9 +1585,12 @@ static mustafar_status mustafar__cache_check_ids(mustafar_cache *c, int layer, i
     return MUSTAFAR_OK;
 }
 
-MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int layer, int nseq,
-                                                   const int *seq_ids, const int *ntokens,
-                                                   const void *k, const void *v)
+/* mustafar_cache_append; *unsettled (if not NULL) receives the most
+   positions compressed in one sequence, or -1 when nothing was appended
+   (no kernel launched). */
+static mustafar_status mustafar__cache_append(mustafar_cache *cache, int layer, int nseq,
+                                              const int *seq_ids, const int *ntokens,
+                                              const void *k, const void *v, int32_t *unsettled)
 {
     mustafar_paged_kv kv;
     mustafar__append_job *jobs;
@@ -1620,6 +1623,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int la
     if (total > INT32_MAX)
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
                               "too many tokens in one call");
+    if (unsettled) *unsettled = -1;
     if (!total) return MUSTAFAR_OK;
     if (!k || !v) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "k or v is NULL");
     st = mustafar__check_aligned(cache->ctx, k, v, "k and v");
@@ -1690,12 +1694,22 @@ MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int la
         }
         MUSTAFAR_ASSERT(cache->free_count == old_free);
     } else {
-        for (i = 0; i < nseq; i++)
+        for (i = 0; i < nseq; i++) {
             cache->length[(size_t)seq_ids[i] * cache->desc.num_layers + layer] += ntokens[i];
+            if (unsettled && jobs[i].new_compressed - jobs[i].old_compressed > *unsettled)
+                *unsettled = jobs[i].new_compressed - jobs[i].old_compressed;
+        }
     }
     MUSTAFAR_FREE(jobs);
     MUSTAFAR_FREE(patches);
     return st;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int layer, int nseq,
+                                                   const int *seq_ids, const int *ntokens,
+                                                   const void *k, const void *v)
+{
+    return mustafar__cache_append(cache, layer, nseq, seq_ids, ntokens, k, v, NULL);
 }
 
 /* The arguments of an attention call (q and out only when nseq > 0). */
@@ -1750,27 +1764,14 @@ MUSTAFAR_API mustafar_status mustafar_cache_decode_step(mustafar_cache *cache, i
                                                         const void *k, const void *v, const void *q,
                                                         void *out, float scale)
 {
-    int32_t unsettled = 0;
-    int64_t tokens = 0;
-    int i;
+    int32_t unsettled;
     mustafar_status st = mustafar__check_attention(cache, layer, nseq, seq_ids, q, out);
     if (st || !nseq) return st;
-    /* the most positions the append compresses in one sequence (ntokens
-       is checked by the append; a negative count fails there) */
-    for (i = 0; ntokens && i < nseq; i++) {
-        int32_t len = cache->length[(size_t)seq_ids[i] * cache->desc.num_layers + layer], grown;
-        if (ntokens[i] < 0 || (int64_t)len + ntokens[i] > cache->desc.max_sequence_length) break;
-        grown = mustafar__cache_compressed(cache, len + ntokens[i]) -
-                mustafar__cache_compressed(cache, len);
-        if (grown > unsettled) unsettled = grown;
-        tokens += ntokens[i];
-    }
-    st = mustafar_cache_append(cache, layer, nseq, seq_ids, ntokens, k, v);
+    st = mustafar__cache_append(cache, layer, nseq, seq_ids, ntokens, k, v, &unsettled);
     if (st) return st;
-    /* no tokens: the append launched nothing, so the kernel before the
-       attention is not this step's append; a plain attention then */
-    return mustafar__cache_attend(cache, layer, nseq, seq_ids, q, out, scale,
-                                  tokens ? (int)unsettled : -1);
+    /* unsettled -1 (nothing appended, no kernel launched: the kernel before
+       the attention is not this step's append) makes it a plain attention */
+    return mustafar__cache_attend(cache, layer, nseq, seq_ids, q, out, scale, (int)unsettled);
 }
 
 MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cache,

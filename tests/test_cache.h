@@ -249,9 +249,11 @@ static void decode_step_case(mustafar_context *ctx, tb_rng *r, const mustafar_ca
     query.busy = 0;
     for (i = 0; i < n; i++) nt[i] = 1;
     CHECK_ST(ctx, tm_append_query(&m, 0, n, ids, nt, 0, 0, &query), MUSTAFAR_ERROR_NULL_POINTER);
+    CHECK(tb_all_ff(out, (size_t)n * m.hq * m.D * 2), "a step without q wrote its output");
     query.null_q = 0;
     nt[n - 1] = -1;
     CHECK_ST(ctx, tm_append_query(&m, 0, n, ids, nt, 0, 0, &query), MUSTAFAR_ERROR_INVALID_ARGUMENT);
+    CHECK(tb_all_ff(out, (size_t)n * m.hq * m.D * 2), "a step with a negative count wrote its output");
     for (i = 0; i < n; i++)
         for (l = 0; l < 2; l++)
             CHECK(mustafar_cache_sequence_length(m.cache, ids[i], l) == m.seq[idx[i]].len[l],
