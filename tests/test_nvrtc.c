@@ -29,16 +29,17 @@ int main(void)
         snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", archs[i]);
         snprintf(sm, sizeof sm, "-DMUSTAFAR_SM=%d", archs[i]);
         for (c = 0; c < (int)(sizeof configs / sizeof configs[0]); c++) {
-            const char *argv[10];
+            const char *argv[11];
             void *cubin = NULL;
             size_t size = 0;
             mustafar_context ctx;
             int k;
             memset(&ctx, 0, sizeof ctx);
-            argv[0] = arch;
-            argv[1] = sm;
-            for (k = 0; k < 8; k++) argv[2 + k] = configs[c][k];
-            if (mustafar__nvrtc_compile(&ctx, text, argv, 10, &cubin, &size) == MUSTAFAR_OK) {
+            argv[0] = MUSTAFAR__SPLIT_COMPILE;   /* as the library compiles */
+            argv[1] = arch;
+            argv[2] = sm;
+            for (k = 0; k < 8; k++) argv[3 + k] = configs[c][k];
+            if (mustafar__nvrtc_compile(&ctx, text, argv, 11, &cubin, &size) == MUSTAFAR_OK) {
                 passed++;
                 printf("ok   sm_%d config %d: %zu-byte cubin\n", archs[i], c, size);
             } else {
@@ -47,6 +48,23 @@ int main(void)
             }
             MUSTAFAR_FREE(cubin);
         }
+    }
+    {   /* an NVRTC that rejects the parallel-compile option: compiled again without it */
+        const char *argv[11] = {"-split-compile=unknown", "--gpu-architecture=sm_90", "-DMUSTAFAR_SM=90"};
+        void *cubin = NULL;
+        size_t size = 0;
+        mustafar_context ctx;
+        memset(&ctx, 0, sizeof ctx);
+        for (c = 0; c < 8; c++) argv[3 + c] = configs[0][c];
+        if (mustafar__nvrtc_compile(&ctx, text, argv, 11, &cubin, &size) == MUSTAFAR_OK && size > 0 &&
+            !ctx.message[0]) {
+            passed++;
+            printf("ok   rejected -split-compile: compiled without it (%zu-byte cubin)\n", size);
+        } else {
+            failed++;
+            printf("FAIL rejected -split-compile: '%s'\n", ctx.message);
+        }
+        MUSTAFAR_FREE(cubin);
     }
     MUSTAFAR_FREE(text);
     {   /* a compile error comes back as MUSTAFAR_ERROR_JIT with the NVRTC log */
