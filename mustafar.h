@@ -3240,7 +3240,8 @@ static void mustafar__disk_write(const char *dir, const char *path, const void *
 /* NVRTC optimises the library's four kernels on up to four threads: the
    cold compile on the H100 host (16 cores) fell from 1.80-2.03 s to
    1.37-1.65 s.  The code differs from a one-thread compile only in a few
-   register and predicate choices outside the tile loop. */
+   register and predicate choices (partial-tile and window checks, the
+   combine kernel), not in the full-tile decode. */
 #define MUSTAFAR__SPLIT_COMPILE "-split-compile=4"
 
 static mustafar_status mustafar__nvrtc_compile(mustafar_context *ctx, const char *source,
