@@ -3249,18 +3249,18 @@ static mustafar_status mustafar__nvrtc_compile(mustafar_context *ctx, const char
                                                void **cubin, size_t *size)
 {
     nvrtcProgram prog;
-    nvrtcResult r = nvrtcCreateProgram(&prog, source, "mustafar_kernels.cu", 0, NULL, NULL);
-    if (r != NVRTC_SUCCESS)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "nvrtcCreateProgram failed: %s",
-                              nvrtcGetErrorString(r));
-    r = nvrtcCompileProgram(prog, noptions, options);
-    if (r == NVRTC_ERROR_INVALID_OPTION && noptions > 0 && !strncmp(options[0], "-split-compile", 14)) {
-        /* an NVRTC without parallel optimisation (option first): the same compile on one thread */
-        nvrtcDestroyProgram(&prog);
+    nvrtcResult r;
+    for (;;) {
         if ((r = nvrtcCreateProgram(&prog, source, "mustafar_kernels.cu", 0, NULL, NULL)) != NVRTC_SUCCESS)
             return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "nvrtcCreateProgram failed: %s",
                                   nvrtcGetErrorString(r));
-        r = nvrtcCompileProgram(prog, noptions - 1, options + 1);
+        r = nvrtcCompileProgram(prog, noptions, options);
+        /* an NVRTC without parallel optimisation (option first): the same compile on one thread */
+        if (r != NVRTC_ERROR_INVALID_OPTION || noptions == 0 || strncmp(options[0], "-split-compile", 14))
+            break;
+        nvrtcDestroyProgram(&prog);
+        options++;
+        noptions--;
     }
     if (r != NVRTC_SUCCESS) {
         size_t log_size = 0;
