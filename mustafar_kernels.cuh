@@ -34,8 +34,11 @@
 #define TILE 16                            /* positions per warp tile = mma M/K */
 #define HEAD_ROWS (MUSTAFAR_GROUP < 16 ? MUSTAFAR_GROUP : 16)
 #define NEG_INF (-__int_as_float(0x7f800000))
-/* attention blocks per SM the register budget is sized for */
-#define MIN_BLOCKS (D == 256 ? 1 : D == 128 && MUSTAFAR_GROUP > 8 ? 12 / MUSTAFAR_WARPS : 16 / MUSTAFAR_WARPS)
+/* attention blocks per SM the register budget is sized for: at D = 128 the
+   V popcount decode and a group over 8 heads need 168 registers (3 blocks) */
+#define MIN_BLOCKS                                                                         \
+    (D == 256 ? 1                                                                          \
+     : D == 128 && (MUSTAFAR_GROUP > 8 || MUSTAFAR_V_KEPT < D) ? 12 / MUSTAFAR_WARPS : 16 / MUSTAFAR_WARPS)
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -550,13 +553,23 @@ APPEND_KERNEL(mustafar_append, INLINE_JOBS, INLINE_PATCHES)
      O^T = V^T P^T  M = 16 channels,  N = 8 heads, K = 16 positions
    and P^T comes from S^T by an in-register 8x8 transpose (movmatrix).
 
-   Channel permutation.  A dot product does not depend on the order of its
+   K: channel runs.  A dot product does not depend on the order of its
    terms, so each thread takes whole runs of channels instead of the mma
-   fragment's interleave, and decodes a run with one popcount:
-     S^T  k index {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel
-          KC*t + 4*kk + {0, 1, 2, 3}: thread t owns a run of KC = D/4
-     O^T  row g of m-tile mm is channel VC*g + mm, row g+8 is VC*g + D/16 + mm:
-          thread g owns a run of VC = D/8 channels.
+   fragment's interleave, and decodes a run with one popcount: k index
+   {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel KC*t + 4*kk + {0, 1, 2, 3},
+   thread t owns a run of KC = D/4.
+
+   V: popcount mmas.  Pruned V records (V_KEPT < D) are decoded by
+   single-bit m16n8k128 mmas with AND, rows = channels and columns =
+   records: for channel c of record r one mma gives the shared address of
+   c's value, (start of r's values) + 2 * popc(bitmap_r & bits below c),
+   and another c's bit; a channel pruned away reads a shared zero instead.
+   The output is V^T's A fragment as it is, in the fragment's own channel
+   order (row g of m-tile mm is channel 16*mm + g, row g+8 is 16*mm + g + 8),
+   at one multiply-add, one 16-bit load and half a pack per slot.  Dense V
+   records (V_KEPT == D) are read in runs instead: row g of m-tile mm is
+   channel VC*g + mm, row g+8 is VC*g + D/16 + mm, thread g owns a run of
+   VC = D/8 channels.
    Lane = 4*g + t as in the mma fragments. */
 
 #define KC (D / 4)
@@ -564,6 +577,7 @@ APPEND_KERNEL(mustafar_append, INLINE_JOBS, INLINE_PATCHES)
 #define MT (D / 16)                          /* m-tiles of O^T */
 #define NT (MUSTAFAR_GROUP > 8 ? 2 : 1)      /* n-tiles of 8 heads per block */
 #define HEADS_PER_BLOCK (8 * NT)
+#define V_POPC (MUSTAFAR_V_KEPT < D)         /* V decoded by popcount mmas, fragment channel order */
 #if KC > 32
 typedef u64 k_run;                          /* D = 256: a K run is 64 channels */
 #else
@@ -571,9 +585,20 @@ typedef u32 k_run;
 #endif
 
 struct warp_state {
-    float o[NT][MT][4];    /* O^T fragment: channels VC*g + mm (+ D/16); heads 2t, 2t+1 */
+    float o[NT][MT][4];    /* O^T fragment: rows g, g+8 of m-tile mm (channels above); heads 2t, 2t+1 */
     float m[NT][2], l[NT][2];  /* running max (log2 units) and partial sums of heads 2t, 2t+1 */
 };
+
+/* Channel of O^T row g (+8 with `high`) of m-tile mm for this thread. */
+__device__ __forceinline__ int o_channel(int mm, bool high)
+{
+    const int g = (threadIdx.x & 31) >> 2;
+#if V_POPC
+    return 16 * mm + g + (high ? 8 : 0);
+#else
+    return VC * g + mm + (high ? MT : 0);
+#endif
+}
 
 /* Staged records are spaced so that the 16 rows of a tile start in 8
    different bank groups (stride / 16 odd): decode loads conflict at most
@@ -582,6 +607,12 @@ struct warp_state {
 #define K_STAGED STAGED(K_RECORD)
 #define V_STAGED STAGED(V_RECORD)
 #define STAGE_BYTES (TILE * (K_STAGED + V_STAGED))
+/* Shared memory (mustafar__attention_smem on the host): the stages, reused
+   by the merge, 2*D bytes that a corrupt record's decode may read past
+   them, then 16 zero bytes that pruned V channels read. */
+#define LOOP_BYTES (MUSTAFAR_WARPS * MUSTAFAR_STAGES * STAGE_BYTES)
+#define MERGE_BYTES (MUSTAFAR_WARPS * 32 * 4 + MUSTAFAR_WARPS * HEAD_ROWS * D * 4)
+#define ZERO_OFFSET ((LOOP_BYTES > MERGE_BYTES ? LOOP_BYTES : MERGE_BYTES) + 2 * D)
 
 /* Page id for the prefetch of the tile at p0 (0 past `end`), loaded one
    tile before the copies that need it, so that the page-table latency hides
@@ -733,6 +764,126 @@ __device__ __forceinline__ u32 take_pair(u32 &addr, u32 word, int c)
     return pack_halves(lo, take_value(addr, word, c % 32 + 1));
 }
 
+/* D = C + popc(A AND B) for single-bit matrices A (16 x 128) and B (128 x
+   8): a[0] holds bits 32t..32t+31 of row g of A, a[1] of row g+8; b bits
+   32t..32t+31 of column g of B; c and d rows g, g+8 and columns 2t, 2t+1
+   as in the fp16 mma.  Before sm_80 (no single-bit mma with AND) the same
+   contract is computed with shuffles. */
+__device__ __forceinline__ void popc_mma(int d[4], const u32 a[2], u32 b, const int c[4])
+{
+#if MUSTAFAR_SM >= 80
+    asm("mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and.popc "
+        "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%8,%9,%10};"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+#else
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; i++) d[i] = c[i];
+#pragma unroll
+    for (int s = 0; s < 4; s++) {   /* bits 32s..32s+31 of k live in lanes 4 * row + s */
+        const u32 a0 = __shfl_sync(0xffffffffu, a[0], 4 * g + s);
+        const u32 a1 = __shfl_sync(0xffffffffu, a[1], 4 * g + s);
+        const u32 b0 = __shfl_sync(0xffffffffu, b, 8 * t + s);
+        const u32 b1 = __shfl_sync(0xffffffffu, b, 8 * t + 4 + s);
+        d[0] += __popc(a0 & b0);
+        d[1] += __popc(a0 & b1);
+        d[2] += __popc(a1 & b0);
+        d[3] += __popc(a1 & b1);
+    }
+#endif
+}
+
+/* The A operands of the popcount mmas (rows = channels), lane constants
+   made once per kernel: rows g and g+8 of an m-tile with mm % 2 == h are
+   channels 16h + g and 16h + g + 8 of bitmap word mm / 2.  Every lane
+   passes the same bitmap word as its 32 bits of B, so a mask set in lanes
+   t < 2 counts twice (a byte offset) and one set in lane t == 0 once (the
+   channel's own bit):
+     all       every bit                      (lanes t < 2)
+     below[h]  the bits below the row's channel (lanes t < 2)
+     bit[h]    the row's channel               (lane t == 0) */
+struct popc_masks {
+    u32 all[2], below[2][2], bit[2][2];
+};
+__device__ __forceinline__ popc_masks make_popc_masks()
+{
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    popc_masks mk;
+    mk.all[0] = mk.all[1] = t < 2 ? ~0u : 0u;
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const u32 bit = 1u << (16 * h + 8 * r + g);
+            mk.below[h][r] = t < 2 ? bit - 1u : 0u;
+            mk.bit[h][r] = t == 0 ? bit : 0u;
+        }
+    return mk;
+}
+
+/* A tile's 16 staged V records, for the popcount decode (columns =
+   records: n-tile nv holds records 8nv..8nv+7).  w[i][nv]: bitmap word i
+   of record g + 8nv, the mmas' B operand (all zero for a position outside
+   the range, whose channels then all read the shared zero).  start[nv]:
+   the shared address of the current word's first value minus `zero` for
+   records 8nv + 2t and 8nv + 2t + 1 (columns 2t, 2t+1: the rank mma's
+   accumulator input). */
+struct popc_rows {
+    u32 w[D / 32][2];
+    int start[2][4];
+};
+template <int STAGED_BYTES>
+__device__ __forceinline__ void load_popc_rows(popc_rows &pr, const unsigned char *records, bool valid0,
+                                               bool valid1, u32 zero)
+{
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int nv = 0; nv < 2; nv++) {
+        const unsigned char *rec = records + (g + 8 * nv) * STAGED_BYTES;
+        const bool valid = nv ? valid1 : valid0;
+#pragma unroll
+        for (int i = 0; i < D / 32; i++) pr.w[i][nv] = valid ? *(const u32 *)(rec + 4 * i) : 0u;
+        const int first = (int)(smem_addr(records + (8 * nv + 2 * t) * STAGED_BYTES + BITMAP_BYTES) - zero);
+        pr.start[nv][0] = pr.start[nv][2] = first;
+        pr.start[nv][1] = pr.start[nv][3] = first + STAGED_BYTES;
+    }
+}
+
+/* Channels 16mm + g (y[nv][0]) and 16mm + g + 8 (y[nv][1]) of records
+   8nv + 2t and 8nv + 2t + 1, as packed pairs; a pruned channel reads the
+   shared zero.  Called for mm = 0, 1, 2, ... in order: the first m-tile of
+   each word moves `start` past the word before, by a popcount mma too.
+   Records are trusted to keep exactly KEPT elements; a corrupt one can
+   only make the decode read other bytes of the shared-memory staging
+   (padded for that), never outside it. */
+__device__ __forceinline__ void decode_mtile(u32 y[2][2], popc_rows &pr, int mm, const popc_masks &mk, u32 zero)
+{
+    const int word = mm / 2, h = mm % 2, none[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int nv = 0; nv < 2; nv++) {
+        if (h == 0 && word > 0) popc_mma(pr.start[nv], mk.all, pr.w[word - 1][nv], pr.start[nv]);
+        int rank[4], bit[4];
+        popc_mma(rank, mk.below[h], pr.w[word][nv], pr.start[nv]);
+        popc_mma(bit, mk.bit[h], pr.w[word][nv], none);
+        u32 v[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const u32 addr = (u32)(bit[i] * rank[i]) + zero;
+            asm("ld.shared.u16 %0, [%1];" : "=r"(v[i]) : "r"(addr));
+        }
+        y[nv][0] = pack_halves(v[0], v[1]);
+        y[nv][1] = pack_halves(v[2], v[3]);
+    }
+}
+
+/* The decode's lane constants, made once per kernel. */
+struct decode_consts {
+    run_place<KC> k_place;     /* this thread's K run */
+    popc_masks mk;             /* the popcount mmas' A operands (V) */
+    u32 zero;                  /* shared address of the 16 zero bytes */
+};
+
 __device__ __forceinline__ u32 transpose8x8(u32 x)
 {
     u32 y;
@@ -799,18 +950,23 @@ __device__ __forceinline__ void chains_sum(float s[NT][4], const score_chains &a
         for (int i = 0; i < 4; i++) s[nt][i] = acc.c[0][nt][i] + acc.c[1][nt][i];
 }
 
-/* S^T for a tile whose K rows g and g+8 are dense: `src[r]` points at the
-   KC-channel run of row r, or is null for a position outside the range. */
+/* S^T for a tile whose K rows g and g+8 are dense: `row[r]` points at the
+   K vector of row r, or is null for a position outside the range. */
 __device__ __forceinline__ void scores_dense(float s[NT][4], const u32 qb[NT][MT][2],
-                                             const u16 *const src[2])
+                                             const u16 *const row[2])
 {
+    const int t = threadIdx.x & 3;
     score_chains acc;
     chains_clear(acc);
 #pragma unroll
     for (int kk = 0; kk < MT; kk++) {
-        const uint2 x0 = src[0] ? *(const uint2 *)(src[0] + 4 * kk) : make_uint2(0, 0);
-        const uint2 x1 = src[1] ? *(const uint2 *)(src[1] + 4 * kk) : make_uint2(0, 0);
-        const u32 a[4] = {x0.x, x1.x, x0.y, x1.y};
+        u32 a[4];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const uint2 x = row[r] ? *(const uint2 *)(row[r] + KC * t + 4 * kk) : make_uint2(0, 0);
+            a[r] = x.x;
+            a[r + 2] = x.y;
+        }
         chains_mma(acc, kk, a, qb);
     }
     chains_sum(s, acc);
@@ -824,16 +980,15 @@ __device__ __forceinline__ void scores_staged(float s[NT][4], const u32 qb[NT][M
 {
     const int g = (threadIdx.x & 31) >> 2;
 #if MUSTAFAR_K_KEPT == D
-    const int t = threadIdx.x & 3;
-    const u16 *src[2];
+    (void)pl;
+    const u16 *row[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int p = p0 + g + 8 * r;
-        src[r] = !EDGE || (p >= lo && p < hi)
-                     ? (const u16 *)(records + (g + 8 * r) * K_STAGED + BITMAP_BYTES) + KC * t
-                     : 0;
+        row[r] = !EDGE || (p >= lo && p < hi) ? (const u16 *)(records + (g + 8 * r) * K_STAGED + BITMAP_BYTES)
+                                              : 0;
     }
-    scores_dense(s, qb, src);
+    scores_dense(s, qb, row);
 #else
     k_run run[2];
     u32 addr[2][2];        /* [row][half of the run]: from 32 channels on, two address chains per row */
@@ -914,74 +1069,88 @@ __device__ __forceinline__ void pv_channel(warp_state &st, const u32 pb[NT][2], 
     }
 }
 
-/* O^T += V^T P^T for a tile whose V rows are dense: `src[i]` points at the
-   VC-channel run of position 2t + (i & 1) + 8 * (i >> 1), or is null. */
-__device__ __forceinline__ void pv_dense(warp_state &st, const u32 pb[NT][2], const u16 *const src[4])
+/* O^T += V^T P^T for a tile whose V rows are dense: `row[i]` points at the
+   V vector of position 2t + (i & 1) + 8 * (i >> 1), or is null. */
+__device__ __forceinline__ void pv_dense(warp_state &st, const u32 pb[NT][2], const u16 *const row[4])
 {
+#if V_POPC
+#pragma unroll
+    for (int mm = 0; mm < MT; mm++) {
+        u32 x[2][4];       /* [row g, g+8][position i] */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            x[0][i] = row[i] ? row[i][o_channel(mm, false)] : 0u;
+            x[1][i] = row[i] ? row[i][o_channel(mm, true)] : 0u;
+        }
+        const u32 a[4] = {pack_halves(x[0][0], x[0][1]), pack_halves(x[1][0], x[1][1]),
+                          pack_halves(x[0][2], x[0][3]), pack_halves(x[1][2], x[1][3])};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][mm], a, pb[nt]);
+    }
+#else
+    const int g = (threadIdx.x & 31) >> 2;
     u32 low[MT][2];
 #pragma unroll
     for (int k = 0; k < VC; k += 2) {
         u32 w[4], lo[4], hi[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            w[i] = src[i] ? *(const u32 *)(src[i] + k) : 0u;
+            w[i] = row[i] ? *(const u32 *)(row[i] + VC * g + k) : 0u;
             lo[i] = w[i] & 0xffffu;
             hi[i] = w[i] >> 16;
         }
         pv_channel(st, pb, k, lo, low);
         pv_channel(st, pb, k + 1, hi, low);
     }
+#endif
 }
 
-/* Where this thread's V runs of a staged tile start: their channel bits and
-   first values.  Found before the softmax, so that the bitmap loads overlap
-   it. */
-struct v_runs {
-#if MUSTAFAR_V_KEPT == D
-    const u16 *src[4];     /* dense rows: the VC-channel run, or null */
+/* Where the V records of a staged tile are: found before the softmax, so
+   that the bitmap loads overlap it. */
+struct v_records {
+#if V_POPC
+    popc_rows pr;          /* positions g and g+8 */
 #else
-    u32 bits[4];
-    u32 addr[4][2];        /* shared address of the first value of each half run */
+    const u16 *row[4];     /* dense rows of positions 2t + (i & 1) + 8 * (i >> 1), or null */
 #endif
 };
 template <bool EDGE>
-__device__ __forceinline__ void find_v_runs(v_runs &vr, const unsigned char *records, int p0, int lo, int hi,
-                                            const run_place<VC> &pl)
+__device__ __forceinline__ void find_v_records(v_records &vr, const unsigned char *records, int p0, int lo,
+                                               int hi, u32 zero)
 {
-    const int t = threadIdx.x & 3;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#if V_POPC
+    (void)t;
+    load_popc_rows<V_STAGED>(vr.pr, records, !EDGE || (p0 + g >= lo && p0 + g < hi),
+                             !EDGE || (p0 + g + 8 >= lo && p0 + g + 8 < hi), zero);
+#else
+    (void)g;
+    (void)zero;
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const int tok = 2 * t + (i & 1) + 8 * (i >> 1), p = p0 + tok;
-        const unsigned char *rec = records + tok * V_STAGED;
-#if MUSTAFAR_V_KEPT == D
-        vr.src[i] = !EDGE || (p >= lo && p < hi) ? (const u16 *)(rec + BITMAP_BYTES) + VC * ((threadIdx.x & 31) >> 2) : 0;
-#else
-        vr.addr[i][0] = smem_addr(rec + BITMAP_BYTES) + 2 * run_start(rec, pl, !EDGE || (p >= lo && p < hi), vr.bits[i]);
-        vr.addr[i][1] = vr.addr[i][0] + 2 * __popc(vr.bits[i] & ((1u << MT) - 1u));
-#endif
+        vr.row[i] = !EDGE || (p >= lo && p < hi) ? (const u16 *)(records + tok * V_STAGED + BITMAP_BYTES) : 0;
     }
+#endif
 }
 
-/* O^T += V^T P^T for the 16 staged V records of a tile.  Channel k of a
-   run (row g of m-tile k) and channel k + D/16 (row g + 8) come from the
-   two halves of the run, two independent address chains. */
-__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v_runs &vr)
+/* O^T += V^T P^T for the 16 staged V records of a tile: m-tile mm of V^T
+   is decoded straight into its A fragment. */
+__device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v_records &vr,
+                                          const popc_masks &mk, u32 zero)
 {
-#if MUSTAFAR_V_KEPT == D
-    pv_dense(st, pb, vr.src);
+#if !V_POPC
+    (void)mk;
+    (void)zero;
+    pv_dense(st, pb, vr.row);
 #else
 #pragma unroll
-    for (int k = 0; k < MT; k++) {
-        u32 lo[4], hi[4];
+    for (int mm = 0; mm < MT; mm++) {
+        u32 y[2][2];       /* [positions 0..7, 8..15][channel row g, g+8] */
+        decode_mtile(y, vr.pr, mm, mk, zero);
+        const u32 a[4] = {y[0][0], y[0][1], y[1][0], y[1][1]};
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            lo[i] = take_value(vr.addr[i][0], vr.bits[i], k);
-            hi[i] = take_value(vr.addr[i][1], vr.bits[i], k + MT);
-        }
-        const u32 a[4] = {pack_halves(lo[0], lo[1]), pack_halves(hi[0], hi[1]),
-                          pack_halves(lo[2], lo[3]), pack_halves(hi[2], hi[3])};
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][k], a, pb[nt]);
+        for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][mm], a, pb[nt]);
     }
 #endif
 }
@@ -993,17 +1162,16 @@ __device__ __forceinline__ void pv_staged(warp_state &st, const u32 pb[NT][2], v
 template <bool EDGE>
 __device__ __forceinline__ void staged_tile(warp_state &st, const u32 qb[NT][MT][2],
                                             const unsigned char *stage, int p0, int lo, int hi,
-                                            float scale_log2, const run_place<KC> &k_place,
-                                            const run_place<VC> &v_place)
+                                            float scale_log2, const decode_consts &dc)
 {
     float s[NT][4];
     u32 pb[NT][2];
-    scores_staged<EDGE>(s, qb, stage, p0, lo, hi, k_place);
+    scores_staged<EDGE>(s, qb, stage, p0, lo, hi, dc.k_place);
     scale_and_mask<EDGE>(s, scale_log2, p0, lo, hi);
-    v_runs vr;
-    find_v_runs<EDGE>(vr, stage + TILE * K_STAGED, p0, lo, hi, v_place);
+    v_records vr;
+    find_v_records<EDGE>(vr, stage + TILE * K_STAGED, p0, lo, hi, dc.zero);
     tile_softmax(st, s, pb);
-    pv_staged(st, pb, vr);
+    pv_staged(st, pb, vr, dc.mk, dc.zero);
 }
 
 /* Waits for the kernel this one was launched as a programmatic dependent
@@ -1070,8 +1238,14 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
     unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;
     const u32 warp_stage = smem_addr(warp_smem);
 
-    const run_place<KC> k_place = make_run_place<KC>(KC * t);
-    const run_place<VC> v_place = make_run_place<VC>(VC * g);
+    decode_consts dc;
+    dc.k_place = make_run_place<KC>(KC * t);
+    dc.mk = make_popc_masks();
+    dc.zero = smem_addr(smem + ZERO_OFFSET);
+#if V_POPC
+    if (threadIdx.x == 0) *(uint4 *)(smem + ZERO_OFFSET) = make_uint4(0, 0, 0, 0);
+    __syncthreads();
+#endif
     u32 qb[NT][MT][2];
     load_q(qb, q + ((long long)seq_index * num_q_heads + q_head0) * D, rows);
 
@@ -1129,26 +1303,22 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
             copy_wait<MUSTAFAR_STAGES - 1>();
             __syncwarp();
             if (p0 + TILE <= compressed_end)
-                staged_tile<false>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);
+                staged_tile<false>(st, qb, stage, p0, begin, compressed_end, scale_log2, dc);
             else if (p0 < compressed_end)
-                staged_tile<true>(st, qb, stage, p0, begin, compressed_end, scale_log2, k_place, v_place);
+                staged_tile<true>(st, qb, stage, p0, begin, compressed_end, scale_log2, dc);
             if (p0 + TILE > sq.num_compressed && sq.num_window > 0) {
                 const int lo = begin > sq.num_compressed ? begin : sq.num_compressed;
                 float s[NT][4];
                 u32 pb[NT][2];
                 const u16 *ks[2], *vs[4];
 #pragma unroll
-                for (int r = 0; r < 2; r++) {
+                for (int r = 0; r < 2; r++)
                     ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo,
                                      end);
-                    if (ks[r]) ks[r] += KC * t;
-                }
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
+                for (int i = 0; i < 4; i++)
                     vs[i] = ring_row(v_window, sq.row, window, kv_head, num_kv_heads,
                                      p0 + 2 * t + (i & 1) + 8 * (i >> 1), lo, end);
-                    if (vs[i]) vs[i] += VC * g;
-                }
                 scores_dense(s, qb, ks);
                 scale_and_mask<true>(s, scale_log2, p0, lo, end);
                 tile_softmax(st, s, pb);
@@ -1186,8 +1356,8 @@ extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mu
                 }
 #pragma unroll
                 for (int mm = 0; mm < MT; mm++) {
-                    o[(warp * HEAD_ROWS + r) * D + VC * g + mm] = st.o[nt][mm][h];
-                    o[(warp * HEAD_ROWS + r) * D + VC * g + MT + mm] = st.o[nt][mm][2 + h];
+                    o[(warp * HEAD_ROWS + r) * D + o_channel(mm, false)] = st.o[nt][mm][h];
+                    o[(warp * HEAD_ROWS + r) * D + o_channel(mm, true)] = st.o[nt][mm][2 + h];
                 }
             }
         }
