@@ -40,7 +40,7 @@ $(BUILD)/test_main_san: tests/test_main.c $(HEADERS) | $(BUILD)
 	    -fno-omit-frame-pointer $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm
 
 $(BUILD)/test_nvrtc: tests/test_nvrtc.c mustafar.h | $(BUILD)
-	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
+	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm -lpthread
 
 $(BUILD)/bench: bench/bench.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm

@@ -24,6 +24,20 @@
    that needs no CUDA header or library, define MUSTAFAR_NO_CUDA before the
    include, in every file that includes the header.
 
+   CONTENTS (search for the tag)
+
+       >>api            types and functions (after this comment)
+       >>common         helpers, fp16/bf16, status, format, pruning, records,
+                        the host/kernel contract, layout and checks
+       >>cpu            the CPU backend
+       >>cuda           the CUDA backend: state, NVRTC JIT and disk cache,
+                        memory, operations
+       >>dispatch       one function per operation, the backend chosen there
+       >>public         context, stateless calls, cache object
+       >>kernel_source  mustafar_kernels.cuh, embedded (generated)
+       >>history        revision history
+       >>license        MIT or public domain
+
    EXAMPLE (error checks left out)
 
        mustafar_context *ctx;  mustafar_cache *cache;  int seq;
@@ -45,7 +59,8 @@
        MUSTAFAR_API            decoration of every public function
                                (default: extern, or static with MUSTAFAR_STATIC).
        MUSTAFAR_STATIC         make every function static to the including file.
-       MUSTAFAR_MALLOC(sz)     allocator (default malloc), with MUSTAFAR_FREE(p).
+       MUSTAFAR_MALLOC(sz)     allocator (default malloc) and its MUSTAFAR_FREE(p):
+       MUSTAFAR_FREE(p)        define both or neither (#error otherwise).
        MUSTAFAR_ASSERT(x)      internal assertion (default assert).
 
    ENVIRONMENT
@@ -111,6 +126,7 @@
    Destroy every cache of a context before the context.  The CUDA backend
    switches to the context's device for each call and back to the caller's.
 */
+/* ==== >>api ======================================================================= */
 #ifndef MUSTAFAR_H
 #define MUSTAFAR_H
 
@@ -342,37 +358,24 @@ MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *
 #ifndef MUSTAFAR_IMPLEMENTATION_DONE
 #define MUSTAFAR_IMPLEMENTATION_DONE
 
+/* ==== >>common: helpers, conversions, status, format, pruning, records, layout ==== */
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <math.h>
 
-#ifndef MUSTAFAR_MALLOC
+#if defined(MUSTAFAR_MALLOC) && defined(MUSTAFAR_FREE)
+#elif !defined(MUSTAFAR_MALLOC) && !defined(MUSTAFAR_FREE)
 #  include <stdlib.h>
 #  define MUSTAFAR_MALLOC(sz) malloc(sz)
 #  define MUSTAFAR_FREE(p) free(p)
+#else
+#  error "mustafar.h: define both MUSTAFAR_MALLOC and MUSTAFAR_FREE, or neither"
 #endif
 #ifndef MUSTAFAR_ASSERT
 #  include <assert.h>
 #  define MUSTAFAR_ASSERT(x) assert(x)
-#endif
-
-#ifndef MUSTAFAR_NO_CUDA
-/* CUDA's headers use anonymous unions, which -Wpedantic rejects in C99. */
-#  if defined(__GNUC__)
-#    pragma GCC diagnostic push
-#    pragma GCC diagnostic ignored "-Wpedantic"
-#  endif
-#  include <cuda_runtime.h>
-#  include <nvrtc.h>
-#  if defined(__GNUC__)
-#    pragma GCC diagnostic pop
-#  endif
-#  include <sys/stat.h>
-#  include <time.h>
-#  ifdef _WIN32
-#    include <direct.h>
-#  endif
 #endif
 
 #define MUSTAFAR__MSG_CAP 8192
@@ -390,6 +393,11 @@ static void *mustafar__calloc(size_t bytes)
 static uint32_t mustafar__f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static float mustafar__bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static size_t mustafar__round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+/* Pages that hold `positions` token positions (both non-negative). */
+static int64_t mustafar__pages_for(int64_t positions, int page_size)
+{
+    return (positions + page_size - 1) / page_size;
+}
 
 static int mustafar__ctz32(uint32_t x) /* x != 0 */
 {
@@ -492,67 +500,12 @@ static uint16_t mustafar__store(mustafar_dtype dt, float f)
 
 /* ---- context and errors --------------------------------------------------- */
 
-/* One sequence of an append: positions [old_compressed, new_compressed) are
-   compressed into pages (from the window ring while < old_length, else from
-   the input), then positions [max(old_length, new_compressed), old_length +
-   new_tokens) are copied from the input into the window ring.  The layout of
-   this struct is shared with the kernels (append_job). */
-typedef struct mustafar__append_job {
-    int32_t row, old_length, new_tokens, input_offset;
-    int32_t old_compressed, new_compressed;
-    int32_t compress_offset;       /* exclusive prefix of compressed counts */
-    int32_t window_offset;         /* exclusive prefix of window writes */
-    int32_t pages_before;          /* table entries of the row valid before the call */
-    int32_t first_patch;           /* this row's first new entry in the patch list */
-} mustafar__append_job;
-
-#ifndef MUSTAFAR_NO_CUDA
-typedef struct mustafar__module mustafar__module;
-/* Job and sequence lists that fit travel in the kernel parameters instead
-   of being uploaded; these match append_inline (the small and the wide
-   block) and seqs_inline in the kernels. */
-#define MUSTAFAR__INLINE_JOBS 48
-#define MUSTAFAR__INLINE_PATCHES 96
-#define MUSTAFAR__WIDE_JOBS 128
-#define MUSTAFAR__WIDE_PATCHES 3072
-#define MUSTAFAR__INLINE_SEQS 192
-typedef struct mustafar__append_inline {
-    int32_t njobs, npatches;
-    mustafar__append_job jobs[MUSTAFAR__INLINE_JOBS];
-    int32_t patches[2 * MUSTAFAR__INLINE_PATCHES];
-} mustafar__append_inline;
-typedef struct mustafar__append_wide {
-    int32_t njobs, npatches;
-    mustafar__append_job jobs[MUSTAFAR__WIDE_JOBS];
-    int32_t patches[2 * MUSTAFAR__WIDE_PATCHES];
-} mustafar__append_wide;
-typedef struct mustafar__seqs_inline {
-    int32_t count;
-    mustafar_paged_seq seqs[MUSTAFAR__INLINE_SEQS];
-} mustafar__seqs_inline;
-typedef struct mustafar__cuda {
-    int device, sm, num_sms;
-    int wide_params;               /* driver and NVRTC take kernel parameters over 4 KB (12.1+) */
-    cudaStream_t stream;
-    char cache_dir[1024];          /* empty: disk cache disabled */
-    mustafar__module *modules;     /* compiled kernel libraries, one per config */
-    void *scratch;                 /* device scratch (jobs, partial results) */
-    size_t scratch_bytes;
-    void *staging;                 /* pinned host staging for uploads */
-    size_t staging_bytes;
-    cudaEvent_t staging_free;      /* recorded after the last upload from staging */
-    mustafar__append_inline append_params;
-    mustafar__append_wide append_wide_params;
-    mustafar__seqs_inline seq_params;
-} mustafar__cuda;
-#endif
+struct mustafar__cuda;                     /* the CUDA backend's state (>>cuda) */
 
 struct mustafar_context {
     mustafar_backend backend;
     char message[MUSTAFAR__MSG_CAP];
-#ifndef MUSTAFAR_NO_CUDA
-    mustafar__cuda cuda;
-#endif
+    struct mustafar__cuda *cuda;           /* NULL on the CPU backend */
 };
 
 static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
@@ -567,14 +520,9 @@ static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status sta
     return status;
 }
 
-MUSTAFAR_API mustafar_backend mustafar_context_backend(const mustafar_context *ctx)
+static int mustafar__is_cuda(const mustafar_context *ctx)
 {
-    return ctx ? ctx->backend : MUSTAFAR_BACKEND_CPU;
-}
-
-MUSTAFAR_API const char *mustafar_last_error(const mustafar_context *ctx)
-{
-    return ctx ? ctx->message : "no context";
+    return ctx && ctx->backend == MUSTAFAR_BACKEND_CUDA;
 }
 
 /* ---- format ---------------------------------------------------------------- */
@@ -600,11 +548,17 @@ MUSTAFAR_API int mustafar_kept_count(int head_dim, float sparsity)
     return head_dim - pruned;
 }
 
+/* The record format (CONCEPTS): bitmap, kept values, padding to 16 bytes. */
+static size_t mustafar__record_size(int head_dim, int kept)
+{
+    return mustafar__round_up((size_t)head_dim / 8 + 2 * (size_t)kept, 16);
+}
+
 MUSTAFAR_API size_t mustafar_record_bytes(int head_dim, float sparsity, mustafar_dtype dtype)
 {
     int kept = mustafar_kept_count(head_dim, sparsity);
     if (!kept || !mustafar__valid_dtype(dtype)) return 0;
-    return mustafar__round_up((size_t)head_dim / 8 + 2 * (size_t)kept, 16);
+    return mustafar__record_size(head_dim, kept);
 }
 
 static mustafar_status mustafar__check_format(mustafar_context *ctx, int head_dim, float sparsity,
@@ -705,7 +659,52 @@ static void mustafar__record_axpy(const unsigned char *rec, int d, int kept, mus
     }
 }
 
-/* ---- resolved layout and append jobs ---------------------------------------- */
+/* ---- host/kernel contract ---------------------------------------------------
+   What the host hands the kernels beside the -D options: amalgamate.py copies
+   this block, with mustafar_paged_seq, into mustafar_kernels.cuh, so both
+   sides compile the same definitions. */
+/* BEGIN CONTRACT */
+/* One sequence of an append: positions [old_compressed, new_compressed) are
+   compressed into pages (from the window ring while < old_length, else from
+   the input), then positions [max(old_length, new_compressed), old_length +
+   new_tokens) are copied from the input into the window ring. */
+typedef struct mustafar__append_job {
+    int32_t row, old_length, new_tokens, input_offset;
+    int32_t old_compressed, new_compressed;
+    int32_t compress_offset;       /* exclusive prefix of compressed counts */
+    int32_t window_offset;         /* exclusive prefix of window writes */
+    int32_t pages_before;          /* table entries of the row valid before the call */
+    int32_t first_patch;           /* this row's first new entry in the patch list */
+} mustafar__append_job;
+
+/* Job, patch and sequence lists that fit travel in the kernel parameters
+   instead of being uploaded (an upload puts a copy between two kernels and
+   makes the host wait for the previous upload).  Decode steps use the small
+   append block (cheap to launch), larger appends such as prefill chunks the
+   wide one (30 KB, under the 32 KB limit of kernel parameters).  A count of
+   0 means: the lists are in global memory. */
+#define MUSTAFAR__INLINE_JOBS 48
+#define MUSTAFAR__INLINE_PATCHES 96
+#define MUSTAFAR__WIDE_JOBS 128
+#define MUSTAFAR__WIDE_PATCHES 3072
+#define MUSTAFAR__INLINE_SEQS 192
+typedef struct mustafar__append_inline {
+    int32_t njobs, npatches;
+    mustafar__append_job jobs[MUSTAFAR__INLINE_JOBS];
+    int32_t patches[2 * MUSTAFAR__INLINE_PATCHES];   /* (table index, page id) pairs */
+} mustafar__append_inline;
+typedef struct mustafar__append_wide {
+    int32_t njobs, npatches;
+    mustafar__append_job jobs[MUSTAFAR__WIDE_JOBS];
+    int32_t patches[2 * MUSTAFAR__WIDE_PATCHES];
+} mustafar__append_wide;
+typedef struct mustafar__seqs_inline {
+    int32_t count;
+    mustafar_paged_seq seqs[MUSTAFAR__INLINE_SEQS];
+} mustafar__seqs_inline;
+/* END CONTRACT */
+
+/* ---- resolved layout, offsets and checks ------------------------------------ */
 
 typedef struct mustafar__layout {
     int head_dim, num_kv_heads, num_q_heads, group, page_size, window;
@@ -720,9 +719,24 @@ static int32_t mustafar__job_window_first(const mustafar__append_job *j)
     return j->old_length > j->new_compressed ? j->old_length : j->new_compressed;
 }
 
-static int mustafar__is_cuda(const mustafar_context *ctx)
+/* The layout of validated arguments (num_q_heads resolved). */
+static void mustafar__layout_fill(mustafar__layout *L, int head_dim, mustafar_dtype dtype,
+                                  float k_sparsity, float v_sparsity, int num_kv_heads,
+                                  int num_q_heads, int page_size, int window)
 {
-    return ctx && ctx->backend == MUSTAFAR_BACKEND_CUDA;
+    L->head_dim = head_dim;
+    L->num_kv_heads = num_kv_heads;
+    L->num_q_heads = num_q_heads;
+    L->group = num_q_heads / num_kv_heads;
+    L->page_size = page_size;
+    L->window = window;
+    L->dtype = mustafar__resolve_dtype(dtype);
+    L->k_sparsity = k_sparsity;
+    L->v_sparsity = v_sparsity;
+    L->k_kept = mustafar_kept_count(head_dim, k_sparsity);
+    L->v_kept = mustafar_kept_count(head_dim, v_sparsity);
+    L->k_record = mustafar_record_bytes(head_dim, k_sparsity, L->dtype);
+    L->v_record = mustafar_record_bytes(head_dim, v_sparsity, L->dtype);
 }
 
 /* The CUDA kernels move token vectors and records in 16-byte units. */
@@ -764,19 +778,9 @@ static mustafar_status mustafar__layout_from_kv(mustafar_context *ctx, const mus
     if (!st && kv->window_size > 0)
         st = mustafar__check_aligned(ctx, kv->k_window, kv->v_window, "paged_kv windows");
     if (st) return st;
-    L->head_dim = kv->head_dim;
-    L->num_kv_heads = kv->num_kv_heads;
-    L->num_q_heads = kv->num_q_heads ? kv->num_q_heads : kv->num_kv_heads;
-    L->group = L->num_q_heads / L->num_kv_heads;
-    L->page_size = kv->page_size;
-    L->window = kv->window_size;
-    L->dtype = mustafar__resolve_dtype(kv->dtype);
-    L->k_sparsity = kv->k_sparsity;
-    L->v_sparsity = kv->v_sparsity;
-    L->k_kept = mustafar_kept_count(kv->head_dim, kv->k_sparsity);
-    L->v_kept = mustafar_kept_count(kv->head_dim, kv->v_sparsity);
-    L->k_record = mustafar_record_bytes(kv->head_dim, kv->k_sparsity, kv->dtype);
-    L->v_record = mustafar_record_bytes(kv->head_dim, kv->v_sparsity, kv->dtype);
+    mustafar__layout_fill(L, kv->head_dim, kv->dtype, kv->k_sparsity, kv->v_sparsity,
+                          kv->num_kv_heads, kv->num_q_heads ? kv->num_q_heads : kv->num_kv_heads,
+                          kv->page_size, kv->window_size);
     return MUSTAFAR_OK;
 }
 
@@ -796,7 +800,67 @@ static size_t mustafar__window_offset(const mustafar__layout *L, int32_t row, in
            L->head_dim;
 }
 
-/* ---- CPU backend ------------------------------------------------------------ */
+/* Checks a host-side sequence list against the layout: rows, counts and every
+   page id it will touch. */
+static mustafar_status mustafar__check_seqs_host(mustafar_context *ctx, const mustafar__layout *L,
+                                                 const mustafar_paged_kv *kv, int nseq,
+                                                 const mustafar_paged_seq *seqs, int32_t *max_len)
+{
+    int i;
+    *max_len = 0;
+    for (i = 0; i < nseq; i++) {
+        const mustafar_paged_seq *s = &seqs[i];
+        int32_t pages, p;
+        if (s->row < 0 || s->row >= kv->num_rows || s->num_compressed < 0 || s->num_window < 0 ||
+            s->num_window > L->window ||
+            s->num_compressed > (int64_t)kv->page_table_stride * L->page_size)
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                  "sequence %d: row %d, %d compressed, %d window tokens do not fit "
+                                  "the layout", i, s->row, s->num_compressed, s->num_window);
+        pages = (int32_t)mustafar__pages_for(s->num_compressed, L->page_size);
+        for (p = 0; p < pages; p++) {
+            int32_t id = kv->page_table[(size_t)s->row * kv->page_table_stride + p];
+            if (id < 0 || id >= kv->num_pages)
+                return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                      "sequence %d: page table entry %d is %d, outside [0, %d)",
+                                      i, p, id, kv->num_pages);
+        }
+        if (s->num_compressed + s->num_window > *max_len)
+            *max_len = s->num_compressed + s->num_window;
+    }
+    return MUSTAFAR_OK;
+}
+
+/* The stateless record operations. */
+enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
+
+/* ==== >>cpu: the CPU backend ====================================================
+   Host memory; every record is read through the shared record helpers
+   (>>common), which stop at the kept count, so a corrupt bitmap cannot read
+   past its record. */
+
+static void mustafar__cpu_records(int op, int head_dim, float sparsity, mustafar_dtype dtype,
+                                  const void *in, void *out, size_t count)
+{
+    const int kept = mustafar_kept_count(head_dim, sparsity);
+    const size_t rec = mustafar_record_bytes(head_dim, sparsity, dtype);
+    size_t i;
+    for (i = 0; i < count; i++) {
+        const uint16_t *x = (const uint16_t *)in + i * head_dim;
+        uint16_t *y = (uint16_t *)out + i * head_dim;
+        if (op == MUSTAFAR__OP_PRUNE) {
+            uint32_t bitmap[8];
+            int c;
+            mustafar__select_kept(x, head_dim, kept, bitmap);
+            for (c = 0; c < head_dim; c++)
+                y[c] = (bitmap[c >> 5] >> (c & 31) & 1u) ? x[c] : 0;
+        } else if (op == MUSTAFAR__OP_COMPRESS) {
+            mustafar__encode_record(x, head_dim, kept, rec, (unsigned char *)out + i * rec);
+        } else {
+            mustafar__decode_record((const unsigned char *)in + i * rec, head_dim, kept, y);
+        }
+    }
+}
 
 static void mustafar__cpu_append(const mustafar__layout *L, const mustafar_paged_kv *kv,
                                  const mustafar__append_job *jobs, int njobs,
@@ -839,14 +903,19 @@ static void mustafar__cpu_append(const mustafar__layout *L, const mustafar_paged
 }
 
 /* Two-pass softmax per (sequence, query head) in float: scores, max, then the
-   weighted sum of values.  `scores` holds the longest sequence. */
-static void mustafar__cpu_attention(const mustafar__layout *L, const mustafar_paged_kv *kv,
-                                    int nseq, const mustafar_paged_seq *seqs, const uint16_t *q,
-                                    uint16_t *out, float scale, float *scores)
+   weighted sum of values.  max_len: the longest sequence. */
+static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const mustafar__layout *L,
+                                               const mustafar_paged_kv *kv, int nseq,
+                                               const mustafar_paged_seq *seqs, int32_t max_len,
+                                               const uint16_t *q, uint16_t *out, float scale)
 {
     const int d = L->head_dim, hq = L->num_q_heads;
     float qf[256], acc[256];
+    float *scores = (float *)MUSTAFAR_MALLOC(sizeof(float) * (size_t)(max_len ? max_len : 1));
     int i, h, c;
+    if (!scores)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                              "host allocation of %d scores failed", max_len);
     for (i = 0; i < nseq; i++) {
         const mustafar_paged_seq *s = &seqs[i];
         const int32_t *table = kv->page_table + (size_t)s->row * kv->page_table_stride;
@@ -889,66 +958,81 @@ static void mustafar__cpu_attention(const mustafar__layout *L, const mustafar_pa
                 oh[c] = mustafar__store(L->dtype, len ? acc[c] / sum : 0.0f);
         }
     }
-}
-
-/* Checks a host-side sequence list against the layout: rows, counts and every
-   page id it will touch. */
-static mustafar_status mustafar__check_seqs_host(mustafar_context *ctx, const mustafar__layout *L,
-                                                 const mustafar_paged_kv *kv, int nseq,
-                                                 const mustafar_paged_seq *seqs, int32_t *max_len)
-{
-    int i;
-    *max_len = 0;
-    for (i = 0; i < nseq; i++) {
-        const mustafar_paged_seq *s = &seqs[i];
-        int32_t pages, p;
-        if (s->row < 0 || s->row >= kv->num_rows || s->num_compressed < 0 || s->num_window < 0 ||
-            s->num_window > L->window ||
-            s->num_compressed > (int64_t)kv->page_table_stride * L->page_size)
-            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
-                                  "sequence %d: row %d, %d compressed, %d window tokens do not fit "
-                                  "the layout", i, s->row, s->num_compressed, s->num_window);
-        pages = (s->num_compressed + L->page_size - 1) / L->page_size;
-        for (p = 0; p < pages; p++) {
-            int32_t id = kv->page_table[(size_t)s->row * kv->page_table_stride + p];
-            if (id < 0 || id >= kv->num_pages)
-                return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
-                                      "sequence %d: page table entry %d is %d, outside [0, %d)",
-                                      i, p, id, kv->num_pages);
-        }
-        if (s->num_compressed + s->num_window > *max_len)
-            *max_len = s->num_compressed + s->num_window;
-    }
+    MUSTAFAR_FREE(scores);
     return MUSTAFAR_OK;
 }
 
-/* ---- backend dispatch ------------------------------------------------------
-   The CUDA side (further down) implements these for device memory. */
+
+/* ==== >>cuda: the CUDA backend (state, JIT and disk cache, memory, operations) ====
+   Runtime API and NVRTC only.  Every function here runs with the context's
+   device current: the dispatch functions (>>dispatch) switch to it and back. */
 #ifndef MUSTAFAR_NO_CUDA
-static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar_context_desc *desc);
-static void mustafar__cuda_shutdown(mustafar_context *ctx);
-static mustafar_status mustafar__cuda_alloc(mustafar_context *ctx, void **p, size_t bytes);
-static void mustafar__cuda_free(mustafar_context *ctx, void *p);
-static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int head_dim,
-                                              float sparsity, mustafar_dtype dtype, const void *in,
-                                              void *out, size_t count);
-static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
-                                             const mustafar_paged_kv *kv,
-                                             const mustafar__append_job *jobs, int njobs,
-                                             const int32_t *patches, int npatches,
-                                             const void *k, const void *v);
-static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mustafar__layout *L,
-                                                const mustafar_paged_kv *kv, int nseq,
-                                                const mustafar_paged_seq *seqs, int seqs_on_host,
-                                                int32_t max_len, const void *q, void *out,
-                                                float scale, int unsettled);
+
+/* CUDA's headers use anonymous unions, which -Wpedantic rejects in C99. */
+#if defined(__GNUC__)
+#  pragma GCC diagnostic push
+#  pragma GCC diagnostic ignored "-Wpedantic"
+#endif
+#include <cuda_runtime.h>
+#include <nvrtc.h>
+#if defined(__GNUC__)
+#  pragma GCC diagnostic pop
+#endif
+#include <sys/stat.h>
+#include <time.h>
+#ifdef _WIN32
+#  include <direct.h>
 #endif
 
-enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
+/* The source of mustafar_kernels.cuh, embedded at the end of this file
+   (>>kernel_source): NULL-terminated pieces. */
+static const char *const *mustafar__kernel_source(void);
 
-#ifndef MUSTAFAR_NO_CUDA
-/* The caller's current device is theirs: every CUDA call of the library runs
-   between these two, which switch to the context's device and back. */
+/* One library per kernel configuration (head_dim, dtype, kept counts, GQA
+   group, page size, warps, arch), compiled by NVRTC to a real cubin, cached on
+   disk under a key that hashes the source, the options, the arch and the NVRTC
+   version, and loaded with cudaLibraryLoadData. */
+typedef struct mustafar__module {
+    struct mustafar__module *next;
+    int config[6];                 /* d, dtype, k_kept, v_kept, group, page_size */
+    char options[512];             /* the -D list (mustafar__kernel_options) */
+    cudaLibrary_t library;
+    cudaKernel_t records, append, attention, combine;
+    cudaLibrary_t wide_library;    /* the wide append kernel alone, built on first use */
+    cudaKernel_t append_wide;
+    int warps, stages;             /* of the attention kernel */
+    int blocks_per_sm;             /* attention blocks that fit an SM */
+    size_t attention_smem;
+} mustafar__module;
+
+typedef struct mustafar__cuda {
+    int device, sm, num_sms;
+    int wide_params;               /* driver and NVRTC take kernel parameters over 4 KB (12.1+) */
+    cudaStream_t stream;
+    char cache_dir[1024];          /* empty: disk cache disabled */
+    mustafar__module *modules;     /* compiled kernel libraries, one per config */
+    void *scratch;                 /* device scratch (jobs, partial results) */
+    size_t scratch_bytes;
+    void *staging;                 /* pinned host staging for uploads */
+    size_t staging_bytes;
+    cudaEvent_t staging_free;      /* recorded after the last upload from staging */
+    mustafar__append_inline append_params;
+    mustafar__append_wide append_wide_params;
+    mustafar__seqs_inline seq_params;
+} mustafar__cuda;
+
+#define MUSTAFAR__CUDA_CHECK(ctx, call)                                                     \
+    do {                                                                                    \
+        cudaError_t mustafar__e = (call);                                                   \
+        if (mustafar__e != cudaSuccess)                                                     \
+            return mustafar__fail((ctx), MUSTAFAR_ERROR_CUDA, "%s failed: %s (%s)", #call,  \
+                                  cudaGetErrorName(mustafar__e),                            \
+                                  cudaGetErrorString(mustafar__e));                         \
+    } while (0)
+
+/* The caller's current device is theirs: the dispatch functions run every
+   CUDA call of the library between these two, which switch to the
+   context's device and back. */
 static int mustafar__device_enter(int device)
 {
     int previous = -1;
@@ -960,18 +1044,817 @@ static void mustafar__device_leave(int previous, int device)
 {
     if (previous >= 0 && previous != device) cudaSetDevice(previous);
 }
+
+/* ---- JIT compilation, disk cache, module table ------------------------------ */
+
+/* Token vectors per 256-thread block of the record and append kernels:
+   head_dim / 32 lanes each. */
+#define MUSTAFAR__BLOCK_VECTORS(head_dim) (8192 / (size_t)(head_dim))
+
+/* Staged records are spaced so that the 16 rows of a tile start in 8
+   different bank groups (stride / 16 odd): decode loads conflict at most
+   2-way instead of 4-way for a 96-byte record. */
+static size_t mustafar__staged_bytes(size_t record) { return record / 16 % 2 ? record : record + 16; }
+
+/* Shared memory of the attention kernel, and where its 16 zero bytes (which
+   pruned V channels read) start: per warp `stages` stages of 16 K and 16 V
+   staged records, reused for the merge (32 floats and rows x d floats per
+   warp), then 2*d bytes of slack that a corrupt record's decode may read. */
+static size_t mustafar__attention_smem(int d, int group, size_t k_rec, size_t v_rec, int warps,
+                                       int stages, size_t *zero_offset)
+{
+    size_t rows = group < 16 ? (size_t)group : 16;
+    size_t loop = (size_t)warps * stages * 16 *
+                  (mustafar__staged_bytes(k_rec) + mustafar__staged_bytes(v_rec));
+    size_t merge = (size_t)warps * 32 * 4 + (size_t)warps * rows * d * 4;
+    size_t zero = (loop > merge ? loop : merge) + 2 * (size_t)d;
+    if (zero_offset) *zero_offset = zero;
+    return zero + 16;
+}
+
+/* The -D options of a kernel library: every size the kernels share with the
+   host comes from here (the structures from the CONTRACT block). */
+static void mustafar__kernel_options(char *buf, size_t cap, int sm, int d, mustafar_dtype dtype,
+                                     int k_kept, int v_kept, int group, int page_size, int warps,
+                                     int stages, int append_wide)
+{
+    size_t k_rec = mustafar__record_size(d, k_kept), v_rec = mustafar__record_size(d, v_kept);
+    size_t zero;
+    mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages, &zero);
+    snprintf(buf, cap,
+             "-DMUSTAFAR_SM=%d -DMUSTAFAR_D=%d -DMUSTAFAR_BF16=%d -DMUSTAFAR_K_KEPT=%d "
+             "-DMUSTAFAR_V_KEPT=%d -DMUSTAFAR_K_RECORD=%zu -DMUSTAFAR_V_RECORD=%zu "
+             "-DMUSTAFAR_DENSE_RECORD=%zu -DMUSTAFAR_K_STAGED=%zu -DMUSTAFAR_V_STAGED=%zu "
+             "-DMUSTAFAR_SMEM_ZERO=%zu -DMUSTAFAR_BLOCK_VECTORS=%zu -DMUSTAFAR_GROUP=%d "
+             "-DMUSTAFAR_PAGE_SIZE=%d -DMUSTAFAR_WARPS=%d -DMUSTAFAR_STAGES=%d%s",
+             sm, d, dtype == MUSTAFAR_DTYPE_BF16, k_kept, v_kept, k_rec, v_rec,
+             mustafar__record_size(d, d), mustafar__staged_bytes(k_rec),
+             mustafar__staged_bytes(v_rec), zero, MUSTAFAR__BLOCK_VECTORS(d), group, page_size,
+             warps, stages, append_wide ? " -DMUSTAFAR_APPEND_WIDE=1" : "");
+}
+
+static uint64_t mustafar__fnv1a(uint64_t h, const void *data, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static char *mustafar__kernel_text(void)
+{
+    size_t n = 0, i;
+    char *text;
+    const char *const *source = mustafar__kernel_source();
+    for (i = 0; source[i]; i++) n += strlen(source[i]);
+    text = (char *)MUSTAFAR_MALLOC(n + 1);
+    if (!text) return NULL;
+    n = 0;
+    for (i = 0; source[i]; i++) {
+        size_t m = strlen(source[i]);
+        memcpy(text + n, source[i], m);
+        n += m;
+    }
+    text[n] = 0;
+    return text;
+}
+
+static void mustafar__resolve_cache_dir(mustafar__cuda *cu, const mustafar_context_desc *desc)
+{
+    const char *env = getenv("MUSTAFAR_CACHE_DIR"), *base;
+    cu->cache_dir[0] = 0;
+    if (desc->disable_jit_cache) return;
+    if (desc->jit_cache_dir) {
+        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", desc->jit_cache_dir);
+        return;
+    }
+    if (env) {
+        if (strcmp(env, "off") && env[0]) snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", env);
+        return;
+    }
+    if ((base = getenv("XDG_CACHE_HOME")) && base[0])
+        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
+    else if ((base = getenv("HOME")) && base[0])
+        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/.cache/mustafar", base);
+    else if ((base = getenv("LOCALAPPDATA")) && base[0])
+        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
+}
+
+static void mustafar__mkdirs(const char *path)
+{
+    char buf[1024];
+    size_t i, n = strlen(path);
+    if (n >= sizeof buf) return;
+    memcpy(buf, path, n + 1);
+    for (i = 1; i <= n; i++) {
+        if (buf[i] == '/' || buf[i] == '\\' || buf[i] == 0) {
+            char c = buf[i];
+            buf[i] = 0;
+#ifdef _WIN32
+            _mkdir(buf);
+#else
+            mkdir(buf, 0755);
+#endif
+            buf[i] = c;
+        }
+    }
+}
+
+/* Disk cache entry: "MUSTAFAR" | u64 payload bytes | u64 FNV-1a of payload | cubin.
+   Returns the cubin (caller frees) or NULL if absent, truncated or corrupt. */
+static void *mustafar__disk_read(const char *path, size_t *size)
+{
+    unsigned char head[24];
+    uint64_t n, h;
+    void *data;
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    if (fread(head, 1, 24, f) != 24 || memcmp(head, "MUSTAFAR", 8)) { fclose(f); return NULL; }
+    memcpy(&n, head + 8, 8);
+    memcpy(&h, head + 16, 8);
+    if (n == 0 || n > ((uint64_t)1 << 30) || !(data = MUSTAFAR_MALLOC((size_t)n))) {
+        fclose(f);
+        return NULL;
+    }
+    if (fread(data, 1, (size_t)n, f) != n || fgetc(f) != EOF ||
+        mustafar__fnv1a(1469598103934665603ull, data, (size_t)n) != h) {
+        fclose(f);
+        MUSTAFAR_FREE(data);
+        return NULL;
+    }
+    fclose(f);
+    *size = (size_t)n;
+    return data;
+}
+
+/* Written to a temporary name and renamed, so readers never see half a file. */
+static void mustafar__disk_write(const char *dir, const char *path, const void *data, size_t n)
+{
+    char tmp[1232];
+    unsigned char head[24];
+    uint64_t size = n, h = mustafar__fnv1a(1469598103934665603ull, data, n);
+    FILE *f;
+    int ok;
+    mustafar__mkdirs(dir);
+    snprintf(tmp, sizeof tmp, "%s.%08lx.tmp",
+             path, (unsigned long)((uintptr_t)&f ^ (uintptr_t)time(NULL) ^ (uintptr_t)clock()));
+    if (!(f = fopen(tmp, "wb"))) return;
+    memcpy(head, "MUSTAFAR", 8);
+    memcpy(head + 8, &size, 8);
+    memcpy(head + 16, &h, 8);
+    ok = fwrite(head, 1, 24, f) == 24 && fwrite(data, 1, n, f) == n;
+    ok = (fclose(f) == 0) && ok;
+#ifdef _WIN32
+    if (ok) remove(path);
+#endif
+    if (!ok || rename(tmp, path) != 0) remove(tmp);
+}
+
+/* NVRTC optimises the library's four kernels on up to four threads: the
+   cold compile on the H100 host (16 cores) fell from 1.80-2.03 s to
+   1.37-1.65 s.  The code differs from a one-thread compile only in a few
+   register and predicate choices (partial-tile and window checks, the
+   combine kernel), not in the full-tile decode. */
+#define MUSTAFAR__SPLIT_COMPILE "-split-compile=4"
+
+static mustafar_status mustafar__nvrtc_compile(mustafar_context *ctx, const char *source,
+                                               const char *const *options, int noptions,
+                                               void **cubin, size_t *size)
+{
+    nvrtcProgram prog;
+    nvrtcResult r;
+    for (;;) {
+        if ((r = nvrtcCreateProgram(&prog, source, "mustafar_kernels.cu", 0, NULL, NULL)) != NVRTC_SUCCESS)
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "nvrtcCreateProgram failed: %s",
+                                  nvrtcGetErrorString(r));
+        r = nvrtcCompileProgram(prog, noptions, options);
+        /* an NVRTC without parallel optimisation (option first): the same compile on one thread */
+        if (r != NVRTC_ERROR_INVALID_OPTION || noptions == 0 || strncmp(options[0], "-split-compile", 14))
+            break;
+        nvrtcDestroyProgram(&prog);
+        options++;
+        noptions--;
+    }
+    if (r != NVRTC_SUCCESS) {
+        size_t log_size = 0;
+        char *log = NULL;
+        nvrtcGetProgramLogSize(prog, &log_size);
+        if (log_size && (log = (char *)MUSTAFAR_MALLOC(log_size + 1)) != NULL) {
+            nvrtcGetProgramLog(prog, log);
+            log[log_size] = 0;
+        }
+        mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC compile failed (%s): %s",
+                       nvrtcGetErrorString(r), log ? log : "(no log)");
+        MUSTAFAR_FREE(log);
+        nvrtcDestroyProgram(&prog);
+        return MUSTAFAR_ERROR_JIT;
+    }
+    if ((r = nvrtcGetCUBINSize(prog, size)) != NVRTC_SUCCESS || !*size ||
+        !(*cubin = MUSTAFAR_MALLOC(*size)) || (r = nvrtcGetCUBIN(prog, (char *)*cubin)) != NVRTC_SUCCESS) {
+        nvrtcDestroyProgram(&prog);
+        MUSTAFAR_FREE(*cubin);
+        *cubin = NULL;
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC produced no cubin: %s",
+                              nvrtcGetErrorString(r));
+    }
+    nvrtcDestroyProgram(&prog);
+    return MUSTAFAR_OK;
+}
+
+/* Compiles the kernel source `text` for sm_`sm` with the -D list `options`
+   (space-separated) to a cubin, as the library always compiles it. */
+static mustafar_status mustafar__compile_cubin(mustafar_context *ctx, const char *text, int sm,
+                                               const char *options, void **cubin, size_t *size)
+{
+    char opts[512], arch[32], *tok;
+    const char *argv[32];
+    int argc = 0;
+    snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", sm);
+    snprintf(opts, sizeof opts, "%s", options);
+    argv[argc++] = MUSTAFAR__SPLIT_COMPILE;
+    argv[argc++] = arch;
+    argv[argc++] = "-lineinfo";
+    for (tok = opts; *tok && argc < 32;) {   /* split at spaces, in place */
+        argv[argc++] = tok;
+        while (*tok && *tok != ' ') tok++;
+        if (*tok) *tok++ = 0;
+    }
+    return mustafar__nvrtc_compile(ctx, text, argv, argc, cubin, size);
+}
+
+/* A kernel library for the -D list `options`: from the disk cache when the
+   entry there loads, else compiled by NVRTC (and written to the cache). */
+static mustafar_status mustafar__build_library(mustafar_context *ctx, const char *options,
+                                               cudaLibrary_t *library)
+{
+    mustafar__cuda *cu = ctx->cuda;
+    char path[1200];
+    int nvrtc_major = 0, nvrtc_minor = 0;
+    size_t size = 0;
+    void *cubin = NULL;
+    char *text = mustafar__kernel_text();
+    uint64_t key;
+    mustafar_status st;
+    cudaError_t e;
+    if (!text) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+    key = mustafar__fnv1a(1469598103934665603ull, text, strlen(text));
+    key = mustafar__fnv1a(key, options, strlen(options));
+    key = mustafar__fnv1a(key, &cu->sm, sizeof cu->sm);
+    key = mustafar__fnv1a(key, &nvrtc_major, sizeof nvrtc_major);
+    key = mustafar__fnv1a(key, &nvrtc_minor, sizeof nvrtc_minor);
+    path[0] = 0;
+    if (cu->cache_dir[0]) {
+        snprintf(path, sizeof path, "%s/mustafar-%016llx.cubin", cu->cache_dir,
+                 (unsigned long long)key);
+        cubin = mustafar__disk_read(path, &size);
+        if (cubin && cudaLibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0) == cudaSuccess) {
+            MUSTAFAR_FREE(cubin);
+            MUSTAFAR_FREE(text);
+            return MUSTAFAR_OK;
+        }
+        MUSTAFAR_FREE(cubin);              /* none, or unloadable: compile again */
+        cubin = NULL;
+    }
+    st = mustafar__compile_cubin(ctx, text, cu->sm, options, &cubin, &size);
+    MUSTAFAR_FREE(text);
+    if (st) return st;
+    e = cudaLibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0);
+    if (e != cudaSuccess) {
+        MUSTAFAR_FREE(cubin);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "cudaLibraryLoadData failed: %s (%s)",
+                              cudaGetErrorName(e), cudaGetErrorString(e));
+    }
+    if (path[0]) mustafar__disk_write(cu->cache_dir, path, cubin, size);
+    MUSTAFAR_FREE(cubin);
+    return MUSTAFAR_OK;
+}
+
+static mustafar_status mustafar__missing_kernel(mustafar_context *ctx, cudaLibrary_t *library,
+                                                cudaError_t e)
+{
+    cudaLibraryUnload(*library);
+    *library = NULL;
+    return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "a kernel is missing from the library: %s",
+                          cudaGetErrorName(e));
+}
+
+/* The wide append kernel (job and patch lists of large appends in a 30 KB
+   parameter block) has its own library, built on the first append that
+   needs it: decode-only use never compiles it, and context creation does
+   not wait for it. */
+static mustafar_status mustafar__append_wide_kernel(mustafar_context *ctx, mustafar__module *m)
+{
+    char options[sizeof m->options];
+    mustafar_status st;
+    cudaError_t e;
+    if (m->append_wide) return MUSTAFAR_OK;
+    mustafar__kernel_options(options, sizeof options, ctx->cuda->sm, m->config[0],
+                             (mustafar_dtype)m->config[1], m->config[2], m->config[3], m->config[4],
+                             m->config[5], m->warps, m->stages, 1);
+    st = mustafar__build_library(ctx, options, &m->wide_library);
+    if (st) return st;
+    e = cudaLibraryGetKernel(&m->append_wide, m->wide_library, "mustafar_append_wide");
+    if (e != cudaSuccess) {
+        m->append_wide = NULL;
+        return mustafar__missing_kernel(ctx, &m->wide_library, e);
+    }
+    return MUSTAFAR_OK;
+}
+
+/* The compiled library for a configuration, compiled or read from disk once. */
+static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustafar_dtype dtype,
+                                            int k_kept, int v_kept, int group, int page_size,
+                                            mustafar__module **out)
+{
+    mustafar__cuda *cu = ctx->cuda;
+    mustafar__module *m;
+    int optin = 0, warps = 4, stages = 3;
+    size_t k_rec = mustafar__record_size(d, k_kept), v_rec = mustafar__record_size(d, v_kept);
+    size_t smem;
+    mustafar_status st;
+    cudaError_t e;
+    const int config[6] = {d, (int)dtype, k_kept, v_kept, group, page_size};
+    for (m = cu->modules; m; m = m->next)
+        if (!memcmp(m->config, config, sizeof config)) { *out = m; return MUSTAFAR_OK; }
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cu->device);
+    /* three stages (two tiles in flight) where three blocks still fit an SM */
+    if (mustafar__attention_smem(d, group, k_rec, v_rec, warps, 3, NULL) > 76 * 1024) stages = 2;
+    while (warps > 1 &&
+           mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages, NULL) > (size_t)optin)
+        warps /= 2;
+    smem = mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages, NULL);
+    m = (mustafar__module *)mustafar__calloc(sizeof *m);
+    if (!m) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    mustafar__kernel_options(m->options, sizeof m->options, cu->sm, d, dtype, k_kept, v_kept, group,
+                             page_size, warps, stages, 0);
+    memcpy(m->config, config, sizeof config);
+    m->warps = warps;
+    m->stages = stages;
+    m->attention_smem = smem;
+    st = mustafar__build_library(ctx, m->options, &m->library);
+    if (st) {
+        MUSTAFAR_FREE(m);
+        return st;
+    }
+    if ((e = cudaLibraryGetKernel(&m->records, m->library, "mustafar_records")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->append, m->library, "mustafar_append")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->attention, m->library, "mustafar_attention")) != cudaSuccess ||
+        (e = cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine")) != cudaSuccess) {
+        st = mustafar__missing_kernel(ctx, &m->library, e);
+        MUSTAFAR_FREE(m);
+        return st;
+    }
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute((const void *)m->attention,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) {
+            cudaLibraryUnload(m->library);
+            MUSTAFAR_FREE(m);
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA,
+                                  "cudaFuncSetAttribute(%zu bytes of shared memory) failed: %s",
+                                  smem, cudaGetErrorName(e));
+        }
+    }
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&m->blocks_per_sm, (const void *)m->attention,
+                                                      32 * warps, smem) != cudaSuccess ||
+        m->blocks_per_sm < 1)
+        m->blocks_per_sm = 1;
+    m->next = cu->modules;
+    cu->modules = m;
+    *out = m;
+    return MUSTAFAR_OK;
+}
+/* ---- device state, memory, uploads, launches ------------------------------------ */
+
+static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar_context_desc *desc)
+{
+    mustafar__cuda *cu = ctx->cuda;
+    int count = 0, driver = 0, major = 0, minor = 0, narch = 0, i, best = 0;
+    int archs[64];
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE, "no CUDA device: %s",
+                              e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+    if (desc->cuda_device < 0 || desc->cuda_device >= count)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "CUDA device %d does not exist (%d found)", desc->cuda_device, count);
+    cudaDriverGetVersion(&driver);
+    if (driver < 12000)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "the CUDA driver supports CUDA %d.%d; 12.0 or newer is needed",
+                              driver / 1000, driver % 1000 / 10);
+    cu->device = desc->cuda_device;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cu->device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, cu->device);
+    cudaDeviceGetAttribute(&cu->num_sms, cudaDevAttrMultiProcessorCount, cu->device);
+    if (major * 10 + minor < 75)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "GPU sm_%d%d is older than sm_75", major, minor);
+    /* a cubin runs on its own major version at an equal or higher minor */
+    if (nvrtcGetNumSupportedArchs(&narch) == NVRTC_SUCCESS && narch > 0 && narch <= 64 &&
+        nvrtcGetSupportedArchs(archs) == NVRTC_SUCCESS)
+        for (i = 0; i < narch; i++)
+            if (archs[i] / 10 == major && archs[i] <= major * 10 + minor && archs[i] > best)
+                best = archs[i];
+    if (!best)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "this NVRTC cannot compile for sm_%d%d", major, minor);
+    cu->sm = best;
+    {
+        int nvrtc_major = 0, nvrtc_minor = 0;
+        nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+        cu->wide_params = driver >= 12010 && nvrtc_major * 100 + nvrtc_minor >= 1201;
+    }
+    cu->stream = (cudaStream_t)desc->cuda_stream;
+    mustafar__resolve_cache_dir(cu, desc);
+    MUSTAFAR__CUDA_CHECK(ctx, cudaEventCreateWithFlags(&cu->staging_free, cudaEventDisableTiming));
+    e = cudaEventRecord(cu->staging_free, cu->stream);
+    if (e != cudaSuccess) {
+        cudaEventDestroy(cu->staging_free);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "the CUDA stream is not usable: %s", cudaGetErrorName(e));
+    }
+    snprintf(ctx->message, sizeof ctx->message, "CUDA backend on device %d (sm_%d%d, kernels for sm_%d)",
+             cu->device, major, minor, best);
+    return MUSTAFAR_OK;
+}
+
+static void mustafar__cuda_shutdown(mustafar_context *ctx)
+{
+    mustafar__cuda *cu = ctx->cuda;
+    mustafar__module *m = cu->modules;
+    cudaStreamSynchronize(cu->stream);
+    while (m) {
+        mustafar__module *next = m->next;
+        cudaLibraryUnload(m->library);
+        if (m->wide_library) cudaLibraryUnload(m->wide_library);
+        MUSTAFAR_FREE(m);
+        m = next;
+    }
+    if (cu->scratch) cudaFree(cu->scratch);
+    if (cu->staging) cudaFreeHost(cu->staging);
+    cudaEventDestroy(cu->staging_free);
+}
+
+static mustafar_status mustafar__cuda_alloc(mustafar_context *ctx, void **p, size_t bytes)
+{
+    cudaError_t e;
+    *p = NULL;
+    e = cudaMalloc(p, bytes ? bytes : 16);
+    if (e != cudaSuccess) {
+        *p = NULL;
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                              "cudaMalloc of %zu bytes failed: %s", bytes, cudaGetErrorName(e));
+    }
+    MUSTAFAR__CUDA_CHECK(ctx, cudaMemsetAsync(*p, 0, bytes ? bytes : 16, ctx->cuda->stream));
+    return MUSTAFAR_OK;
+}
+
+static void mustafar__cuda_free(mustafar_context *ctx, void *p)
+{
+    MUSTAFAR__UNUSED(ctx);
+    cudaFree(p);
+}
+
+/* Device scratch of at least `bytes`; grows (after the stream drains) when needed. */
+static mustafar_status mustafar__cuda_scratch(mustafar_context *ctx, size_t bytes, void **out)
+{
+    mustafar__cuda *cu = ctx->cuda;
+    if (bytes > cu->scratch_bytes) {
+        size_t grow = bytes > 2 * cu->scratch_bytes ? bytes : 2 * cu->scratch_bytes;
+        MUSTAFAR__CUDA_CHECK(ctx, cudaStreamSynchronize(cu->stream));
+        if (cu->scratch) cudaFree(cu->scratch);
+        cu->scratch = NULL;
+        cu->scratch_bytes = 0;
+        if (cudaMalloc(&cu->scratch, grow) != cudaSuccess) {
+            cu->scratch = NULL;
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                                  "cudaMalloc of %zu bytes of scratch failed", grow);
+        }
+        cu->scratch_bytes = grow;
+    }
+    *out = cu->scratch;
+    return MUSTAFAR_OK;
+}
+
+/* Host -> device copy on the stream through pinned staging, so the caller's
+   buffer is free on return and the host does not wait for the stream. */
+static mustafar_status mustafar__cuda_upload(mustafar_context *ctx, void *dst, const void *src,
+                                             size_t bytes)
+{
+    mustafar__cuda *cu = ctx->cuda;
+    MUSTAFAR__CUDA_CHECK(ctx, cudaEventSynchronize(cu->staging_free));
+    if (bytes > cu->staging_bytes) {
+        size_t grow = bytes > 2 * cu->staging_bytes ? bytes : 2 * cu->staging_bytes;
+        if (cu->staging) cudaFreeHost(cu->staging);
+        cu->staging = NULL;
+        cu->staging_bytes = 0;
+        if (cudaMallocHost(&cu->staging, grow) != cudaSuccess) {
+            cu->staging = NULL;
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                                  "cudaMallocHost of %zu bytes failed", grow);
+        }
+        cu->staging_bytes = grow;
+    }
+    memcpy(cu->staging, src, bytes);
+    MUSTAFAR__CUDA_CHECK(ctx, cudaMemcpyAsync(dst, cu->staging, bytes, cudaMemcpyHostToDevice,
+                                              cu->stream));
+    MUSTAFAR__CUDA_CHECK(ctx, cudaEventRecord(cu->staging_free, cu->stream));
+    return MUSTAFAR_OK;
+}
+
+/* `dependent`: the kernel may start before the previous kernel on the stream
+   has finished and waits for it itself (programmatic dependent launch,
+   sm_90 and newer; elsewhere an ordinary launch). */
+static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kernel, const char *name,
+                                        unsigned gx, unsigned gy, unsigned gz, unsigned block,
+                                        size_t smem, void **args, int dependent)
+{
+    cudaLaunchConfig_t config;
+    cudaLaunchAttribute attr;
+    cudaError_t e;
+    config.gridDim.x = gx; config.gridDim.y = gy; config.gridDim.z = gz;
+    config.blockDim.x = block; config.blockDim.y = 1; config.blockDim.z = 1;
+    config.dynamicSmemBytes = smem;
+    config.stream = ctx->cuda->stream;
+    config.attrs = NULL;
+    config.numAttrs = 0;
+    if (dependent && ctx->cuda->sm >= 90) {
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        config.attrs = &attr;
+        config.numAttrs = 1;
+    }
+    e = cudaLaunchKernelExC(&config, (const void *)kernel, args);
+    if (e == cudaSuccess) e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA, "launch of %s (grid %u x %u x %u) failed: %s (%s)",
+                              name, gx, gy, gz, cudaGetErrorName(e), cudaGetErrorString(e));
+    return MUSTAFAR_OK;
+}
+/* ---- operations --------------------------------------------------------------------- */
+
+/* Appends of at least this many (position, KV head) items give each lane
+   group both vectors of an item: the item's job, page and ring slot are
+   found once (fewer instructions), at the price of a longer group (slower
+   for small, latency-bound appends).  Above it the grid still has 512
+   (head_dim 64) to 2048 (head_dim 256) blocks of 256 threads. */
+#define MUSTAFAR__PAIR_KV_ITEMS 65536
+
+static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int head_dim,
+                                              float sparsity, mustafar_dtype dtype, const void *in,
+                                              void *out, size_t count)
+{
+    mustafar__module *m;
+    int kept = mustafar_kept_count(head_dim, sparsity), opi = op;
+    long long n = (long long)count;
+    void *args[4];
+    mustafar_status st;
+    st = mustafar__get_module(ctx, head_dim, dtype, kept, kept, 1, 16, &m);
+    if (st) return st;
+    if (count / MUSTAFAR__BLOCK_VECTORS(head_dim) + 1 > 0x7fffffffu)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "count %zu too large", count);
+    args[0] = &opi; args[1] = &in; args[2] = &out; args[3] = &n;
+    return mustafar__launch(ctx, m->records, "mustafar_records",
+                            (unsigned)((count + MUSTAFAR__BLOCK_VECTORS(head_dim) - 1) /
+                                       MUSTAFAR__BLOCK_VECTORS(head_dim)),
+                            1, 1, 256, 0, args, 0);
+}
+
+/* Copies an append's job and patch lists into a parameter block (the small
+   or the wide one: the same fields, different capacities). */
+static void mustafar__inline_lists(int32_t *njobs_out, int32_t *npatches_out,
+                                   mustafar__append_job *jobs_out, int32_t *patches_out,
+                                   const mustafar__append_job *jobs, int njobs,
+                                   const int32_t *patches, int npatches)
+{
+    *njobs_out = njobs;
+    *npatches_out = npatches;
+    memcpy(jobs_out, jobs, sizeof *jobs * (size_t)njobs);
+    if (npatches) memcpy(patches_out, patches, 8 * (size_t)npatches);
+}
+
+static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
+                                             const mustafar_paged_kv *kv,
+                                             const mustafar__append_job *jobs, int njobs,
+                                             const int32_t *patches, int npatches,
+                                             const void *k, const void *v)
+{
+    const mustafar__append_job *last = &jobs[njobs - 1];
+    int compress_total = last->compress_offset + last->new_compressed - last->old_compressed;
+    int window_total = last->window_offset + last->old_length + last->new_tokens -
+                       mustafar__job_window_first(last);
+    mustafar__append_inline *inl = &ctx->cuda->append_params;
+    mustafar__append_wide *wide = &ctx->cuda->append_wide_params;
+    cudaKernel_t kernel;
+    const char *kernel_name = "mustafar_append";
+    int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
+    /* one lane group per (position, KV head) for large appends (the K and V
+       vectors in turn), else per (position, KV head, K or V) */
+    long long items = ((long long)compress_total + window_total) * hkv;
+    long long per_block = (long long)MUSTAFAR__BLOCK_VECTORS(L->head_dim);
+    int pair_kv = items >= MUSTAFAR__PAIR_KV_ITEMS;
+    long long blocks = ((items << !pair_kv) + per_block - 1) / per_block;
+    const void *dev_jobs = NULL, *dev_patches = NULL;
+    mustafar__module *m;
+    mustafar_status st;
+    void *args[18];
+    st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
+                              L->page_size, &m);
+    if (st) return st;
+    /* the kernel counts positions in int */
+    if (blocks > 0x7fffffff || (long long)compress_total + window_total > 0x7fffffff)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "append too large");
+    kernel = m->append;
+    args[0] = inl;
+    inl->njobs = inl->npatches = 0;
+    if (njobs <= MUSTAFAR__INLINE_JOBS && npatches <= MUSTAFAR__INLINE_PATCHES) {
+        mustafar__inline_lists(&inl->njobs, &inl->npatches, inl->jobs, inl->patches, jobs, njobs,
+                               patches, npatches);
+    } else if (ctx->cuda->wide_params && njobs <= MUSTAFAR__WIDE_JOBS &&
+               npatches <= MUSTAFAR__WIDE_PATCHES) {
+        st = mustafar__append_wide_kernel(ctx, m);
+        if (st) return st;
+        kernel = m->append_wide;
+        kernel_name = "mustafar_append_wide";
+        args[0] = wide;
+        mustafar__inline_lists(&wide->njobs, &wide->npatches, wide->jobs, wide->patches, jobs, njobs,
+                               patches, npatches);
+    } else {
+        size_t job_bytes = sizeof *jobs * (size_t)njobs, bytes = job_bytes + 8 * (size_t)npatches;
+        unsigned char *blob, *dev;
+        st = mustafar__cuda_scratch(ctx, bytes, (void **)&dev);
+        if (st) return st;
+        blob = (unsigned char *)MUSTAFAR_MALLOC(bytes);
+        if (!blob) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+        memcpy(blob, jobs, job_bytes);
+        if (npatches) memcpy(blob + job_bytes, patches, 8 * (size_t)npatches);
+        st = mustafar__cuda_upload(ctx, dev, blob, bytes);
+        MUSTAFAR_FREE(blob);
+        if (st) return st;
+        dev_jobs = dev;
+        dev_patches = dev + job_bytes;
+    }
+    args[1] = &dev_jobs; args[2] = &njobs; args[3] = &dev_patches;
+    args[4] = &npatches; args[5] = &compress_total; args[6] = &window_total; args[7] = &hkv;
+    args[8] = &pair_kv; args[9] = (void *)&k; args[10] = (void *)&v; args[11] = (void *)&kv->k_pages;
+    args[12] = (void *)&kv->v_pages; args[13] = (void *)&kv->page_table; args[14] = &stride;
+    args[15] = (void *)&kv->k_window; args[16] = (void *)&kv->v_window; args[17] = &window;
+    return mustafar__launch(ctx, kernel, kernel_name, (unsigned)blocks, 1, 1, 256, 0, args, 1);
+}
+
+/* Positions per split.  Time is modelled as waves x tiles per block: the
+   grid of (sequences x KV-head blocks x splits) blocks runs in waves of
+   (SMs x resident blocks); more splits shorten each block but can add a
+   partly empty wave, and each split costs a little in the combine step. */
+static int mustafar__choose_chunk(const mustafar_context *ctx, const mustafar__module *m, int nseq,
+                                  int blocks_per_seq, int32_t max_len)
+{
+    const int64_t sweep = 16 * (int64_t)m->warps;
+    const int64_t slots = (int64_t)ctx->cuda->num_sms * m->blocks_per_sm;
+    const int64_t base = (int64_t)nseq * blocks_per_seq;
+    int64_t splits, best_chunk = sweep, tiles_total = (max_len + sweep - 1) / sweep;
+    double best = -1.0;
+    if (max_len <= 0) return (int)sweep;
+    /* the cost depends on the split count only through chunk_tiles: visit
+       each distinct chunk_tiles once (O(sqrt(tiles)) steps, not O(tiles)) */
+    for (splits = 1; splits <= 1024 && splits <= tiles_total;) {
+        int64_t chunk_tiles = (tiles_total + splits - 1) / splits;
+        int64_t real_splits = (tiles_total + chunk_tiles - 1) / chunk_tiles;
+        int64_t waves = (base * real_splits + slots - 1) / slots;
+        double cost = (double)waves * (chunk_tiles + 2) + 0.02 * (double)real_splits;
+        if (best < 0 || cost < best) { best = cost; best_chunk = chunk_tiles * sweep; }
+        if (chunk_tiles == 1) break;
+        splits = (tiles_total + chunk_tiles - 2) / (chunk_tiles - 1);  /* next smaller chunk */
+    }
+    return (int)best_chunk;
+}
+
+static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mustafar__layout *L,
+                                                const mustafar_paged_kv *kv, int nseq,
+                                                const mustafar_paged_seq *seqs, int seqs_on_host,
+                                                int32_t max_len, const void *q, void *out,
+                                                float scale, int unsettled)
+{
+    mustafar__module *m;
+    mustafar_status st;
+    int head_blocks = (L->group + 15) / 16, chunk, splits, stride = kv->page_table_stride;
+    int window = L->window, hkv = L->num_kv_heads;
+    mustafar__seqs_inline *inl = &ctx->cuda->seq_params;
+    int inline_seqs = seqs_on_host && nseq <= MUSTAFAR__INLINE_SEQS;
+    size_t seq_bytes = seqs_on_host && !inline_seqs ? mustafar__round_up(sizeof *seqs * (size_t)nseq, 256) : 0;
+    size_t partial_o, partial_ml;
+    unsigned char *dev;
+    const void *dev_seqs = seqs;
+    float *po, *pml, scale_log2 = scale * 1.4426950408889634f;
+    void *args[18];
+    if (nseq > 0x7fffffff / 2)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "nseq %d too large", nseq);
+    st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
+                              L->page_size, &m);
+    if (st) return st;
+    /* at most 1024 splits (grid z allows 65535), each a whole number of
+       sweeps: the kernel's tiles start at multiples of 16 */
+    chunk = mustafar__choose_chunk(ctx, m, nseq, hkv * head_blocks, max_len);
+    splits = max_len > 0 ? (int)((max_len + (int64_t)chunk - 1) / chunk) : 1;
+    partial_o = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * L->head_dim * 4 : 0;
+    partial_ml = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * 2 * 4 : 0;
+    st = mustafar__cuda_scratch(ctx, seq_bytes + partial_o + partial_ml, (void **)&dev);
+    if (st) return st;
+    inl->count = 0;
+    if (inline_seqs) {
+        inl->count = nseq;
+        memcpy(inl->seqs, seqs, sizeof *seqs * (size_t)nseq);
+        dev_seqs = NULL;
+    } else if (seqs_on_host) {
+        st = mustafar__cuda_upload(ctx, dev, seqs, sizeof *seqs * (size_t)nseq);
+        if (st) return st;
+        dev_seqs = dev;
+        unsettled = -1;       /* a copy now separates the append from the attention */
+    }
+    po = (float *)(dev + seq_bytes);
+    pml = (float *)(dev + seq_bytes + partial_o);
+    args[0] = inl; args[1] = (void *)&kv->k_pages; args[2] = (void *)&kv->v_pages;
+    args[3] = (void *)&kv->page_table; args[4] = &stride; args[5] = (void *)&kv->k_window;
+    args[6] = (void *)&kv->v_window; args[7] = &window; args[8] = &dev_seqs; args[9] = (void *)&q;
+    args[10] = &out; args[11] = &po; args[12] = &pml; args[13] = &hkv; args[14] = &chunk;
+    args[15] = &splits; args[16] = &scale_log2; args[17] = &unsettled;
+    st = mustafar__launch(ctx, m->attention, "mustafar_attention", (unsigned)nseq,
+                          (unsigned)(hkv * head_blocks), (unsigned)splits,
+                          (unsigned)(32 * m->warps), m->attention_smem, args, 1);
+    if (st || splits == 1) return st;
+    args[0] = &po; args[1] = &pml; args[2] = &out; args[3] = &splits;
+    return mustafar__launch(ctx, m->combine, "mustafar_combine",
+                            (unsigned)((size_t)nseq * L->num_q_heads), 1, 1, 256, 0, args, 1);
+}
+
+#endif /* MUSTAFAR_NO_CUDA */
+
+/* ==== >>dispatch: one function per operation; the backend is chosen here =========
+   The CUDA branch of each runs between mustafar__device_enter and _leave. */
+
+#ifdef MUSTAFAR_NO_CUDA
+#define MUSTAFAR__CUDA_DISPATCH(ctx, call) MUSTAFAR__UNUSED(ctx)
+#else
+/* Runs `call` (a mustafar_status expression) with the context's device
+   current and returns its status, when ctx is a CUDA context. */
+#define MUSTAFAR__CUDA_DISPATCH(ctx, call)                                          \
+    do {                                                                            \
+        if (mustafar__is_cuda(ctx)) {                                               \
+            int mustafar__previous = mustafar__device_enter((ctx)->cuda->device);   \
+            mustafar_status mustafar__st = (call);                                  \
+            mustafar__device_leave(mustafar__previous, (ctx)->cuda->device);        \
+            return mustafar__st;                                                    \
+        }                                                                           \
+    } while (0)
 #endif
 
-static mustafar_status mustafar__backend_alloc(mustafar_context *ctx, void **p, size_t bytes)
+/* Makes ctx a CUDA context, or leaves it a CPU one and says why. */
+static mustafar_status mustafar__backend_init_cuda(mustafar_context *ctx,
+                                                   const mustafar_context_desc *desc)
+{
+#ifdef MUSTAFAR_NO_CUDA
+    MUSTAFAR__UNUSED(desc);
+    return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                          "CUDA backend unavailable: built with MUSTAFAR_NO_CUDA");
+#else
+    mustafar_status st;
+    int previous;
+    ctx->cuda = (mustafar__cuda *)mustafar__calloc(sizeof *ctx->cuda);
+    if (!ctx->cuda)
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    previous = mustafar__device_enter(desc->cuda_device);
+    st = mustafar__cuda_init(ctx, desc);
+    mustafar__device_leave(previous, desc->cuda_device);
+    if (st) {
+        MUSTAFAR_FREE(ctx->cuda);
+        ctx->cuda = NULL;
+        return st;
+    }
+    ctx->backend = MUSTAFAR_BACKEND_CUDA;
+    return MUSTAFAR_OK;
+#endif
+}
+
+static void mustafar__backend_shutdown(mustafar_context *ctx)
 {
 #ifndef MUSTAFAR_NO_CUDA
     if (mustafar__is_cuda(ctx)) {
-        int previous = mustafar__device_enter(ctx->cuda.device);
-        mustafar_status st = mustafar__cuda_alloc(ctx, p, bytes);
-        mustafar__device_leave(previous, ctx->cuda.device);
-        return st;
+        int previous = mustafar__device_enter(ctx->cuda->device);
+        mustafar__cuda_shutdown(ctx);
+        mustafar__device_leave(previous, ctx->cuda->device);
+        MUSTAFAR_FREE(ctx->cuda);
+        ctx->cuda = NULL;
     }
 #endif
+    MUSTAFAR__UNUSED(ctx);
+}
+
+/* Zeroed backend memory. */
+static mustafar_status mustafar__backend_alloc(mustafar_context *ctx, void **p, size_t bytes)
+{
+    MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_alloc(ctx, p, bytes));
     *p = mustafar__calloc(bytes);
     if (!*p)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
@@ -984,14 +1867,25 @@ static void mustafar__backend_free(mustafar_context *ctx, void *p)
     if (!p) return;
 #ifndef MUSTAFAR_NO_CUDA
     if (mustafar__is_cuda(ctx)) {
-        int previous = mustafar__device_enter(ctx->cuda.device);
+        int previous = mustafar__device_enter(ctx->cuda->device);
         mustafar__cuda_free(ctx, p);
-        mustafar__device_leave(previous, ctx->cuda.device);
+        mustafar__device_leave(previous, ctx->cuda->device);
         return;
     }
 #endif
     MUSTAFAR__UNUSED(ctx);
     MUSTAFAR_FREE(p);
+}
+
+/* Prune, compress or decompress `count` token vectors (arguments checked). */
+static mustafar_status mustafar__backend_records(mustafar_context *ctx, int op, int head_dim,
+                                                 float sparsity, mustafar_dtype dtype,
+                                                 const void *in, void *out, size_t count)
+{
+    MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_records(ctx, op, head_dim, sparsity, dtype, in,
+                                                        out, count));
+    mustafar__cpu_records(op, head_dim, sparsity, dtype, in, out, count);
+    return MUSTAFAR_OK;
 }
 
 /* Runs an append (jobs in host memory); `patches` are (index, page) pairs to
@@ -1002,15 +1896,8 @@ static mustafar_status mustafar__backend_append(mustafar_context *ctx, const mus
                                                 const int32_t *patches, int npatches,
                                                 const void *k, const void *v)
 {
-#ifndef MUSTAFAR_NO_CUDA
-    if (mustafar__is_cuda(ctx)) {
-        int previous = mustafar__device_enter(ctx->cuda.device);
-        mustafar_status st = mustafar__cuda_append(ctx, L, kv, jobs, njobs, patches, npatches, k, v);
-        mustafar__device_leave(previous, ctx->cuda.device);
-        return st;
-    }
-#endif
-    MUSTAFAR__UNUSED(ctx);
+    MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_append(ctx, L, kv, jobs, njobs, patches, npatches,
+                                                       k, v));
     MUSTAFAR__UNUSED(patches);
     MUSTAFAR__UNUSED(npatches);
     mustafar__cpu_append(L, kv, jobs, njobs, (const uint16_t *)k, (const uint16_t *)v);
@@ -1027,29 +1914,27 @@ static mustafar_status mustafar__backend_attention(mustafar_context *ctx, const 
                                                    const void *q, void *out, float scale,
                                                    int unsettled)
 {
-    float *scores;
-#ifndef MUSTAFAR_NO_CUDA
-    if (mustafar__is_cuda(ctx)) {
-        int previous = mustafar__device_enter(ctx->cuda.device);
-        mustafar_status st = mustafar__cuda_attention(ctx, L, kv, nseq, seqs, seqs_on_host,
-                                                      max_len, q, out, scale, unsettled);
-        mustafar__device_leave(previous, ctx->cuda.device);
-        return st;
-    }
-#endif
+    MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_attention(ctx, L, kv, nseq, seqs, seqs_on_host,
+                                                          max_len, q, out, scale, unsettled));
     MUSTAFAR__UNUSED(seqs_on_host);
     MUSTAFAR__UNUSED(unsettled);
-    scores = (float *)MUSTAFAR_MALLOC(sizeof(float) * (size_t)(max_len ? max_len : 1));
-    if (!scores)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                              "host allocation of %d scores failed", max_len);
-    mustafar__cpu_attention(L, kv, nseq, seqs, (const uint16_t *)q, (uint16_t *)out, scale,
-                            scores);
-    MUSTAFAR_FREE(scores);
-    return MUSTAFAR_OK;
+    return mustafar__cpu_attention(ctx, L, kv, nseq, seqs, max_len, (const uint16_t *)q,
+                                   (uint16_t *)out, scale);
 }
 
+/* ==== >>public: the public functions not defined above =========================== */
+
 /* ---- context ------------------------------------------------------------------ */
+
+MUSTAFAR_API mustafar_backend mustafar_context_backend(const mustafar_context *ctx)
+{
+    return ctx ? ctx->backend : MUSTAFAR_BACKEND_CPU;
+}
+
+MUSTAFAR_API const char *mustafar_last_error(const mustafar_context *ctx)
+{
+    return ctx ? ctx->message : "no context";
+}
 
 static void mustafar__copy_error(const mustafar_context_desc *desc, const char *msg)
 {
@@ -1085,18 +1970,7 @@ MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc
     }
     ctx->backend = MUSTAFAR_BACKEND_CPU;
     if (desc->backend != MUSTAFAR_BACKEND_CPU) {
-#ifdef MUSTAFAR_NO_CUDA
-        st = mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
-                            "CUDA backend unavailable: built with MUSTAFAR_NO_CUDA");
-#else
-        {
-            int previous = -1;
-            if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
-            st = mustafar__cuda_init(ctx, desc);
-            mustafar__device_leave(previous, -2);
-        }
-        if (!st) ctx->backend = MUSTAFAR_BACKEND_CUDA;
-#endif
+        st = mustafar__backend_init_cuda(ctx, desc);
         if (st && desc->backend == MUSTAFAR_BACKEND_AUTO) {
             char why[MUSTAFAR__MSG_CAP / 2];
             memcpy(why, ctx->message, sizeof why - 1);
@@ -1117,13 +1991,7 @@ MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc
 MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx)
 {
     if (!ctx) return;
-#ifndef MUSTAFAR_NO_CUDA
-    if (ctx->backend == MUSTAFAR_BACKEND_CUDA) {
-        int previous = mustafar__device_enter(ctx->cuda.device);
-        mustafar__cuda_shutdown(ctx);
-        mustafar__device_leave(previous, ctx->cuda.device);
-    }
-#endif
+    mustafar__backend_shutdown(ctx);
     MUSTAFAR_FREE(ctx);
 }
 
@@ -1134,41 +2002,14 @@ static mustafar_status mustafar__records_op(mustafar_context *ctx, int op, int h
                                             void *out, size_t count)
 {
     mustafar_status st = mustafar__check_format(ctx, head_dim, sparsity, dtype);
-    int kept;
-    size_t rec, i;
     if (st) return st;
     if (count && (!in || !out))
         return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "input or output is NULL");
     if (!count) return MUSTAFAR_OK;
     st = mustafar__check_aligned(ctx, in, out, "input and output");
     if (st) return st;
-#ifndef MUSTAFAR_NO_CUDA
-    if (mustafar__is_cuda(ctx)) {
-        int previous = mustafar__device_enter(ctx->cuda.device);
-        st = mustafar__cuda_records(ctx, op, head_dim, sparsity, mustafar__resolve_dtype(dtype),
-                                    in, out, count);
-        mustafar__device_leave(previous, ctx->cuda.device);
-        return st;
-    }
-#endif
-    kept = mustafar_kept_count(head_dim, sparsity);
-    rec = mustafar_record_bytes(head_dim, sparsity, dtype);
-    for (i = 0; i < count; i++) {
-        const uint16_t *x = (const uint16_t *)in + i * head_dim;
-        uint16_t *y = (uint16_t *)out + i * head_dim;
-        if (op == MUSTAFAR__OP_PRUNE) {
-            uint32_t bitmap[8];
-            int c;
-            mustafar__select_kept(x, head_dim, kept, bitmap);
-            for (c = 0; c < head_dim; c++)
-                y[c] = (bitmap[c >> 5] >> (c & 31) & 1u) ? x[c] : 0;
-        } else if (op == MUSTAFAR__OP_COMPRESS) {
-            mustafar__encode_record(x, head_dim, kept, rec, (unsigned char *)out + i * rec);
-        } else {
-            mustafar__decode_record((const unsigned char *)in + i * rec, head_dim, kept, y);
-        }
-    }
-    return MUSTAFAR_OK;
+    return mustafar__backend_records(ctx, op, head_dim, sparsity, mustafar__resolve_dtype(dtype),
+                                     in, out, count);
 }
 
 MUSTAFAR_API mustafar_status mustafar_prune(mustafar_context *ctx, int head_dim, float sparsity,
@@ -1371,7 +2212,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
                               d.num_q_heads, d.dense_window, d.page_size,
                               (long long)d.capacity_tokens, d.max_sequences,
                               d.max_sequence_length);
-    pages = (d.capacity_tokens + d.page_size - 1) / d.page_size;
+    pages = mustafar__pages_for(d.capacity_tokens, d.page_size);
     if (pages > INT32_MAX / 2)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "capacity_tokens too large");
     {   /* every buffer size must fit in 2^62 bytes and the page table in int32 indices */
@@ -1380,7 +2221,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
         const double win = (double)d.max_sequences * d.dense_window * d.num_kv_heads * d.head_dim *
                            2.0 * d.num_layers;
         const double table = (double)d.max_sequences *
-                             (((double)d.max_sequence_length + d.page_size - 1) / d.page_size);
+                             (double)mustafar__pages_for(d.max_sequence_length, d.page_size);
         if (pool > limit || win > limit || table > INT32_MAX || d.dense_window > d.max_sequence_length)
             return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
                                   "cache too large: pool %.3g bytes, windows %.3g bytes, page table "
@@ -1392,21 +2233,10 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     c->ctx = ctx;
     c->desc = d;
     L = &c->layout;
-    L->head_dim = d.head_dim;
-    L->num_kv_heads = d.num_kv_heads;
-    L->num_q_heads = d.num_q_heads;
-    L->group = d.num_q_heads / d.num_kv_heads;
-    L->page_size = d.page_size;
-    L->window = d.dense_window;
-    L->dtype = d.dtype;
-    L->k_sparsity = d.k_sparsity;
-    L->v_sparsity = d.v_sparsity;
-    L->k_kept = mustafar_kept_count(d.head_dim, d.k_sparsity);
-    L->v_kept = mustafar_kept_count(d.head_dim, d.v_sparsity);
-    L->k_record = mustafar_record_bytes(d.head_dim, d.k_sparsity, d.dtype);
-    L->v_record = mustafar_record_bytes(d.head_dim, d.v_sparsity, d.dtype);
+    mustafar__layout_fill(L, d.head_dim, d.dtype, d.k_sparsity, d.v_sparsity, d.num_kv_heads,
+                          d.num_q_heads, d.page_size, d.dense_window);
     c->num_pages = (int)pages;
-    c->pages_per_sequence = (d.max_sequence_length + d.page_size - 1) / d.page_size;
+    c->pages_per_sequence = (int)mustafar__pages_for(d.max_sequence_length, d.page_size);
     c->k_layer_bytes = (size_t)pages * d.num_kv_heads * d.page_size * L->k_record;
     c->v_layer_bytes = (size_t)pages * d.num_kv_heads * d.page_size * L->v_record;
     c->window_layer_elems = (size_t)d.max_sequences * d.dense_window * d.num_kv_heads * d.head_dim;
@@ -1616,8 +2446,8 @@ static mustafar_status mustafar__cache_append(mustafar_cache *cache, int layer, 
                                   "sequence %d: %d + %d tokens exceed max_sequence_length %d", id,
                                   len, ntokens[i], cache->desc.max_sequence_length);
         total += ntokens[i];
-        need = (mustafar__cache_compressed(cache, len + ntokens[i]) + cache->desc.page_size - 1) /
-               cache->desc.page_size;
+        need = (int32_t)mustafar__pages_for(mustafar__cache_compressed(cache, len + ntokens[i]),
+                                            cache->desc.page_size);
         if (need > cache->pages_held[id]) pages_needed += need - cache->pages_held[id];
     }
     if (total > INT32_MAX)
@@ -1660,7 +2490,7 @@ static mustafar_status mustafar__cache_append(mustafar_cache *cache, int layer, 
         compress_total += j->new_compressed - j->old_compressed;
         window_total += len + ntokens[i] - mustafar__job_window_first(j);
         total += ntokens[i];
-        need = (j->new_compressed + cache->desc.page_size - 1) / cache->desc.page_size;
+        need = (int32_t)mustafar__pages_for(j->new_compressed, cache->desc.page_size);
         while (cache->pages_held[id] < need) {
             int32_t index = (int32_t)((int64_t)id * cache->pages_per_sequence + cache->pages_held[id]++);
             int32_t page = cache->free_pages[--cache->free_count];
@@ -1677,15 +2507,13 @@ static mustafar_status mustafar__cache_append(mustafar_cache *cache, int layer, 
         /* give the new pages back; lengths were not touched */
         for (i = nseq - 1; i >= 0; i--) {
             int id = seq_ids[i];
-            int32_t need = (jobs[i].old_compressed + cache->desc.page_size - 1) /
-                           cache->desc.page_size;
-            int32_t lmax = 0, l;
+            int32_t need, lmax = 0, l;
             for (l = 0; l < cache->desc.num_layers; l++) {
                 int32_t cl = mustafar__cache_compressed(
                     cache, cache->length[(size_t)id * cache->desc.num_layers + l]);
                 if (cl > lmax) lmax = cl;
             }
-            need = (lmax + cache->desc.page_size - 1) / cache->desc.page_size;
+            need = (int32_t)mustafar__pages_for(lmax, cache->desc.page_size);
             while (cache->pages_held[id] > need) {
                 cache->pages_held[id]--;
                 cache->free_pages[cache->free_count++] =
@@ -1810,44 +2638,125 @@ MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cach
     return MUSTAFAR_OK;
 }
 
-/* ---- CUDA backend: embedded kernel source ------------------------------------ */
+/* ==== >>kernel_source: mustafar_kernels.cuh, embedded ============================ */
 #ifndef MUSTAFAR_NO_CUDA
 
 /* BEGIN EMBEDDED mustafar_kernels.cuh (generated by amalgamate.py; edit that file instead) */
-static const char *const mustafar__kernel_source[] = {
+static const char *const mustafar__kernel_source_pieces[] = {
 "/* mustafar_kernels.cuh - CUDA kernels of mustafar.h, compiled at run time by\n"
 "   NVRTC (amalgamate.py embeds this file into mustafar.h).  It includes no\n"
 "   header: NVRTC has no include path on a user's machine.\n"
 "\n"
-"   Compile-time constants (-D options, one compiled library per cache shape):\n"
-"     MUSTAFAR_D           head_dim: 64, 128 or 256\n"
-"     MUSTAFAR_BF16        1: bf16 elements, 0: fp16\n"
-"     MUSTAFAR_K_KEPT      elements kept per K record (V: MUSTAFAR_V_KEPT)\n"
-"     MUSTAFAR_GROUP       query heads per KV head\n"
-"     MUSTAFAR_PAGE_SIZE   token positions per page\n"
-"     MUSTAFAR_WARPS       warps per attention block\n"
-"     MUSTAFAR_STAGES      tiles of records in flight per warp, plus one (2 or 3)\n"
-"     MUSTAFAR_SM          target SM (75, 80, 86, 89, 90, ...)\n"
-"     MUSTAFAR_APPEND_WIDE 1: only the wide append kernel (a library of its\n"
-"                          own, built when a large append first needs it)\n"
+"   KERNEL MAP\n"
+"   Kernels (one NVRTC library per cache shape; mustafar_append_wide in its own,\n"
+"   MUSTAFAR_APPEND_WIDE=1, built on the first large append):\n"
+"     mustafar_records     stateless prune / compress / decompress (op): reads\n"
+"                          in ([count][D] vectors or [count][record]), writes out.\n"
+"                          A lane group of D/32 lanes per vector, one bitmap word each;\n"
+"                          the kept set's threshold by binary search on magnitude bits.\n"
+"     mustafar_append      compresses the positions leaving the window (or arriving\n"
+"                          past it) into k_pages/v_pages, writes new pages into\n"
+"                          page_table, new tokens into the k_window/v_window ring.\n"
+"                          Reads k_in/v_in and the ring; job and page-patch lists in\n"
+"                          its parameters (48 jobs, 96 patches) or in global memory.\n"
+"     mustafar_append_wide the same body, 30 KB parameter block (128 jobs, 3072\n"
+"                          patches) for large appends such as prefill chunks.\n"
+"     mustafar_attention   decode attention; block = (sequence, KV head x head block,\n"
+"                          split), each warp walking 16-position tiles with its own\n"
+"                          online softmax.  Reads q, page_table, k_pages/v_pages\n"
+"                          (records staged to shared memory by cp.async, STAGES-1\n"
+"                          tiles ahead, decoded into mma fragments), k_window/v_window\n"
+"                          and the sequence list (parameters, up to 192, or global).\n"
+"                          Writes out (one split) or partial_o/partial_ml per split.\n"
+"     mustafar_combine     merges the splits of each (sequence, query head): reads\n"
+"                          partial_o/partial_ml, writes out.\n"
+"   On sm_90+ append, attention and combine are programmatic dependent launches\n"
+"   (griddepcontrol); in a decode step the attention reads the records the append\n"
+"   does not write before waiting for it.\n"
 "\n"
-"   Buffers (element = 16-bit fp16/bf16 bits; shapes outermost first):\n"
-"     record      [D/8 bytes bitmap][KEPT elements][zero pad to 16 bytes]\n"
-"     pages       [num_pages][Hkv][PAGE_SIZE][record]\n"
-"     page_table  [rows][table_stride] int32 page ids\n"
-"     window      [rows][window][Hkv][D] ring, position p at slot p % window\n"
-"     q, out      [nseq][Hq][D]\n"
-"     partial_o   [nseq][Hq][splits][D] float, unnormalised\n"
-"     partial_ml  [nseq][Hq][splits][2] float: running max (log2 units), sum */\n"
+"   Compile-time constants: -D options written by mustafar__kernel_options()\n"
+"   in mustafar.h, one compiled library per cache shape:\n"
+"     MUSTAFAR_D             head_dim: 64, 128 or 256\n"
+"     MUSTAFAR_BF16          1: bf16 elements, 0: fp16\n"
+"     MUSTAFAR_K_KEPT        elements kept per K record (V: MUSTAFAR_V_KEPT)\n"
+"     MUSTAFAR_K_RECORD      bytes of a K record (V: MUSTAFAR_V_RECORD), and of\n"
+"     MUSTAFAR_DENSE_RECORD  a record that keeps every element\n"
+"     MUSTAFAR_K_STAGED      spacing of K records staged in shared memory\n"
+"                            (V: MUSTAFAR_V_STAGED)\n"
+"     MUSTAFAR_SMEM_ZERO     offset of the attention kernel's 16 zero bytes\n"
+"                            in its dynamic shared memory (which ends there)\n"
+"     MUSTAFAR_BLOCK_VECTORS token vectors per 256-thread block of the record\n"
+"                            and append kernels\n"
+"     MUSTAFAR_GROUP         query heads per KV head\n"
+"     MUSTAFAR_PAGE_SIZE     token positions per page\n"
+"     MUSTAFAR_WARPS         warps per attention block\n"
+"     MUSTAFAR_STAGES        tiles of records in flight per warp, plus one (2 or 3)\n"
+"     MUSTAFAR_SM            target SM (75, 80, 86, 89, 90, ...)\n"
+"     MUSTAFAR_APPEND_WIDE   1: only the wide append kernel (a library of its\n"
+"                            own, built when a large append first needs it)\n"
+"   The structures the host passes are the CONTRACT block below, generated\n"
+"   from mustafar.h.  The record, page, page-table and window layouts are\n"
+"   specified once, in the documentation at the top of mustafar.h (CONCEPTS).\n"
+"   Scratch of the split attention (element = float, shapes outermost first):\n",
+"     partial_o   [nseq][Hq][splits][D] unnormalised\n"
+"     partial_ml  [nseq][Hq][splits][2] running max (log2 units), sum */\n"
+"\n"
+"typedef int int32_t;\n"
+"\n"
+"/* BEGIN CONTRACT (generated by amalgamate.py from mustafar.h; edit it there) */\n"
+"typedef struct mustafar_paged_seq {\n"
+"    int32_t row;                   /* page-table row and window row */\n"
+"    int32_t num_compressed;        /* positions [0, num_compressed) in pages */\n"
+"    int32_t num_window;            /* then this many in the window ring */\n"
+"    int32_t reserved;              /* set to 0 */\n"
+"} mustafar_paged_seq;\n"
+"/* One sequence of an append: positions [old_compressed, new_compressed) are\n"
+"   compressed into pages (from the window ring while < old_length, else from\n"
+"   the input), then positions [max(old_length, new_compressed), old_length +\n"
+"   new_tokens) are copied from the input into the window ring. */\n"
+"typedef struct mustafar__append_job {\n"
+"    int32_t row, old_length, new_tokens, input_offset;\n"
+"    int32_t old_compressed, new_compressed;\n"
+"    int32_t compress_offset;       /* exclusive prefix of compressed counts */\n"
+"    int32_t window_offset;         /* exclusive prefix of window writes */\n"
+"    int32_t pages_before;          /* table entries of the row valid before the call */\n"
+"    int32_t first_patch;           /* this row's first new entry in the patch list */\n"
+"} mustafar__append_job;\n"
+"\n"
+"/* Job, patch and sequence lists that fit travel in the kernel parameters\n"
+"   instead of being uploaded (an upload puts a copy between two kernels and\n"
+"   makes the host wait for the previous upload).  Decode steps use the small\n"
+"   append block (cheap to launch), larger appends such as prefill chunks the\n"
+"   wide one (30 KB, under the 32 KB limit of kernel parameters).  A count of\n"
+"   0 means: the lists are in global memory. */\n"
+"#define MUSTAFAR__INLINE_JOBS 48\n"
+"#define MUSTAFAR__INLINE_PATCHES 96\n"
+"#define MUSTAFAR__WIDE_JOBS 128\n"
+"#define MUSTAFAR__WIDE_PATCHES 3072\n"
+"#define MUSTAFAR__INLINE_SEQS 192\n"
+"typedef struct mustafar__append_inline {\n"
+"    int32_t njobs, npatches;\n"
+"    mustafar__append_job jobs[MUSTAFAR__INLINE_JOBS];\n"
+"    int32_t patches[2 * MUSTAFAR__INLINE_PATCHES];   /* (table index, page id) pairs */\n"
+"} mustafar__append_inline;\n"
+"typedef struct mustafar__append_wide {\n"
+"    int32_t njobs, npatches;\n"
+"    mustafar__append_job jobs[MUSTAFAR__WIDE_JOBS];\n"
+"    int32_t patches[2 * MUSTAFAR__WIDE_PATCHES];\n"
+"} mustafar__append_wide;\n"
+"typedef struct mustafar__seqs_inline {\n"
+"    int32_t count;\n"
+"    mustafar_paged_seq seqs[MUSTAFAR__INLINE_SEQS];\n"
+"} mustafar__seqs_inline;\n"
+"/* END CONTRACT */\n"
 "\n"
 "#ifndef MUSTAFAR_APPEND_WIDE\n"
 "#define MUSTAFAR_APPEND_WIDE 0\n"
 "#endif\n"
 "#define D MUSTAFAR_D\n"
 "#define BITMAP_BYTES (D / 8)\n"
-"#define RECORD_BYTES(kept) (((BITMAP_BYTES + 2 * (kept) + 15) / 16) * 16)\n"
-"#define K_RECORD RECORD_BYTES(MUSTAFAR_K_KEPT)\n"
-"#define V_RECORD RECORD_BYTES(MUSTAFAR_V_KEPT)\n"
+"#define K_RECORD MUSTAFAR_K_RECORD\n"
+"#define V_RECORD MUSTAFAR_V_RECORD\n"
 "#define TILE 16                            /* positions per warp tile = mma M/K */\n"
 "#define HEAD_ROWS (MUSTAFAR_GROUP < 16 ? MUSTAFAR_GROUP : 16)\n"
 "#define NEG_INF (-__int_as_float(0x7f800000))\n"
@@ -1861,13 +2770,8 @@ static const char *const mustafar__kernel_source[] = {
 "typedef unsigned int u32;\n"
 "typedef unsigned long long u64;\n"
 "\n"
-"/* Same bytes as mustafar__append_job and mustafar_paged_seq on the host. */\n"
-"struct append_job {\n"
-"    int row, old_length, new_tokens, input_offset;\n"
-"    int old_compressed, new_compressed, compress_offset, window_offset;\n"
-"    int pages_before, first_patch;\n"
-"};\n"
-"struct paged_seq { int row, num_compressed, num_window, reserved; };\n"
+"typedef mustafar__append_job append_job;\n"
+"typedef mustafar_paged_seq paged_seq;\n"
 "\n"
 "/* ---- element conversions ------------------------------------------------- */\n"
 "\n"
@@ -1876,7 +2780,7 @@ static const char *const mustafar__kernel_source[] = {
 "#if MUSTAFAR_BF16\n"
 "    return __int_as_float((u32)h << 16);\n"
 "#else\n"
-"    float f;\n"
+"    float f;\n",
 "    asm(\"{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }\" : \"=f\"(f) : \"h\"(h));\n"
 "    return f;\n"
 "#endif\n"
@@ -1898,7 +2802,7 @@ static const char *const mustafar__kernel_source[] = {
 "/* 2^x by the hardware approximation alone (one MUFU.EX2): exp2f adds a\n"
 "   range fix-up (compare, two conditional multiplies) for results below\n"
 "   2^-126.  The softmax weights do not need it: they are taken relative to\n"
-"   the running maximum, whose own weight is 1, so a weight that flushes to\n",
+"   the running maximum, whose own weight is 1, so a weight that flushes to\n"
 "   zero was below 2^-126 of the sum. */\n"
 "__device__ __forceinline__ float fast_exp2(float x)\n"
 "{\n"
@@ -1971,7 +2875,7 @@ static const char *const mustafar__kernel_source[] = {
 "        const int src = (k & 7) >> 1, hi = k >= 8;\n"
 "        u32 a_lo = __shfl_sync(0xffffffffu, hi ? a[2] : a[0], 4 * g + src);\n"
 "        u32 a_hi = __shfl_sync(0xffffffffu, hi ? a[3] : a[1], 4 * g + src);\n"
-"        u32 b0 = __shfl_sync(0xffffffffu, hi ? b[1] : b[0], 4 * (2 * t) + src);\n"
+"        u32 b0 = __shfl_sync(0xffffffffu, hi ? b[1] : b[0], 4 * (2 * t) + src);\n",
 "        u32 b1 = __shfl_sync(0xffffffffu, hi ? b[1] : b[0], 4 * (2 * t + 1) + src);\n"
 "        float al0 = to_float((u16)a_lo), al1 = to_float((u16)(a_lo >> 16));\n"
 "        float ah0 = to_float((u16)a_hi), ah1 = to_float((u16)(a_hi >> 16));\n"
@@ -1987,7 +2891,7 @@ static const char *const mustafar__kernel_source[] = {
 "\n"
 "/* ---- pruning: a group of D/32 lanes per token vector ------------------------\n"
 "   Lane j of a group holds channels [32j, 32j+32) as 16 packed pairs, so its\n"
-"   keep bits are bitmap word j.  The kept set is the KEPT largest magnitude\n",
+"   keep bits are bitmap word j.  The kept set is the KEPT largest magnitude\n"
 "   keys (bits & 0x7fff), ties to the lower channel: a binary search finds\n"
 "   the largest threshold t with count(key >= t) >= KEPT, every key above t is\n"
 "   kept, then the first ties in channel order.  Counting is SIMD within a\n"
@@ -2001,7 +2905,8 @@ static const char *const mustafar__kernel_source[] = {
 "     bit   0     1 step on the 2 halves of each packed pair. */\n"
 "\n"
 "#define VEC_LANES (D / 32)                  /* lanes per vector: 2, 4 or 8 */\n"
-"#define BLOCK_VECTORS (256 / VEC_LANES)     /* vectors per 256-thread block */\n"
+"#define BLOCK_VECTORS MUSTAFAR_BLOCK_VECTORS /* vectors per 256-thread block */\n"
+"static_assert(BLOCK_VECTORS * VEC_LANES == 256, \"MUSTAFAR_BLOCK_VECTORS is 256 / (D / 32)\");\n"
 "#define PAIRS 16                            /* packed element pairs per lane */\n"
 "\n"
 "__device__ __forceinline__ int group_lane()\n"
@@ -2059,7 +2964,7 @@ static const char *const mustafar__kernel_source[] = {
 "#pragma unroll\n"
 "    for (int r = 0; r < PAIRS; r++) acc += ((key[r] + bias) & 0x80008000u) >> 15;\n"
 "    return group_sum((int)((acc & 0xffffu) + (acc >> 16)));\n"
-"}\n"
+"}\n",
 "/* Number of 7-bit byte fields >= t (t in [1, 127]) in the vector. */\n"
 "__device__ __forceinline__ int count_bytes_at_least(const u32 field[PAIRS / 2], int t)\n"
 "{\n"
@@ -2079,7 +2984,7 @@ static const char *const mustafar__kernel_source[] = {
 "    return t;\n"
 "}\n"
 "/* The lane's keep bits of the keys >= t.  The flags of pair r (bits 15 and\n"
-"   31 of key + bias) gather at bits r and 16 + r, one shift-add per pair;\n",
+"   31 of key + bias) gather at bits r and 16 + r, one shift-add per pair;\n"
 "   then the two halves interleave into channel order. */\n"
 "__device__ __forceinline__ u32 bits_at_least(const u32 key[PAIRS], int t)\n"
 "{\n"
@@ -2140,7 +3045,7 @@ static const char *const mustafar__kernel_source[] = {
 "    for (int r = 0; r < PAIRS; r++) {\n"
 "        if (keep >> (2 * r) & 1u) *vals++ = (u16)x[r];\n"
 "        if (keep >> (2 * r + 1) & 1u) *vals++ = (u16)(x[r] >> 16);\n"
-"    }\n"
+"    }\n",
 "    __syncwarp();\n"
 "    if (store)\n"
 "        for (int i = j; i < record_bytes / 16; i += VEC_LANES)\n"
@@ -2162,7 +3067,7 @@ static const char *const mustafar__kernel_source[] = {
 "    for (int r = 0; r < PAIRS; r++) {\n"
 "        u32 lo = 0, hi = 0;\n"
 "        if ((word >> (2 * r) & 1u) && idx < kept) lo = vals[idx++];\n"
-"        if ((word >> (2 * r + 1) & 1u) && idx < kept) hi = vals[idx++];\n",
+"        if ((word >> (2 * r + 1) & 1u) && idx < kept) hi = vals[idx++];\n"
 "        x[r] = lo | (hi << 16);\n"
 "    }\n"
 "}\n"
@@ -2177,7 +3082,7 @@ static const char *const mustafar__kernel_source[] = {
 "extern \"C\" __global__ void __launch_bounds__(256) mustafar_records(int op, const void *in, void *out,\n"
 "                                                                    long long count)\n"
 "{\n"
-"    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n"
+"    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][MUSTAFAR_DENSE_RECORD];\n"
 "    const int group = threadIdx.x / VEC_LANES;\n"
 "    const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;\n"
 "    const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;\n"
@@ -2219,28 +3124,12 @@ static const char *const mustafar__kernel_source[] = {
 "   Window entries span at most `window` positions, so each slot receives at\n"
 "   most one. */\n"
 "\n"
-"/* Job and patch lists travel in the kernel parameters when they fit: an\n"
-"   upload puts a copy between two kernels on the stream and makes the host\n"
-"   wait for the previous upload.  Decode steps use a small parameter block\n"
-"   (cheap to launch), larger appends such as prefill chunks a wide one\n"
-"   (30 KB, under the 32 KB limit of kernel parameters). */\n"
-"#define INLINE_JOBS 48\n"
-"#define INLINE_PATCHES 96\n"
-"#define WIDE_JOBS 128\n"
-"#define WIDE_PATCHES 3072\n"
-"template <int JOBS, int PATCHES>\n"
-"struct append_inline {\n"
-"    int njobs, npatches;                     /* 0: use the global arrays */\n"
-"    append_job jobs[JOBS];\n"
-"    int patches[2 * PATCHES];\n"
-"};\n"
-"\n"
 "__device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g, bool window)\n"
 "{\n"
 "    int lo = 0, hi = njobs - 1;               /* last job with offset <= g */\n"
 "    while (lo < hi) {\n"
 "        const int mid = (lo + hi + 1) >> 1;\n"
-"        const int off = window ? jobs[mid].window_offset : jobs[mid].compress_offset;\n"
+"        const int off = window ? jobs[mid].window_offset : jobs[mid].compress_offset;\n",
 "        if (off <= g) lo = mid; else hi = mid - 1;\n"
 "    }\n"
 "    return lo;\n"
@@ -2248,12 +3137,12 @@ static const char *const mustafar__kernel_source[] = {
 "\n"
 "template <typename Inline>\n"
 "__device__ __forceinline__ void append_body(\n"
-"    const Inline &inl, const append_job *global_jobs, int njobs, const int *global_patches,\n",
+"    const Inline &inl, const append_job *global_jobs, int njobs, const int *global_patches,\n"
 "    int npatches, int compress_total, int window_total, int num_kv_heads, int pair_kv,\n"
 "    const u16 *k_in, const u16 *v_in, unsigned char *k_pages, unsigned char *v_pages,\n"
 "    int *page_table, int table_stride, u16 *k_window, u16 *v_window, int window)\n"
 "{\n"
-"    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];\n"
+"    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][MUSTAFAR_DENSE_RECORD];\n"
 "#if MUSTAFAR_SM >= 90\n"
 "    /* A programmatic dependent like the attention: ready early, then waits\n"
 "       for the kernel before it (whose reads of the ring this overwrites).\n"
@@ -2304,10 +3193,10 @@ static const char *const mustafar__kernel_source[] = {
 "            source = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
 "        }\n"
 "    } else if (valid) {                       /* enters the window */\n"
-"        const int w = g - compress_total;\n"
+"        const int w = g - compress_total;\n",
 "        const append_job j = jobs[find_job(jobs, njobs, w, true)];\n"
 "        const int first_new = j.old_length > j.new_compressed ? j.old_length : j.new_compressed;\n"
-"        const int p = first_new + (w - j.window_offset);\n",
+"        const int p = first_new + (w - j.window_offset);\n"
 "        const int occupant = j.old_compressed + ((p - j.old_compressed) % window + window) % window;\n"
 "        if (!(occupant < j.old_length && occupant < j.new_compressed)) {   /* else written above */\n"
 "            successor = ((long long)(j.input_offset + p - j.old_length) * num_kv_heads + head) * D;\n"
@@ -2336,10 +3225,10 @@ static const char *const mustafar__kernel_source[] = {
 "    }\n"
 "}\n"
 "\n"
-"#define APPEND_KERNEL(name, JOBS, PATCHES)                                                          \\\n"
+"#define APPEND_KERNEL(name, Params)                                                                 \\\n"
 "    extern \"C\" __global__ void __launch_bounds__(256, 4) name(                                      \\\n"
-"        const __grid_constant__ append_inline<JOBS, PATCHES> inl, const append_job *global_jobs,    \\\n"
-"        int njobs, const int *global_patches, int npatches, int compress_total, int window_total,  \\\n"
+"        const __grid_constant__ Params inl, const append_job *global_jobs, int njobs,              \\\n"
+"        const int *global_patches, int npatches, int compress_total, int window_total,             \\\n"
 "        int num_kv_heads, int pair_kv, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,   \\\n"
 "        unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window,                 \\\n"
 "        u16 *v_window, int window)                                                                  \\\n"
@@ -2351,9 +3240,9 @@ static const char *const mustafar__kernel_source[] = {
 "/* 4 blocks (64 registers) per SM: left alone, ptxas gives the K/V loop 77\n"
 "   registers and the SM 3 blocks */\n"
 "#if MUSTAFAR_APPEND_WIDE\n"
-"APPEND_KERNEL(mustafar_append_wide, WIDE_JOBS, WIDE_PATCHES)\n"
+"APPEND_KERNEL(mustafar_append_wide, mustafar__append_wide)\n"
 "#else\n"
-"APPEND_KERNEL(mustafar_append, INLINE_JOBS, INLINE_PATCHES)\n"
+"APPEND_KERNEL(mustafar_append, mustafar__append_inline)\n"
 "#endif\n"
 "\n"
 "/* ---- decode attention -------------------------------------------------------\n"
@@ -2367,11 +3256,11 @@ static const char *const mustafar__kernel_source[] = {
 "   per KV head) are the mma's 8-wide N dimension instead of padding its\n"
 "   16-high M dimension:\n"
 "     S^T = K Q^T    M = 16 positions, N = 8 heads, K = channels\n"
-"     O^T = V^T P^T  M = 16 channels,  N = 8 heads, K = 16 positions\n"
+"     O^T = V^T P^T  M = 16 channels,  N = 8 heads, K = 16 positions\n",
 "   and P^T comes from S^T by an in-register 8x8 transpose (movmatrix).\n"
 "\n"
 "   K: channel runs.  A dot product does not depend on the order of its\n"
-"   terms, so each thread takes whole runs of channels instead of the mma\n",
+"   terms, so each thread takes whole runs of channels instead of the mma\n"
 "   fragment's interleave, and decodes a run with one popcount: k index\n"
 "   {2t, 2t+1, 2t+8, 2t+9} of k-step kk is channel KC*t + 4*kk + {0, 1, 2, 3},\n"
 "   thread t owns a run of KC = D/4.\n"
@@ -2417,19 +3306,17 @@ static const char *const mustafar__kernel_source[] = {
 "#endif\n"
 "}\n"
 "\n"
-"/* Staged records are spaced so that the 16 rows of a tile start in 8\n"
-"   different bank groups (stride / 16 odd): decode loads conflict at most\n"
-"   2-way instead of 4-way for a 96-byte record. */\n"
-"#define STAGED(rec) ((rec) / 16 % 2 ? (rec) : (rec) + 16)\n"
-"#define K_STAGED STAGED(K_RECORD)\n"
-"#define V_STAGED STAGED(V_RECORD)\n"
+"#define K_STAGED MUSTAFAR_K_STAGED\n"
+"#define V_STAGED MUSTAFAR_V_STAGED\n"
 "#define STAGE_BYTES (TILE * (K_STAGED + V_STAGED))\n"
-"/* Shared memory (mustafar__attention_smem on the host): the stages, reused\n"
-"   by the merge, 2*D bytes that a corrupt record's decode may read past\n"
-"   them, then 16 zero bytes that pruned V channels read. */\n"
+"/* Shared memory, laid out by mustafar__attention_smem on the host: the\n"
+"   stages, reused by the merge, 2*D bytes that a corrupt record's decode may\n"
+"   read past them, then 16 zero bytes that pruned V channels read. */\n"
 "#define LOOP_BYTES (MUSTAFAR_WARPS * MUSTAFAR_STAGES * STAGE_BYTES)\n"
 "#define MERGE_BYTES (MUSTAFAR_WARPS * 32 * 4 + MUSTAFAR_WARPS * HEAD_ROWS * D * 4)\n"
-"#define ZERO_OFFSET ((LOOP_BYTES > MERGE_BYTES ? LOOP_BYTES : MERGE_BYTES) + 2 * D)\n"
+"#define ZERO_OFFSET MUSTAFAR_SMEM_ZERO\n"
+"static_assert(ZERO_OFFSET >= LOOP_BYTES + 2 * D && ZERO_OFFSET >= MERGE_BYTES + 2 * D,\n"
+"              \"MUSTAFAR_SMEM_ZERO leaves room for the stages, the merge and the slack\");\n"
 "\n"
 "/* Page id for the prefetch of the tile at p0 (0 past `end`), loaded one\n"
 "   tile before the copies that need it, so that the page-table latency hides\n"
@@ -2448,9 +3335,9 @@ static const char *const mustafar__kernel_source[] = {
 "}\n"
 "\n"
 "/* Queues the first `count` records of a tile (all 16 when FULL), each\n"
-"   RECORD bytes in global memory and staged STAGED_BYTES apart from shared\n"
+"   RECORD bytes in global memory and staged STAGED_BYTES apart from shared\n",
 "   address `dst` on, as 16-byte chunks: lane l copies chunks l, l + 32, ...,\n"
-"   so that one copy instruction of the warp reads 512 contiguous bytes of a\n",
+"   so that one copy instruction of the warp reads 512 contiguous bytes of a\n"
 "   page when TILE divides the page size (whole sectors, not one 16-byte\n"
 "   piece of 32 records), else runs of consecutive records per page. */\n"
 "template <int RECORD, int STAGED_BYTES, bool FULL>\n"
@@ -2522,9 +3409,9 @@ static const char *const mustafar__kernel_source[] = {
 "/* The run of a staged record (N = 8..64 channels, first a multiple of N):\n"
 "   its bits (zero for a position outside the range, `valid` false) and the\n"
 "   index of its first kept value.  The bitmap comes in whole 8-byte loads\n"
-"   (its last word is not needed); the run's bits and, for runs shorter than\n"
+"   (its last word is not needed); the run's bits and, for runs shorter than\n",
 "   a word, its own word are loaded again at their lane-dependent offsets\n"
-"   rather than picked from w[], which a runtime index would put in local\n",
+"   rather than picked from w[], which a runtime index would put in local\n"
 "   memory.  Records are trusted to keep exactly KEPT elements; a corrupt one\n"
 "   can only make the decode read other bytes of the shared-memory staging\n"
 "   (padded for that), never outside it. */\n"
@@ -2606,12 +3493,12 @@ static const char *const mustafar__kernel_source[] = {
 "        d[0] += __popc(a0 & b0);\n"
 "        d[1] += __popc(a0 & b1);\n"
 "        d[2] += __popc(a1 & b0);\n"
-"        d[3] += __popc(a1 & b1);\n"
+"        d[3] += __popc(a1 & b1);\n",
 "    }\n"
 "#endif\n"
 "}\n"
 "\n"
-"/* The A operands of the popcount mmas (rows = channels), lane constants\n",
+"/* The A operands of the popcount mmas (rows = channels), lane constants\n"
 "   made once per kernel: rows g and g+8 of an m-tile with mm % 2 == h are\n"
 "   channels 16h + g and 16h + g + 8 of bitmap word mm / 2.  Every lane\n"
 "   passes the same bitmap word as its 32 bits of B, so a mask set in lanes\n"
@@ -2693,9 +3580,9 @@ static const char *const mustafar__kernel_source[] = {
 "        y[nv][1] = pack_halves(v[2], v[3]);\n"
 "    }\n"
 "}\n"
-"\n"
+"\n",
 "/* The decode's lane constants, made once per kernel. */\n"
-"struct decode_consts {\n",
+"struct decode_consts {\n"
 "    run_place<KC> k_place;     /* this thread's K run */\n"
 "    popc_masks mk;             /* the popcount mmas' A operands (V) */\n"
 "    u32 zero;                  /* shared address of the 16 zero bytes */\n"
@@ -2798,9 +3685,9 @@ static const char *const mustafar__kernel_source[] = {
 "    const int g = (threadIdx.x & 31) >> 2;\n"
 "#if MUSTAFAR_K_KEPT == D\n"
 "    (void)pl;\n"
-"    const u16 *row[2];\n"
+"    const u16 *row[2];\n",
 "#pragma unroll\n"
-"    for (int r = 0; r < 2; r++) {\n",
+"    for (int r = 0; r < 2; r++) {\n"
 "        const int p = p0 + g + 8 * r;\n"
 "        row[r] = !EDGE || (p >= lo && p < hi) ? (const u16 *)(records + (g + 8 * r) * K_STAGED + BITMAP_BYTES)\n"
 "                                              : 0;\n"
@@ -2877,9 +3764,9 @@ static const char *const mustafar__kernel_source[] = {
 "{\n"
 "    const u32 p01 = pack_halves(x[0], x[1]), p23 = pack_halves(x[2], x[3]);\n"
 "    if (k < MT) {\n"
-"        low[k][0] = p01;\n"
+"        low[k][0] = p01;\n",
 "        low[k][1] = p23;\n"
-"    } else {\n",
+"    } else {\n"
 "        const u32 a[4] = {low[k - MT][0], p01, low[k - MT][1], p23};\n"
 "#pragma unroll\n"
 "        for (int nt = 0; nt < NT; nt++) mma_16816(st.o[nt][k - MT], a, pb[nt]);\n"
@@ -2977,8 +3864,8 @@ static const char *const mustafar__kernel_source[] = {
 "   against [lo, hi): tiles start inside the range, so every other tile lies\n"
 "   wholly in it. */\n"
 "template <bool EDGE>\n"
-"__device__ __forceinline__ void staged_tile(warp_state &st, const u32 qb[NT][MT][2],\n"
-"                                            const unsigned char *stage, int p0, int lo, int hi,\n",
+"__device__ __forceinline__ void staged_tile(warp_state &st, const u32 qb[NT][MT][2],\n",
+"                                            const unsigned char *stage, int p0, int lo, int hi,\n"
 "                                            float scale_log2, const decode_consts &dc)\n"
 "{\n"
 "    float s[NT][4];\n"
@@ -3007,16 +3894,10 @@ static const char *const mustafar__kernel_source[] = {
 "    return p >= lo && p < hi ? ring + (((long long)row * window + p % window) * num_kv_heads + head) * D : 0;\n"
 "}\n"
 "\n"
-"#define INLINE_SEQS 192\n"
-"/* Small batches travel in the kernel parameters (no upload). */\n"
-"struct seqs_inline {\n"
-"    int count;                               /* 0: use the global array */\n"
-"    paged_seq seqs[INLINE_SEQS];\n"
-"};\n"
 "\n"
 "#if !MUSTAFAR_APPEND_WIDE\n"
 "extern \"C\" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(\n"
-"    const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,\n"
+"    const __grid_constant__ mustafar__seqs_inline inl, const unsigned char *k_pages,\n"
 "    const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,\n"
 "    const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,\n"
 "    float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,\n"
@@ -3050,8 +3931,8 @@ static const char *const mustafar__kernel_source[] = {
 "    const paged_seq sq = inl.count ? inl.seqs[seq_index] : global_seqs[seq_index];\n"
 "    const int length = sq.num_compressed + sq.num_window;\n"
 "    const int begin = split * chunk;\n"
-"    const int end = begin + chunk < length ? begin + chunk : length;\n",
-"    const int *table = page_table + (long long)sq.row * table_stride;\n"
+"    const int end = begin + chunk < length ? begin + chunk : length;\n"
+"    const int *table = page_table + (long long)sq.row * table_stride;\n",
 "    unsigned char *warp_smem = smem + warp * MUSTAFAR_STAGES * STAGE_BYTES;\n"
 "    const u32 warp_stage = smem_addr(warp_smem);\n"
 "\n"
@@ -3128,8 +4009,8 @@ static const char *const mustafar__kernel_source[] = {
 "                float s[NT][4];\n"
 "                u32 pb[NT][2];\n"
 "                const u16 *ks[2], *vs[4];\n"
-"#pragma unroll\n",
-"                for (int r = 0; r < 2; r++)\n"
+"#pragma unroll\n"
+"                for (int r = 0; r < 2; r++)\n",
 "                    ks[r] = ring_row(k_window, sq.row, window, kv_head, num_kv_heads, p0 + g + 8 * r, lo,\n"
 "                                     end);\n"
 "#pragma unroll\n"
@@ -3264,743 +4145,9 @@ static const char *const mustafar__kernel_source[] = {
 0};
 /* END EMBEDDED mustafar_kernels.cuh */
 
-/* ---- CUDA backend: JIT compilation, disk cache, module table -------------------
-   One library per kernel configuration (head_dim, dtype, kept counts, GQA
-   group, page size, warps, arch), compiled by NVRTC to a real cubin, cached on
-   disk under a key that hashes the source, the options, the arch and the NVRTC
-   version, and loaded with cudaLibraryLoadData. */
-
-struct mustafar__module {
-    mustafar__module *next;
-    int config[6];                 /* d, dtype, k_kept, v_kept, group, page_size */
-    char options[320];
-    cudaLibrary_t library;
-    cudaKernel_t records, append, attention, combine;
-    cudaLibrary_t wide_library;    /* the wide append kernel alone, built on first use */
-    cudaKernel_t append_wide;
-    int warps, blocks_per_sm;      /* attention blocks, and how many fit an SM */
-    size_t attention_smem;
-};
-
-#define MUSTAFAR__CUDA_CHECK(ctx, call)                                                     \
-    do {                                                                                    \
-        cudaError_t mustafar__e = (call);                                                   \
-        if (mustafar__e != cudaSuccess)                                                     \
-            return mustafar__fail((ctx), MUSTAFAR_ERROR_CUDA, "%s failed: %s (%s)", #call,  \
-                                  cudaGetErrorName(mustafar__e),                            \
-                                  cudaGetErrorString(mustafar__e));                         \
-    } while (0)
-
-static uint64_t mustafar__fnv1a(uint64_t h, const void *data, size_t n)
+static const char *const *mustafar__kernel_source(void)
 {
-    const unsigned char *p = (const unsigned char *)data;
-    size_t i;
-    for (i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
-    return h;
-}
-
-static char *mustafar__kernel_text(void)
-{
-    size_t n = 0, i;
-    char *text;
-    for (i = 0; mustafar__kernel_source[i]; i++) n += strlen(mustafar__kernel_source[i]);
-    text = (char *)MUSTAFAR_MALLOC(n + 1);
-    if (!text) return NULL;
-    n = 0;
-    for (i = 0; mustafar__kernel_source[i]; i++) {
-        size_t m = strlen(mustafar__kernel_source[i]);
-        memcpy(text + n, mustafar__kernel_source[i], m);
-        n += m;
-    }
-    text[n] = 0;
-    return text;
-}
-
-static void mustafar__resolve_cache_dir(mustafar__cuda *cu, const mustafar_context_desc *desc)
-{
-    const char *env = getenv("MUSTAFAR_CACHE_DIR"), *base;
-    cu->cache_dir[0] = 0;
-    if (desc->disable_jit_cache) return;
-    if (desc->jit_cache_dir) {
-        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", desc->jit_cache_dir);
-        return;
-    }
-    if (env) {
-        if (strcmp(env, "off") && env[0]) snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", env);
-        return;
-    }
-    if ((base = getenv("XDG_CACHE_HOME")) && base[0])
-        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
-    else if ((base = getenv("HOME")) && base[0])
-        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/.cache/mustafar", base);
-    else if ((base = getenv("LOCALAPPDATA")) && base[0])
-        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
-}
-
-static void mustafar__mkdirs(const char *path)
-{
-    char buf[1024];
-    size_t i, n = strlen(path);
-    if (n >= sizeof buf) return;
-    memcpy(buf, path, n + 1);
-    for (i = 1; i <= n; i++) {
-        if (buf[i] == '/' || buf[i] == '\\' || buf[i] == 0) {
-            char c = buf[i];
-            buf[i] = 0;
-#ifdef _WIN32
-            _mkdir(buf);
-#else
-            mkdir(buf, 0755);
-#endif
-            buf[i] = c;
-        }
-    }
-}
-
-/* Disk cache entry: "MUSTAFAR" | u64 payload bytes | u64 FNV-1a of payload | cubin.
-   Returns the cubin (caller frees) or NULL if absent, truncated or corrupt. */
-static void *mustafar__disk_read(const char *path, size_t *size)
-{
-    unsigned char head[24];
-    uint64_t n, h;
-    void *data;
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    if (fread(head, 1, 24, f) != 24 || memcmp(head, "MUSTAFAR", 8)) { fclose(f); return NULL; }
-    memcpy(&n, head + 8, 8);
-    memcpy(&h, head + 16, 8);
-    if (n == 0 || n > ((uint64_t)1 << 30) || !(data = MUSTAFAR_MALLOC((size_t)n))) {
-        fclose(f);
-        return NULL;
-    }
-    if (fread(data, 1, (size_t)n, f) != n || fgetc(f) != EOF ||
-        mustafar__fnv1a(1469598103934665603ull, data, (size_t)n) != h) {
-        fclose(f);
-        MUSTAFAR_FREE(data);
-        return NULL;
-    }
-    fclose(f);
-    *size = (size_t)n;
-    return data;
-}
-
-/* Written to a temporary name and renamed, so readers never see half a file. */
-static void mustafar__disk_write(const char *dir, const char *path, const void *data, size_t n)
-{
-    char tmp[1232];
-    unsigned char head[24];
-    uint64_t size = n, h = mustafar__fnv1a(1469598103934665603ull, data, n);
-    FILE *f;
-    int ok;
-    mustafar__mkdirs(dir);
-    snprintf(tmp, sizeof tmp, "%s.%08lx.tmp",
-             path, (unsigned long)((uintptr_t)&f ^ (uintptr_t)time(NULL) ^ (uintptr_t)clock()));
-    if (!(f = fopen(tmp, "wb"))) return;
-    memcpy(head, "MUSTAFAR", 8);
-    memcpy(head + 8, &size, 8);
-    memcpy(head + 16, &h, 8);
-    ok = fwrite(head, 1, 24, f) == 24 && fwrite(data, 1, n, f) == n;
-    ok = (fclose(f) == 0) && ok;
-#ifdef _WIN32
-    if (ok) remove(path);
-#endif
-    if (!ok || rename(tmp, path) != 0) remove(tmp);
-}
-
-/* NVRTC optimises the library's four kernels on up to four threads: the
-   cold compile on the H100 host (16 cores) fell from 1.80-2.03 s to
-   1.37-1.65 s.  The code differs from a one-thread compile only in a few
-   register and predicate choices (partial-tile and window checks, the
-   combine kernel), not in the full-tile decode. */
-#define MUSTAFAR__SPLIT_COMPILE "-split-compile=4"
-
-static mustafar_status mustafar__nvrtc_compile(mustafar_context *ctx, const char *source,
-                                               const char *const *options, int noptions,
-                                               void **cubin, size_t *size)
-{
-    nvrtcProgram prog;
-    nvrtcResult r;
-    for (;;) {
-        if ((r = nvrtcCreateProgram(&prog, source, "mustafar_kernels.cu", 0, NULL, NULL)) != NVRTC_SUCCESS)
-            return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "nvrtcCreateProgram failed: %s",
-                                  nvrtcGetErrorString(r));
-        r = nvrtcCompileProgram(prog, noptions, options);
-        /* an NVRTC without parallel optimisation (option first): the same compile on one thread */
-        if (r != NVRTC_ERROR_INVALID_OPTION || noptions == 0 || strncmp(options[0], "-split-compile", 14))
-            break;
-        nvrtcDestroyProgram(&prog);
-        options++;
-        noptions--;
-    }
-    if (r != NVRTC_SUCCESS) {
-        size_t log_size = 0;
-        char *log = NULL;
-        nvrtcGetProgramLogSize(prog, &log_size);
-        if (log_size && (log = (char *)MUSTAFAR_MALLOC(log_size + 1)) != NULL) {
-            nvrtcGetProgramLog(prog, log);
-            log[log_size] = 0;
-        }
-        mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC compile failed (%s): %s",
-                       nvrtcGetErrorString(r), log ? log : "(no log)");
-        MUSTAFAR_FREE(log);
-        nvrtcDestroyProgram(&prog);
-        return MUSTAFAR_ERROR_JIT;
-    }
-    if ((r = nvrtcGetCUBINSize(prog, size)) != NVRTC_SUCCESS || !*size ||
-        !(*cubin = MUSTAFAR_MALLOC(*size)) || (r = nvrtcGetCUBIN(prog, (char *)*cubin)) != NVRTC_SUCCESS) {
-        nvrtcDestroyProgram(&prog);
-        MUSTAFAR_FREE(*cubin);
-        *cubin = NULL;
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC produced no cubin: %s",
-                              nvrtcGetErrorString(r));
-    }
-    nvrtcDestroyProgram(&prog);
-    return MUSTAFAR_OK;
-}
-
-/* A kernel library for the -D list `options`: from the disk cache when the
-   entry there loads, else compiled by NVRTC (and written to the cache). */
-static mustafar_status mustafar__build_library(mustafar_context *ctx, const char *options,
-                                               cudaLibrary_t *library)
-{
-    mustafar__cuda *cu = &ctx->cuda;
-    char opts[400], arch[32], path[1200], *tok;
-    const char *argv[20];
-    int argc = 0, nvrtc_major = 0, nvrtc_minor = 0;
-    size_t size = 0;
-    void *cubin = NULL;
-    char *text = mustafar__kernel_text();
-    uint64_t key;
-    mustafar_status st;
-    cudaError_t e;
-    if (!text) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
-    snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", cu->sm);
-    nvrtcVersion(&nvrtc_major, &nvrtc_minor);
-    key = mustafar__fnv1a(1469598103934665603ull, text, strlen(text));
-    key = mustafar__fnv1a(key, options, strlen(options));
-    key = mustafar__fnv1a(key, arch, strlen(arch));
-    key = mustafar__fnv1a(key, &nvrtc_major, sizeof nvrtc_major);
-    key = mustafar__fnv1a(key, &nvrtc_minor, sizeof nvrtc_minor);
-    path[0] = 0;
-    if (cu->cache_dir[0]) {
-        snprintf(path, sizeof path, "%s/mustafar-%016llx.cubin", cu->cache_dir,
-                 (unsigned long long)key);
-        cubin = mustafar__disk_read(path, &size);
-        if (cubin && cudaLibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0) == cudaSuccess) {
-            MUSTAFAR_FREE(cubin);
-            MUSTAFAR_FREE(text);
-            return MUSTAFAR_OK;
-        }
-        MUSTAFAR_FREE(cubin);              /* none, or unloadable: compile again */
-        cubin = NULL;
-    }
-    snprintf(opts, sizeof opts, "%s", options);
-    argv[argc++] = MUSTAFAR__SPLIT_COMPILE;
-    argv[argc++] = arch;
-    argv[argc++] = "-lineinfo";
-    for (tok = opts; *tok && argc < 20;) {   /* split at spaces, in place */
-        argv[argc++] = tok;
-        while (*tok && *tok != ' ') tok++;
-        if (*tok) *tok++ = 0;
-    }
-    st = mustafar__nvrtc_compile(ctx, text, argv, argc, &cubin, &size);
-    MUSTAFAR_FREE(text);
-    if (st) return st;
-    e = cudaLibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0);
-    if (e != cudaSuccess) {
-        MUSTAFAR_FREE(cubin);
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "cudaLibraryLoadData failed: %s (%s)",
-                              cudaGetErrorName(e), cudaGetErrorString(e));
-    }
-    if (path[0]) mustafar__disk_write(cu->cache_dir, path, cubin, size);
-    MUSTAFAR_FREE(cubin);
-    return MUSTAFAR_OK;
-}
-
-static mustafar_status mustafar__missing_kernel(mustafar_context *ctx, cudaLibrary_t *library,
-                                                cudaError_t e)
-{
-    cudaLibraryUnload(*library);
-    *library = NULL;
-    return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "a kernel is missing from the library: %s",
-                          cudaGetErrorName(e));
-}
-
-/* The wide append kernel (job and patch lists of large appends in a 30 KB
-   parameter block) has its own library, built on the first append that
-   needs it: decode-only use never compiles it, and context creation does
-   not wait for it. */
-static mustafar_status mustafar__append_wide_kernel(mustafar_context *ctx, mustafar__module *m)
-{
-    char options[400];
-    mustafar_status st;
-    cudaError_t e;
-    if (m->append_wide) return MUSTAFAR_OK;
-    snprintf(options, sizeof options, "%s -DMUSTAFAR_APPEND_WIDE=1", m->options);
-    st = mustafar__build_library(ctx, options, &m->wide_library);
-    if (st) return st;
-    e = cudaLibraryGetKernel(&m->append_wide, m->wide_library, "mustafar_append_wide");
-    if (e != cudaSuccess) {
-        m->append_wide = NULL;
-        return mustafar__missing_kernel(ctx, &m->wide_library, e);
-    }
-    return MUSTAFAR_OK;
-}
-
-/* Shared memory of the attention kernel; must match the layout in the kernel
-   (ZERO_OFFSET): per warp `stages` stages of 16 K and 16 V records, each record
-   spaced to an odd number of 16-byte units (STAGED()), reused for the merge;
-   then 2*d bytes of slack and 16 zero bytes that pruned V channels read. */
-static size_t mustafar__attention_smem(int d, int group, size_t k_rec, size_t v_rec, int warps,
-                                       int stages)
-{
-    size_t rows = group < 16 ? (size_t)group : 16;
-    size_t k_staged = k_rec / 16 % 2 ? k_rec : k_rec + 16;
-    size_t v_staged = v_rec / 16 % 2 ? v_rec : v_rec + 16;
-    size_t loop = (size_t)warps * stages * 16 * (k_staged + v_staged);
-    size_t merge = (size_t)warps * 32 * 4 + (size_t)warps * rows * d * 4;
-    /* + slack: a corrupt record's decode may read up to 2*d bytes past it */
-    return (loop > merge ? loop : merge) + 2 * (size_t)d + 16;
-}
-
-/* The compiled library for a configuration, compiled or read from disk once. */
-static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustafar_dtype dtype,
-                                            int k_kept, int v_kept, int group, int page_size,
-                                            mustafar__module **out)
-{
-    mustafar__cuda *cu = &ctx->cuda;
-    mustafar__module *m;
-    int optin = 0, warps = 4, stages = 3;
-    size_t k_rec = mustafar__round_up((size_t)d / 8 + 2 * (size_t)k_kept, 16);
-    size_t v_rec = mustafar__round_up((size_t)d / 8 + 2 * (size_t)v_kept, 16);
-    size_t smem;
-    mustafar_status st;
-    cudaError_t e;
-    const int config[6] = {d, (int)dtype, k_kept, v_kept, group, page_size};
-    for (m = cu->modules; m; m = m->next)
-        if (!memcmp(m->config, config, sizeof config)) { *out = m; return MUSTAFAR_OK; }
-    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cu->device);
-    /* three stages (two tiles in flight) where three blocks still fit an SM */
-    if (mustafar__attention_smem(d, group, k_rec, v_rec, warps, 3) > 76 * 1024) stages = 2;
-    while (warps > 1 && mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages) > (size_t)optin)
-        warps /= 2;
-    smem = mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages);
-    m = (mustafar__module *)mustafar__calloc(sizeof *m);
-    if (!m) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
-    snprintf(m->options, sizeof m->options,
-             "-DMUSTAFAR_D=%d -DMUSTAFAR_BF16=%d -DMUSTAFAR_K_KEPT=%d -DMUSTAFAR_V_KEPT=%d "
-             "-DMUSTAFAR_GROUP=%d -DMUSTAFAR_PAGE_SIZE=%d -DMUSTAFAR_WARPS=%d -DMUSTAFAR_STAGES=%d "
-             "-DMUSTAFAR_SM=%d",
-             d, dtype == MUSTAFAR_DTYPE_BF16, k_kept, v_kept, group, page_size, warps, stages, cu->sm);
-    memcpy(m->config, config, sizeof config);
-    m->warps = warps;
-    m->attention_smem = smem;
-    st = mustafar__build_library(ctx, m->options, &m->library);
-    if (st) {
-        MUSTAFAR_FREE(m);
-        return st;
-    }
-    if ((e = cudaLibraryGetKernel(&m->records, m->library, "mustafar_records")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->append, m->library, "mustafar_append")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->attention, m->library, "mustafar_attention")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine")) != cudaSuccess) {
-        st = mustafar__missing_kernel(ctx, &m->library, e);
-        MUSTAFAR_FREE(m);
-        return st;
-    }
-    if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute((const void *)m->attention,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) {
-            cudaLibraryUnload(m->library);
-            MUSTAFAR_FREE(m);
-            return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA,
-                                  "cudaFuncSetAttribute(%zu bytes of shared memory) failed: %s",
-                                  smem, cudaGetErrorName(e));
-        }
-    }
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&m->blocks_per_sm, (const void *)m->attention,
-                                                      32 * warps, smem) != cudaSuccess ||
-        m->blocks_per_sm < 1)
-        m->blocks_per_sm = 1;
-    m->next = cu->modules;
-    cu->modules = m;
-    *out = m;
-    return MUSTAFAR_OK;
-}
-
-/* ---- CUDA backend: context, memory, uploads ---------------------------------------- */
-
-static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar_context_desc *desc)
-{
-    mustafar__cuda *cu = &ctx->cuda;
-    int count = 0, driver = 0, major = 0, minor = 0, narch = 0, i, best = 0;
-    int archs[64];
-    cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess || count == 0)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE, "no CUDA device: %s",
-                              e != cudaSuccess ? cudaGetErrorString(e) : "none found");
-    if (desc->cuda_device < 0 || desc->cuda_device >= count)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
-                              "CUDA device %d does not exist (%d found)", desc->cuda_device, count);
-    cudaDriverGetVersion(&driver);
-    if (driver < 12000)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
-                              "the CUDA driver supports CUDA %d.%d; 12.0 or newer is needed",
-                              driver / 1000, driver % 1000 / 10);
-    cu->device = desc->cuda_device;
-    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(cu->device));
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cu->device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, cu->device);
-    cudaDeviceGetAttribute(&cu->num_sms, cudaDevAttrMultiProcessorCount, cu->device);
-    if (major * 10 + minor < 75)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
-                              "GPU sm_%d%d is older than sm_75", major, minor);
-    /* a cubin runs on its own major version at an equal or higher minor */
-    if (nvrtcGetNumSupportedArchs(&narch) == NVRTC_SUCCESS && narch > 0 && narch <= 64 &&
-        nvrtcGetSupportedArchs(archs) == NVRTC_SUCCESS)
-        for (i = 0; i < narch; i++)
-            if (archs[i] / 10 == major && archs[i] <= major * 10 + minor && archs[i] > best)
-                best = archs[i];
-    if (!best)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
-                              "this NVRTC cannot compile for sm_%d%d", major, minor);
-    cu->sm = best;
-    {
-        int nvrtc_major = 0, nvrtc_minor = 0;
-        nvrtcVersion(&nvrtc_major, &nvrtc_minor);
-        cu->wide_params = driver >= 12010 && nvrtc_major * 100 + nvrtc_minor >= 1201;
-    }
-    cu->stream = (cudaStream_t)desc->cuda_stream;
-    mustafar__resolve_cache_dir(cu, desc);
-    MUSTAFAR__CUDA_CHECK(ctx, cudaEventCreateWithFlags(&cu->staging_free, cudaEventDisableTiming));
-    e = cudaEventRecord(cu->staging_free, cu->stream);
-    if (e != cudaSuccess) {
-        cudaEventDestroy(cu->staging_free);
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
-                              "the CUDA stream is not usable: %s", cudaGetErrorName(e));
-    }
-    snprintf(ctx->message, sizeof ctx->message, "CUDA backend on device %d (sm_%d%d, kernels for sm_%d)",
-             cu->device, major, minor, best);
-    return MUSTAFAR_OK;
-}
-
-static void mustafar__cuda_shutdown(mustafar_context *ctx)
-{
-    mustafar__cuda *cu = &ctx->cuda;
-    mustafar__module *m = cu->modules;
-    cudaSetDevice(cu->device);
-    cudaStreamSynchronize(cu->stream);
-    while (m) {
-        mustafar__module *next = m->next;
-        cudaLibraryUnload(m->library);
-        if (m->wide_library) cudaLibraryUnload(m->wide_library);
-        MUSTAFAR_FREE(m);
-        m = next;
-    }
-    if (cu->scratch) cudaFree(cu->scratch);
-    if (cu->staging) cudaFreeHost(cu->staging);
-    cudaEventDestroy(cu->staging_free);
-}
-
-static mustafar_status mustafar__cuda_alloc(mustafar_context *ctx, void **p, size_t bytes)
-{
-    cudaError_t e;
-    *p = NULL;
-    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
-    e = cudaMalloc(p, bytes ? bytes : 16);
-    if (e != cudaSuccess) {
-        *p = NULL;
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                              "cudaMalloc of %zu bytes failed: %s", bytes, cudaGetErrorName(e));
-    }
-    MUSTAFAR__CUDA_CHECK(ctx, cudaMemsetAsync(*p, 0, bytes ? bytes : 16, ctx->cuda.stream));
-    return MUSTAFAR_OK;
-}
-
-static void mustafar__cuda_free(mustafar_context *ctx, void *p)
-{
-    cudaSetDevice(ctx->cuda.device);
-    cudaFree(p);
-}
-
-/* Device scratch of at least `bytes`; grows (after the stream drains) when needed. */
-static mustafar_status mustafar__cuda_scratch(mustafar_context *ctx, size_t bytes, void **out)
-{
-    mustafar__cuda *cu = &ctx->cuda;
-    if (bytes > cu->scratch_bytes) {
-        size_t grow = bytes > 2 * cu->scratch_bytes ? bytes : 2 * cu->scratch_bytes;
-        MUSTAFAR__CUDA_CHECK(ctx, cudaStreamSynchronize(cu->stream));
-        if (cu->scratch) cudaFree(cu->scratch);
-        cu->scratch = NULL;
-        cu->scratch_bytes = 0;
-        if (cudaMalloc(&cu->scratch, grow) != cudaSuccess) {
-            cu->scratch = NULL;
-            return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                                  "cudaMalloc of %zu bytes of scratch failed", grow);
-        }
-        cu->scratch_bytes = grow;
-    }
-    *out = cu->scratch;
-    return MUSTAFAR_OK;
-}
-
-/* Host -> device copy on the stream through pinned staging, so the caller's
-   buffer is free on return and the host does not wait for the stream. */
-static mustafar_status mustafar__cuda_upload(mustafar_context *ctx, void *dst, const void *src,
-                                             size_t bytes)
-{
-    mustafar__cuda *cu = &ctx->cuda;
-    MUSTAFAR__CUDA_CHECK(ctx, cudaEventSynchronize(cu->staging_free));
-    if (bytes > cu->staging_bytes) {
-        size_t grow = bytes > 2 * cu->staging_bytes ? bytes : 2 * cu->staging_bytes;
-        if (cu->staging) cudaFreeHost(cu->staging);
-        cu->staging = NULL;
-        cu->staging_bytes = 0;
-        if (cudaMallocHost(&cu->staging, grow) != cudaSuccess) {
-            cu->staging = NULL;
-            return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                                  "cudaMallocHost of %zu bytes failed", grow);
-        }
-        cu->staging_bytes = grow;
-    }
-    memcpy(cu->staging, src, bytes);
-    MUSTAFAR__CUDA_CHECK(ctx, cudaMemcpyAsync(dst, cu->staging, bytes, cudaMemcpyHostToDevice,
-                                              cu->stream));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaEventRecord(cu->staging_free, cu->stream));
-    return MUSTAFAR_OK;
-}
-
-/* `dependent`: the kernel may start before the previous kernel on the stream
-   has finished and waits for it itself (programmatic dependent launch,
-   sm_90 and newer; elsewhere an ordinary launch). */
-static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kernel, const char *name,
-                                        unsigned gx, unsigned gy, unsigned gz, unsigned block,
-                                        size_t smem, void **args, int dependent)
-{
-    cudaLaunchConfig_t config;
-    cudaLaunchAttribute attr;
-    cudaError_t e;
-    config.gridDim.x = gx; config.gridDim.y = gy; config.gridDim.z = gz;
-    config.blockDim.x = block; config.blockDim.y = 1; config.blockDim.z = 1;
-    config.dynamicSmemBytes = smem;
-    config.stream = ctx->cuda.stream;
-    config.attrs = NULL;
-    config.numAttrs = 0;
-    if (dependent && ctx->cuda.sm >= 90) {
-        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr.val.programmaticStreamSerializationAllowed = 1;
-        config.attrs = &attr;
-        config.numAttrs = 1;
-    }
-    e = cudaLaunchKernelExC(&config, (const void *)kernel, args);
-    if (e == cudaSuccess) e = cudaGetLastError();
-    if (e != cudaSuccess)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA, "launch of %s (grid %u x %u x %u) failed: %s (%s)",
-                              name, gx, gy, gz, cudaGetErrorName(e), cudaGetErrorString(e));
-    return MUSTAFAR_OK;
-}
-
-/* ---- CUDA backend: operations ---------------------------------------------------------- */
-
-/* Token vectors per 256-thread block of the pruning kernels (BLOCK_VECTORS
-   there): head_dim / 32 lanes each. */
-#define MUSTAFAR__BLOCK_VECTORS(head_dim) (8192 / (size_t)(head_dim))
-/* Appends of at least this many (position, KV head) items give each lane
-   group both vectors of an item: the item's job, page and ring slot are
-   found once (fewer instructions), at the price of a longer group (slower
-   for small, latency-bound appends).  Above it the grid still has 512
-   (head_dim 64) to 2048 (head_dim 256) blocks of 256 threads. */
-#define MUSTAFAR__PAIR_KV_ITEMS 65536
-
-static mustafar_status mustafar__cuda_records(mustafar_context *ctx, int op, int head_dim,
-                                              float sparsity, mustafar_dtype dtype, const void *in,
-                                              void *out, size_t count)
-{
-    mustafar__module *m;
-    int kept = mustafar_kept_count(head_dim, sparsity), opi = op;
-    long long n = (long long)count;
-    void *args[4];
-    mustafar_status st;
-    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
-    st = mustafar__get_module(ctx, head_dim, dtype, kept, kept, 1, 16, &m);
-    if (st) return st;
-    if (count / MUSTAFAR__BLOCK_VECTORS(head_dim) + 1 > 0x7fffffffu)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "count %zu too large", count);
-    args[0] = &opi; args[1] = &in; args[2] = &out; args[3] = &n;
-    return mustafar__launch(ctx, m->records, "mustafar_records",
-                            (unsigned)((count + MUSTAFAR__BLOCK_VECTORS(head_dim) - 1) /
-                                       MUSTAFAR__BLOCK_VECTORS(head_dim)),
-                            1, 1, 256, 0, args, 0);
-}
-
-/* Copies an append's job and patch lists into a parameter block (the small
-   or the wide one: the same fields, different capacities). */
-static void mustafar__inline_lists(int32_t *njobs_out, int32_t *npatches_out,
-                                   mustafar__append_job *jobs_out, int32_t *patches_out,
-                                   const mustafar__append_job *jobs, int njobs,
-                                   const int32_t *patches, int npatches)
-{
-    *njobs_out = njobs;
-    *npatches_out = npatches;
-    memcpy(jobs_out, jobs, sizeof *jobs * (size_t)njobs);
-    if (npatches) memcpy(patches_out, patches, 8 * (size_t)npatches);
-}
-
-static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustafar__layout *L,
-                                             const mustafar_paged_kv *kv,
-                                             const mustafar__append_job *jobs, int njobs,
-                                             const int32_t *patches, int npatches,
-                                             const void *k, const void *v)
-{
-    const mustafar__append_job *last = &jobs[njobs - 1];
-    int compress_total = last->compress_offset + last->new_compressed - last->old_compressed;
-    int window_total = last->window_offset + last->old_length + last->new_tokens -
-                       mustafar__job_window_first(last);
-    mustafar__append_inline *inl = &ctx->cuda.append_params;
-    mustafar__append_wide *wide = &ctx->cuda.append_wide_params;
-    cudaKernel_t kernel;
-    const char *kernel_name = "mustafar_append";
-    int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
-    /* one lane group per (position, KV head) for large appends (the K and V
-       vectors in turn), else per (position, KV head, K or V) */
-    long long items = ((long long)compress_total + window_total) * hkv;
-    long long per_block = (long long)MUSTAFAR__BLOCK_VECTORS(L->head_dim);
-    int pair_kv = items >= MUSTAFAR__PAIR_KV_ITEMS;
-    long long blocks = ((items << !pair_kv) + per_block - 1) / per_block;
-    const void *dev_jobs = NULL, *dev_patches = NULL;
-    mustafar__module *m;
-    mustafar_status st;
-    void *args[18];
-    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
-    st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
-                              L->page_size, &m);
-    if (st) return st;
-    /* the kernel counts positions in int */
-    if (blocks > 0x7fffffff || (long long)compress_total + window_total > 0x7fffffff)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "append too large");
-    kernel = m->append;
-    args[0] = inl;
-    inl->njobs = inl->npatches = 0;
-    if (njobs <= MUSTAFAR__INLINE_JOBS && npatches <= MUSTAFAR__INLINE_PATCHES) {
-        mustafar__inline_lists(&inl->njobs, &inl->npatches, inl->jobs, inl->patches, jobs, njobs,
-                               patches, npatches);
-    } else if (ctx->cuda.wide_params && njobs <= MUSTAFAR__WIDE_JOBS &&
-               npatches <= MUSTAFAR__WIDE_PATCHES) {
-        st = mustafar__append_wide_kernel(ctx, m);
-        if (st) return st;
-        kernel = m->append_wide;
-        kernel_name = "mustafar_append_wide";
-        args[0] = wide;
-        mustafar__inline_lists(&wide->njobs, &wide->npatches, wide->jobs, wide->patches, jobs, njobs,
-                               patches, npatches);
-    } else {
-        size_t job_bytes = sizeof *jobs * (size_t)njobs, bytes = job_bytes + 8 * (size_t)npatches;
-        unsigned char *blob, *dev;
-        st = mustafar__cuda_scratch(ctx, bytes, (void **)&dev);
-        if (st) return st;
-        blob = (unsigned char *)MUSTAFAR_MALLOC(bytes);
-        if (!blob) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
-        memcpy(blob, jobs, job_bytes);
-        if (npatches) memcpy(blob + job_bytes, patches, 8 * (size_t)npatches);
-        st = mustafar__cuda_upload(ctx, dev, blob, bytes);
-        MUSTAFAR_FREE(blob);
-        if (st) return st;
-        dev_jobs = dev;
-        dev_patches = dev + job_bytes;
-    }
-    args[1] = &dev_jobs; args[2] = &njobs; args[3] = &dev_patches;
-    args[4] = &npatches; args[5] = &compress_total; args[6] = &window_total; args[7] = &hkv;
-    args[8] = &pair_kv; args[9] = (void *)&k; args[10] = (void *)&v; args[11] = (void *)&kv->k_pages;
-    args[12] = (void *)&kv->v_pages; args[13] = (void *)&kv->page_table; args[14] = &stride;
-    args[15] = (void *)&kv->k_window; args[16] = (void *)&kv->v_window; args[17] = &window;
-    return mustafar__launch(ctx, kernel, kernel_name, (unsigned)blocks, 1, 1, 256, 0, args, 1);
-}
-
-/* Positions per split.  Time is modelled as waves x tiles per block: the
-   grid of (sequences x KV-head blocks x splits) blocks runs in waves of
-   (SMs x resident blocks); more splits shorten each block but can add a
-   partly empty wave, and each split costs a little in the combine step. */
-static int mustafar__choose_chunk(const mustafar_context *ctx, const mustafar__module *m, int nseq,
-                                  int blocks_per_seq, int32_t max_len)
-{
-    const int64_t sweep = 16 * (int64_t)m->warps;
-    const int64_t slots = (int64_t)ctx->cuda.num_sms * m->blocks_per_sm;
-    const int64_t base = (int64_t)nseq * blocks_per_seq;
-    int64_t splits, best_chunk = sweep, tiles_total = (max_len + sweep - 1) / sweep;
-    double best = -1.0;
-    if (max_len <= 0) return (int)sweep;
-    /* the cost depends on the split count only through chunk_tiles: visit
-       each distinct chunk_tiles once (O(sqrt(tiles)) steps, not O(tiles)) */
-    for (splits = 1; splits <= 1024 && splits <= tiles_total;) {
-        int64_t chunk_tiles = (tiles_total + splits - 1) / splits;
-        int64_t real_splits = (tiles_total + chunk_tiles - 1) / chunk_tiles;
-        int64_t waves = (base * real_splits + slots - 1) / slots;
-        double cost = (double)waves * (chunk_tiles + 2) + 0.02 * (double)real_splits;
-        if (best < 0 || cost < best) { best = cost; best_chunk = chunk_tiles * sweep; }
-        if (chunk_tiles == 1) break;
-        splits = (tiles_total + chunk_tiles - 2) / (chunk_tiles - 1);  /* next smaller chunk */
-    }
-    return (int)best_chunk;
-}
-
-static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mustafar__layout *L,
-                                                const mustafar_paged_kv *kv, int nseq,
-                                                const mustafar_paged_seq *seqs, int seqs_on_host,
-                                                int32_t max_len, const void *q, void *out,
-                                                float scale, int unsettled)
-{
-    mustafar__module *m;
-    mustafar_status st;
-    int head_blocks = (L->group + 15) / 16, chunk, splits, stride = kv->page_table_stride;
-    int window = L->window, hkv = L->num_kv_heads;
-    mustafar__seqs_inline *inl = &ctx->cuda.seq_params;
-    int inline_seqs = seqs_on_host && nseq <= MUSTAFAR__INLINE_SEQS;
-    size_t seq_bytes = seqs_on_host && !inline_seqs ? mustafar__round_up(sizeof *seqs * (size_t)nseq, 256) : 0;
-    size_t partial_o, partial_ml;
-    unsigned char *dev;
-    const void *dev_seqs = seqs;
-    float *po, *pml, scale_log2 = scale * 1.4426950408889634f;
-    void *args[18];
-    MUSTAFAR__CUDA_CHECK(ctx, cudaSetDevice(ctx->cuda.device));
-    if (nseq > 0x7fffffff / 2)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "nseq %d too large", nseq);
-    st = mustafar__get_module(ctx, L->head_dim, L->dtype, L->k_kept, L->v_kept, L->group,
-                              L->page_size, &m);
-    if (st) return st;
-    /* at most 1024 splits (grid z allows 65535), each a whole number of
-       sweeps: the kernel's tiles start at multiples of 16 */
-    chunk = mustafar__choose_chunk(ctx, m, nseq, hkv * head_blocks, max_len);
-    splits = max_len > 0 ? (int)((max_len + (int64_t)chunk - 1) / chunk) : 1;
-    partial_o = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * L->head_dim * 4 : 0;
-    partial_ml = splits > 1 ? (size_t)nseq * L->num_q_heads * splits * 2 * 4 : 0;
-    st = mustafar__cuda_scratch(ctx, seq_bytes + partial_o + partial_ml, (void **)&dev);
-    if (st) return st;
-    inl->count = 0;
-    if (inline_seqs) {
-        inl->count = nseq;
-        memcpy(inl->seqs, seqs, sizeof *seqs * (size_t)nseq);
-        dev_seqs = NULL;
-    } else if (seqs_on_host) {
-        st = mustafar__cuda_upload(ctx, dev, seqs, sizeof *seqs * (size_t)nseq);
-        if (st) return st;
-        dev_seqs = dev;
-        unsettled = -1;       /* a copy now separates the append from the attention */
-    }
-    po = (float *)(dev + seq_bytes);
-    pml = (float *)(dev + seq_bytes + partial_o);
-    args[0] = inl; args[1] = (void *)&kv->k_pages; args[2] = (void *)&kv->v_pages;
-    args[3] = (void *)&kv->page_table; args[4] = &stride; args[5] = (void *)&kv->k_window;
-    args[6] = (void *)&kv->v_window; args[7] = &window; args[8] = &dev_seqs; args[9] = (void *)&q;
-    args[10] = &out; args[11] = &po; args[12] = &pml; args[13] = &hkv; args[14] = &chunk;
-    args[15] = &splits; args[16] = &scale_log2; args[17] = &unsettled;
-    st = mustafar__launch(ctx, m->attention, "mustafar_attention", (unsigned)nseq,
-                          (unsigned)(hkv * head_blocks), (unsigned)splits,
-                          (unsigned)(32 * m->warps), m->attention_smem, args, 1);
-    if (st || splits == 1) return st;
-    args[0] = &po; args[1] = &pml; args[2] = &out; args[3] = &splits;
-    return mustafar__launch(ctx, m->combine, "mustafar_combine",
-                            (unsigned)((size_t)nseq * L->num_q_heads), 1, 1, 256, 0, args, 1);
+    return mustafar__kernel_source_pieces;
 }
 
 #endif /* MUSTAFAR_NO_CUDA */
@@ -4008,53 +4155,61 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
 #endif /* MUSTAFAR_IMPLEMENTATION_DONE */
 #endif /* MUSTAFAR_IMPLEMENTATION */
 
-/*
-   This software is available under 2 licenses -- choose whichever you prefer.
-   ------------------------------------------------------------------------------
-   ALTERNATIVE A - MIT License
+/* ==== >>history: REVISION HISTORY ================================================
 
-   Copyright (c) 2026 the mustafar.h authors
+   0.1.0  (2026-12-04)  first numbered release: fp16/bf16 records for head_dim
+                        64, 128 and 256, any GQA group; paged cache with dense
+                        window; CPU backend; CUDA backend with NVRTC JIT and
+                        a disk cache of compiled kernels.
+*/
 
-   Permission is hereby granted, free of charge, to any person obtaining a copy of
-   this software and associated documentation files (the "Software"), to deal in
-   the Software without restriction, including without limitation the rights to
-   use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
-   of the Software, and to permit persons to whom the Software is furnished to do
-   so, subject to the following conditions:
+/* ==== >>license ====================================================================
+This software is available under 2 licenses -- choose whichever you prefer.
+------------------------------------------------------------------------------
+ALTERNATIVE A - MIT License
 
-   The above copyright notice and this permission notice shall be included in all
-   copies or substantial portions of the Software.
+Copyright (c) 2026 the mustafar.h authors
 
-   THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
-   IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
-   FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
-   AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
-   LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
-   OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
-   SOFTWARE.
-   ------------------------------------------------------------------------------
-   ALTERNATIVE B - Public Domain (www.unlicense.org)
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
 
-   This is free and unencumbered software released into the public domain.
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
 
-   Anyone is free to copy, modify, publish, use, compile, sell, or distribute this
-   software, either in source code form or as a compiled binary, for any purpose,
-   commercial or non-commercial, and by any means.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+ALTERNATIVE B - Public Domain (www.unlicense.org)
 
-   In jurisdictions that recognize copyright laws, the author or authors of this
-   software dedicate any and all copyright interest in the software to the public
-   domain. We make this dedication for the benefit of the public at large and to
-   the detriment of our heirs and successors. We intend this dedication to be an
-   overt act of relinquishment in perpetuity of all present and future rights to
-   this software under copyright law.
+This is free and unencumbered software released into the public domain.
 
-   THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
-   IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
-   FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
-   AUTHORS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN
-   ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION
-   WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+Anyone is free to copy, modify, publish, use, compile, sell, or distribute this
+software, either in source code form or as a compiled binary, for any purpose,
+commercial or non-commercial, and by any means.
 
-   For more information, please refer to <http://unlicense.org/>
-   ------------------------------------------------------------------------------
+In jurisdictions that recognize copyright laws, the author or authors of this
+software dedicate any and all copyright interest in the software to the public
+domain. We make this dedication for the benefit of the public at large and to
+the detriment of our heirs and successors. We intend this dedication to be an
+overt act of relinquishment in perpetuity of all present and future rights to
+this software under copyright law.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN
+ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION
+WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+
+For more information, please refer to <http://unlicense.org/>
+------------------------------------------------------------------------------
 */

@@ -2,35 +2,116 @@
    NVRTC (amalgamate.py embeds this file into mustafar.h).  It includes no
    header: NVRTC has no include path on a user's machine.
 
-   Compile-time constants (-D options, one compiled library per cache shape):
-     MUSTAFAR_D           head_dim: 64, 128 or 256
-     MUSTAFAR_BF16        1: bf16 elements, 0: fp16
-     MUSTAFAR_K_KEPT      elements kept per K record (V: MUSTAFAR_V_KEPT)
-     MUSTAFAR_GROUP       query heads per KV head
-     MUSTAFAR_PAGE_SIZE   token positions per page
-     MUSTAFAR_WARPS       warps per attention block
-     MUSTAFAR_STAGES      tiles of records in flight per warp, plus one (2 or 3)
-     MUSTAFAR_SM          target SM (75, 80, 86, 89, 90, ...)
-     MUSTAFAR_APPEND_WIDE 1: only the wide append kernel (a library of its
-                          own, built when a large append first needs it)
+   KERNEL MAP
+   Kernels (one NVRTC library per cache shape; mustafar_append_wide in its own,
+   MUSTAFAR_APPEND_WIDE=1, built on the first large append):
+     mustafar_records     stateless prune / compress / decompress (op): reads
+                          in ([count][D] vectors or [count][record]), writes out.
+                          A lane group of D/32 lanes per vector, one bitmap word each;
+                          the kept set's threshold by binary search on magnitude bits.
+     mustafar_append      compresses the positions leaving the window (or arriving
+                          past it) into k_pages/v_pages, writes new pages into
+                          page_table, new tokens into the k_window/v_window ring.
+                          Reads k_in/v_in and the ring; job and page-patch lists in
+                          its parameters (48 jobs, 96 patches) or in global memory.
+     mustafar_append_wide the same body, 30 KB parameter block (128 jobs, 3072
+                          patches) for large appends such as prefill chunks.
+     mustafar_attention   decode attention; block = (sequence, KV head x head block,
+                          split), each warp walking 16-position tiles with its own
+                          online softmax.  Reads q, page_table, k_pages/v_pages
+                          (records staged to shared memory by cp.async, STAGES-1
+                          tiles ahead, decoded into mma fragments), k_window/v_window
+                          and the sequence list (parameters, up to 192, or global).
+                          Writes out (one split) or partial_o/partial_ml per split.
+     mustafar_combine     merges the splits of each (sequence, query head): reads
+                          partial_o/partial_ml, writes out.
+   On sm_90+ append, attention and combine are programmatic dependent launches
+   (griddepcontrol); in a decode step the attention reads the records the append
+   does not write before waiting for it.
 
-   Buffers (element = 16-bit fp16/bf16 bits; shapes outermost first):
-     record      [D/8 bytes bitmap][KEPT elements][zero pad to 16 bytes]
-     pages       [num_pages][Hkv][PAGE_SIZE][record]
-     page_table  [rows][table_stride] int32 page ids
-     window      [rows][window][Hkv][D] ring, position p at slot p % window
-     q, out      [nseq][Hq][D]
-     partial_o   [nseq][Hq][splits][D] float, unnormalised
-     partial_ml  [nseq][Hq][splits][2] float: running max (log2 units), sum */
+   Compile-time constants: -D options written by mustafar__kernel_options()
+   in mustafar.h, one compiled library per cache shape:
+     MUSTAFAR_D             head_dim: 64, 128 or 256
+     MUSTAFAR_BF16          1: bf16 elements, 0: fp16
+     MUSTAFAR_K_KEPT        elements kept per K record (V: MUSTAFAR_V_KEPT)
+     MUSTAFAR_K_RECORD      bytes of a K record (V: MUSTAFAR_V_RECORD), and of
+     MUSTAFAR_DENSE_RECORD  a record that keeps every element
+     MUSTAFAR_K_STAGED      spacing of K records staged in shared memory
+                            (V: MUSTAFAR_V_STAGED)
+     MUSTAFAR_SMEM_ZERO     offset of the attention kernel's 16 zero bytes
+                            in its dynamic shared memory (which ends there)
+     MUSTAFAR_BLOCK_VECTORS token vectors per 256-thread block of the record
+                            and append kernels
+     MUSTAFAR_GROUP         query heads per KV head
+     MUSTAFAR_PAGE_SIZE     token positions per page
+     MUSTAFAR_WARPS         warps per attention block
+     MUSTAFAR_STAGES        tiles of records in flight per warp, plus one (2 or 3)
+     MUSTAFAR_SM            target SM (75, 80, 86, 89, 90, ...)
+     MUSTAFAR_APPEND_WIDE   1: only the wide append kernel (a library of its
+                            own, built when a large append first needs it)
+   The structures the host passes are the CONTRACT block below, generated
+   from mustafar.h.  The record, page, page-table and window layouts are
+   specified once, in the documentation at the top of mustafar.h (CONCEPTS).
+   Scratch of the split attention (element = float, shapes outermost first):
+     partial_o   [nseq][Hq][splits][D] unnormalised
+     partial_ml  [nseq][Hq][splits][2] running max (log2 units), sum */
+
+typedef int int32_t;
+
+/* BEGIN CONTRACT (generated by amalgamate.py from mustafar.h; edit it there) */
+typedef struct mustafar_paged_seq {
+    int32_t row;                   /* page-table row and window row */
+    int32_t num_compressed;        /* positions [0, num_compressed) in pages */
+    int32_t num_window;            /* then this many in the window ring */
+    int32_t reserved;              /* set to 0 */
+} mustafar_paged_seq;
+/* One sequence of an append: positions [old_compressed, new_compressed) are
+   compressed into pages (from the window ring while < old_length, else from
+   the input), then positions [max(old_length, new_compressed), old_length +
+   new_tokens) are copied from the input into the window ring. */
+typedef struct mustafar__append_job {
+    int32_t row, old_length, new_tokens, input_offset;
+    int32_t old_compressed, new_compressed;
+    int32_t compress_offset;       /* exclusive prefix of compressed counts */
+    int32_t window_offset;         /* exclusive prefix of window writes */
+    int32_t pages_before;          /* table entries of the row valid before the call */
+    int32_t first_patch;           /* this row's first new entry in the patch list */
+} mustafar__append_job;
+
+/* Job, patch and sequence lists that fit travel in the kernel parameters
+   instead of being uploaded (an upload puts a copy between two kernels and
+   makes the host wait for the previous upload).  Decode steps use the small
+   append block (cheap to launch), larger appends such as prefill chunks the
+   wide one (30 KB, under the 32 KB limit of kernel parameters).  A count of
+   0 means: the lists are in global memory. */
+#define MUSTAFAR__INLINE_JOBS 48
+#define MUSTAFAR__INLINE_PATCHES 96
+#define MUSTAFAR__WIDE_JOBS 128
+#define MUSTAFAR__WIDE_PATCHES 3072
+#define MUSTAFAR__INLINE_SEQS 192
+typedef struct mustafar__append_inline {
+    int32_t njobs, npatches;
+    mustafar__append_job jobs[MUSTAFAR__INLINE_JOBS];
+    int32_t patches[2 * MUSTAFAR__INLINE_PATCHES];   /* (table index, page id) pairs */
+} mustafar__append_inline;
+typedef struct mustafar__append_wide {
+    int32_t njobs, npatches;
+    mustafar__append_job jobs[MUSTAFAR__WIDE_JOBS];
+    int32_t patches[2 * MUSTAFAR__WIDE_PATCHES];
+} mustafar__append_wide;
+typedef struct mustafar__seqs_inline {
+    int32_t count;
+    mustafar_paged_seq seqs[MUSTAFAR__INLINE_SEQS];
+} mustafar__seqs_inline;
+/* END CONTRACT */
 
 #ifndef MUSTAFAR_APPEND_WIDE
 #define MUSTAFAR_APPEND_WIDE 0
 #endif
 #define D MUSTAFAR_D
 #define BITMAP_BYTES (D / 8)
-#define RECORD_BYTES(kept) (((BITMAP_BYTES + 2 * (kept) + 15) / 16) * 16)
-#define K_RECORD RECORD_BYTES(MUSTAFAR_K_KEPT)
-#define V_RECORD RECORD_BYTES(MUSTAFAR_V_KEPT)
+#define K_RECORD MUSTAFAR_K_RECORD
+#define V_RECORD MUSTAFAR_V_RECORD
 #define TILE 16                            /* positions per warp tile = mma M/K */
 #define HEAD_ROWS (MUSTAFAR_GROUP < 16 ? MUSTAFAR_GROUP : 16)
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -44,13 +125,8 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-/* Same bytes as mustafar__append_job and mustafar_paged_seq on the host. */
-struct append_job {
-    int row, old_length, new_tokens, input_offset;
-    int old_compressed, new_compressed, compress_offset, window_offset;
-    int pages_before, first_patch;
-};
-struct paged_seq { int row, num_compressed, num_window, reserved; };
+typedef mustafar__append_job append_job;
+typedef mustafar_paged_seq paged_seq;
 
 /* ---- element conversions ------------------------------------------------- */
 
@@ -184,7 +260,8 @@ __device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 
      bit   0     1 step on the 2 halves of each packed pair. */
 
 #define VEC_LANES (D / 32)                  /* lanes per vector: 2, 4 or 8 */
-#define BLOCK_VECTORS (256 / VEC_LANES)     /* vectors per 256-thread block */
+#define BLOCK_VECTORS MUSTAFAR_BLOCK_VECTORS /* vectors per 256-thread block */
+static_assert(BLOCK_VECTORS * VEC_LANES == 256, "MUSTAFAR_BLOCK_VECTORS is 256 / (D / 32)");
 #define PAIRS 16                            /* packed element pairs per lane */
 
 __device__ __forceinline__ int group_lane()
@@ -360,7 +437,7 @@ __device__ __forceinline__ void expand_part(u32 x[PAIRS], const unsigned char *r
 extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const void *in, void *out,
                                                                     long long count)
 {
-    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];
+    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][MUSTAFAR_DENSE_RECORD];
     const int group = threadIdx.x / VEC_LANES;
     const long long first = (long long)blockIdx.x * BLOCK_VECTORS + (threadIdx.x & ~31) / VEC_LANES;
     const long long vec = (long long)blockIdx.x * BLOCK_VECTORS + group;
@@ -402,22 +479,6 @@ extern "C" __global__ void __launch_bounds__(256) mustafar_records(int op, const
    Window entries span at most `window` positions, so each slot receives at
    most one. */
 
-/* Job and patch lists travel in the kernel parameters when they fit: an
-   upload puts a copy between two kernels on the stream and makes the host
-   wait for the previous upload.  Decode steps use a small parameter block
-   (cheap to launch), larger appends such as prefill chunks a wide one
-   (30 KB, under the 32 KB limit of kernel parameters). */
-#define INLINE_JOBS 48
-#define INLINE_PATCHES 96
-#define WIDE_JOBS 128
-#define WIDE_PATCHES 3072
-template <int JOBS, int PATCHES>
-struct append_inline {
-    int njobs, npatches;                     /* 0: use the global arrays */
-    append_job jobs[JOBS];
-    int patches[2 * PATCHES];
-};
-
 __device__ __forceinline__ int find_job(const append_job *jobs, int njobs, int g, bool window)
 {
     int lo = 0, hi = njobs - 1;               /* last job with offset <= g */
@@ -436,7 +497,7 @@ __device__ __forceinline__ void append_body(
     const u16 *k_in, const u16 *v_in, unsigned char *k_pages, unsigned char *v_pages,
     int *page_table, int table_stride, u16 *k_window, u16 *v_window, int window)
 {
-    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][RECORD_BYTES(D)];
+    __shared__ __align__(16) unsigned char stage[BLOCK_VECTORS][MUSTAFAR_DENSE_RECORD];
 #if MUSTAFAR_SM >= 90
     /* A programmatic dependent like the attention: ready early, then waits
        for the kernel before it (whose reads of the ring this overwrites).
@@ -519,10 +580,10 @@ __device__ __forceinline__ void append_body(
     }
 }
 
-#define APPEND_KERNEL(name, JOBS, PATCHES)                                                          \
+#define APPEND_KERNEL(name, Params)                                                                 \
     extern "C" __global__ void __launch_bounds__(256, 4) name(                                      \
-        const __grid_constant__ append_inline<JOBS, PATCHES> inl, const append_job *global_jobs,    \
-        int njobs, const int *global_patches, int npatches, int compress_total, int window_total,  \
+        const __grid_constant__ Params inl, const append_job *global_jobs, int njobs,              \
+        const int *global_patches, int npatches, int compress_total, int window_total,             \
         int num_kv_heads, int pair_kv, const u16 *k_in, const u16 *v_in, unsigned char *k_pages,   \
         unsigned char *v_pages, int *page_table, int table_stride, u16 *k_window,                 \
         u16 *v_window, int window)                                                                  \
@@ -534,9 +595,9 @@ __device__ __forceinline__ void append_body(
 /* 4 blocks (64 registers) per SM: left alone, ptxas gives the K/V loop 77
    registers and the SM 3 blocks */
 #if MUSTAFAR_APPEND_WIDE
-APPEND_KERNEL(mustafar_append_wide, WIDE_JOBS, WIDE_PATCHES)
+APPEND_KERNEL(mustafar_append_wide, mustafar__append_wide)
 #else
-APPEND_KERNEL(mustafar_append, INLINE_JOBS, INLINE_PATCHES)
+APPEND_KERNEL(mustafar_append, mustafar__append_inline)
 #endif
 
 /* ---- decode attention -------------------------------------------------------
@@ -600,19 +661,17 @@ __device__ __forceinline__ int o_channel(int mm, bool high)
 #endif
 }
 
-/* Staged records are spaced so that the 16 rows of a tile start in 8
-   different bank groups (stride / 16 odd): decode loads conflict at most
-   2-way instead of 4-way for a 96-byte record. */
-#define STAGED(rec) ((rec) / 16 % 2 ? (rec) : (rec) + 16)
-#define K_STAGED STAGED(K_RECORD)
-#define V_STAGED STAGED(V_RECORD)
+#define K_STAGED MUSTAFAR_K_STAGED
+#define V_STAGED MUSTAFAR_V_STAGED
 #define STAGE_BYTES (TILE * (K_STAGED + V_STAGED))
-/* Shared memory (mustafar__attention_smem on the host): the stages, reused
-   by the merge, 2*D bytes that a corrupt record's decode may read past
-   them, then 16 zero bytes that pruned V channels read. */
+/* Shared memory, laid out by mustafar__attention_smem on the host: the
+   stages, reused by the merge, 2*D bytes that a corrupt record's decode may
+   read past them, then 16 zero bytes that pruned V channels read. */
 #define LOOP_BYTES (MUSTAFAR_WARPS * MUSTAFAR_STAGES * STAGE_BYTES)
 #define MERGE_BYTES (MUSTAFAR_WARPS * 32 * 4 + MUSTAFAR_WARPS * HEAD_ROWS * D * 4)
-#define ZERO_OFFSET ((LOOP_BYTES > MERGE_BYTES ? LOOP_BYTES : MERGE_BYTES) + 2 * D)
+#define ZERO_OFFSET MUSTAFAR_SMEM_ZERO
+static_assert(ZERO_OFFSET >= LOOP_BYTES + 2 * D && ZERO_OFFSET >= MERGE_BYTES + 2 * D,
+              "MUSTAFAR_SMEM_ZERO leaves room for the stages, the merge and the slack");
 
 /* Page id for the prefetch of the tile at p0 (0 past `end`), loaded one
    tile before the copies that need it, so that the page-table latency hides
@@ -1190,16 +1249,10 @@ __device__ __forceinline__ const u16 *ring_row(const u16 *ring, int row, int win
     return p >= lo && p < hi ? ring + (((long long)row * window + p % window) * num_kv_heads + head) * D : 0;
 }
 
-#define INLINE_SEQS 192
-/* Small batches travel in the kernel parameters (no upload). */
-struct seqs_inline {
-    int count;                               /* 0: use the global array */
-    paged_seq seqs[INLINE_SEQS];
-};
 
 #if !MUSTAFAR_APPEND_WIDE
 extern "C" __global__ void __launch_bounds__(MUSTAFAR_WARPS * 32, MIN_BLOCKS) mustafar_attention(
-    const __grid_constant__ seqs_inline inl, const unsigned char *k_pages,
+    const __grid_constant__ mustafar__seqs_inline inl, const unsigned char *k_pages,
     const unsigned char *v_pages, const int *page_table, int table_stride, const u16 *k_window,
     const u16 *v_window, int window, const paged_seq *global_seqs, const u16 *q, u16 *out,
     float *partial_o, float *partial_ml, int num_kv_heads, int chunk, int splits,

@@ -118,8 +118,8 @@ static void test_jit_disk_cache(mustafar_context *unused)
             void *dx = tb_alloc(ctx, 128 * 2), *dr = tb_alloc(ctx, rec);
             tb_upload(ctx, dx, x, 128 * 2);
             CHECK_ST(ctx, mustafar_compress(ctx, 128, 0.7f, MUSTAFAR_DTYPE_F16, dx, dr, 1), MUSTAFAR_OK);
-            CHECK(ctx->cuda.cache_dir[0] == 0, "cache dir is '%s' with MUSTAFAR_CACHE_DIR=off",
-                  ctx->cuda.cache_dir);
+            CHECK(ctx->cuda->cache_dir[0] == 0, "cache dir is '%s' with MUSTAFAR_CACHE_DIR=off",
+                  ctx->cuda->cache_dir);
             tb_free(ctx, dx);
             tb_free(ctx, dr);
             mustafar_context_destroy(ctx);

@@ -1,62 +1,102 @@
+#define _POSIX_C_SOURCE 200809L
 /* Compiles the embedded kernel source with NVRTC for every SM from 75 up that
-   the installed NVRTC supports, for a few kernel configurations.  Needs no
-   GPU.  Ends with the runner's line "N passed, M failed". */
+   the installed NVRTC supports, for a few kernel configurations, with the
+   library's own option list (mustafar__kernel_options).  Needs no GPU.  The
+   compiles run on one thread per core and report as they finish.  Ends with
+   the runner's line "N passed, M failed". */
 #define MUSTAFAR_IMPLEMENTATION
 #include "../mustafar.h"
+#include <pthread.h>
+#include <unistd.h>
+
+typedef struct config {
+    int d;
+    mustafar_dtype dtype;
+    int k_kept, v_kept, group, page_size, warps, stages, append_wide;
+} config;
+
+static const config configs[] = {
+    {128, MUSTAFAR_DTYPE_F16, 39, 39, 4, 16, 4, 3, 0},
+    {64, MUSTAFAR_DTYPE_BF16, 32, 20, 1, 8, 4, 2, 0},
+    {256, MUSTAFAR_DTYPE_BF16, 77, 128, 20, 16, 2, 3, 0},
+    {128, MUSTAFAR_DTYPE_F16, 39, 39, 4, 16, 4, 3, 1},   /* the wide append kernel's own library */
+};
+#define NCONFIGS ((int)(sizeof configs / sizeof configs[0]))
+
+static char *text;
+static int archs[64], narch, next_job, passed, failed;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void *worker(void *unused)
+{
+    (void)unused;
+    for (;;) {
+        int job, sm;
+        const config *c;
+        char options[512];
+        void *cubin = NULL;
+        size_t size = 0;
+        mustafar_context ctx;
+        mustafar_status st;
+        pthread_mutex_lock(&lock);
+        job = next_job++;
+        pthread_mutex_unlock(&lock);
+        if (job >= narch * NCONFIGS) return NULL;
+        sm = archs[job / NCONFIGS];
+        c = &configs[job % NCONFIGS];
+        memset(&ctx, 0, sizeof ctx);
+        mustafar__kernel_options(options, sizeof options, sm, c->d, c->dtype, c->k_kept, c->v_kept,
+                                 c->group, c->page_size, c->warps, c->stages, c->append_wide);
+        st = mustafar__compile_cubin(&ctx, text, sm, options, &cubin, &size);
+        pthread_mutex_lock(&lock);
+        if (st == MUSTAFAR_OK) {
+            passed++;
+            printf("ok   sm_%d config %d: %zu-byte cubin\n", sm, job % NCONFIGS, size);
+        } else {
+            failed++;
+            printf("FAIL sm_%d config %d: %s\n", sm, job % NCONFIGS, ctx.message);
+        }
+        fflush(stdout);
+        pthread_mutex_unlock(&lock);
+        MUSTAFAR_FREE(cubin);
+    }
+}
 
 int main(void)
 {
-    static const char *const configs[][8] = {
-        {"-DMUSTAFAR_D=128", "-DMUSTAFAR_BF16=0", "-DMUSTAFAR_K_KEPT=39", "-DMUSTAFAR_V_KEPT=39",
-         "-DMUSTAFAR_GROUP=4", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=4", "-DMUSTAFAR_STAGES=3"},
-        {"-DMUSTAFAR_D=64", "-DMUSTAFAR_BF16=1", "-DMUSTAFAR_K_KEPT=32", "-DMUSTAFAR_V_KEPT=20",
-         "-DMUSTAFAR_GROUP=1", "-DMUSTAFAR_PAGE_SIZE=8", "-DMUSTAFAR_WARPS=4", "-DMUSTAFAR_STAGES=2"},
-        {"-DMUSTAFAR_D=256", "-DMUSTAFAR_BF16=1", "-DMUSTAFAR_K_KEPT=77", "-DMUSTAFAR_V_KEPT=128",
-         "-DMUSTAFAR_GROUP=20", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=2", "-DMUSTAFAR_STAGES=3"},
-        /* the wide append kernel's own library (a 30 KB parameter block) */
-        {"-DMUSTAFAR_D=128", "-DMUSTAFAR_BF16=0", "-DMUSTAFAR_K_KEPT=39", "-DMUSTAFAR_V_KEPT=39",
-         "-DMUSTAFAR_GROUP=4", "-DMUSTAFAR_PAGE_SIZE=16", "-DMUSTAFAR_WARPS=4", "-DMUSTAFAR_APPEND_WIDE=1"}};
-    int archs[64], narch = 0, i, c, passed = 0, failed = 0;
-    char *text = mustafar__kernel_text();
-    if (!text || nvrtcGetNumSupportedArchs(&narch) != NVRTC_SUCCESS || narch > 64 ||
-        nvrtcGetSupportedArchs(archs) != NVRTC_SUCCESS) {
+    int all[64], nall = 0, i, nthreads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    pthread_t threads[64];
+    text = mustafar__kernel_text();
+    if (!text || nvrtcGetNumSupportedArchs(&nall) != NVRTC_SUCCESS || nall > 64 ||
+        nvrtcGetSupportedArchs(all) != NVRTC_SUCCESS) {
         printf("FAIL nvrtc: cannot list supported archs\n0 passed, 1 failed\n");
         return 1;
     }
-    for (i = 0; i < narch; i++) {
-        char arch[48], sm[32];
-        if (archs[i] < 75) continue;
-        snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", archs[i]);
-        snprintf(sm, sizeof sm, "-DMUSTAFAR_SM=%d", archs[i]);
-        for (c = 0; c < (int)(sizeof configs / sizeof configs[0]); c++) {
-            const char *argv[11];
-            void *cubin = NULL;
-            size_t size = 0;
-            mustafar_context ctx;
-            int k;
-            memset(&ctx, 0, sizeof ctx);
-            argv[0] = MUSTAFAR__SPLIT_COMPILE;   /* as the library compiles */
-            argv[1] = arch;
-            argv[2] = sm;
-            for (k = 0; k < 8; k++) argv[3 + k] = configs[c][k];
-            if (mustafar__nvrtc_compile(&ctx, text, argv, 11, &cubin, &size) == MUSTAFAR_OK) {
-                passed++;
-                printf("ok   sm_%d config %d: %zu-byte cubin\n", archs[i], c, size);
-            } else {
-                failed++;
-                printf("FAIL sm_%d config %d: %s\n", archs[i], c, ctx.message);
-            }
-            MUSTAFAR_FREE(cubin);
-        }
-    }
+    for (i = 0; i < nall; i++)
+        if (all[i] >= 75) archs[narch++] = all[i];
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 64) nthreads = 64;
+    printf("compiling %d configurations for %d archs on %d threads\n", NCONFIGS, narch, nthreads);
+    fflush(stdout);
+    for (i = 0; i < nthreads; i++) pthread_create(&threads[i], NULL, worker, NULL);
+    for (i = 0; i < nthreads; i++) pthread_join(threads[i], NULL);
     {   /* an NVRTC that rejects the parallel-compile option: compiled again without it */
-        const char *argv[11] = {"-split-compile=unknown", "--gpu-architecture=sm_90", "-DMUSTAFAR_SM=90"};
+        char options[512];
+        const char *argv[32] = {"-split-compile=unknown", "--gpu-architecture=sm_90"};
+        int argc = 2;
+        char *tok;
         void *cubin = NULL;
         size_t size = 0;
         mustafar_context ctx;
         memset(&ctx, 0, sizeof ctx);
-        for (c = 0; c < 8; c++) argv[3 + c] = configs[0][c];
-        if (mustafar__nvrtc_compile(&ctx, text, argv, 11, &cubin, &size) == MUSTAFAR_OK && size > 0 &&
+        mustafar__kernel_options(options, sizeof options, 90, 128, MUSTAFAR_DTYPE_F16, 39, 39, 4, 16,
+                                 4, 3, 0);
+        for (tok = options; *tok && argc < 32;) {
+            argv[argc++] = tok;
+            while (*tok && *tok != ' ') tok++;
+            if (*tok) *tok++ = 0;
+        }
+        if (mustafar__nvrtc_compile(&ctx, text, argv, argc, &cubin, &size) == MUSTAFAR_OK && size > 0 &&
             !ctx.message[0]) {
             passed++;
             printf("ok   rejected -split-compile: compiled without it (%zu-byte cubin)\n", size);

@@ -1,9 +1,9 @@
-// Read-bandwidth ceiling of the GPU for the attention kernel's access pattern
-// (session 13): 16-byte loads over 384 MiB (the s=0.7 records of B=8 T=32k),
+// Read-bandwidth ceiling of the GPU for the attention kernel's access pattern:
+// 16-byte loads over 384 MiB (the s=0.7 records of B=8 T=32k),
 // contiguous, and as 1536-byte chunks (one page of one head's records) in
 // order and in random order; cudaMemcpy device to device for reference.
 // Median of 32 timed runs after 8 warm-up runs, 4 buffers rotated (> L2).
-//   nvcc -O2 -arch=sm_90 -std=c++17 bench/experiments/read_ceiling.cu -o read_ceiling && ./read_ceiling
+//   nvcc -O2 -arch=sm_90 -std=c++17 bench/tools/read_ceiling.cu -o read_ceiling && ./read_ceiling
 #include <cstdio>
 #include <vector>
 #include <algorithm>

@@ -7,9 +7,11 @@ For every decode load of a warp (one channel slot of every lane), the
 active lanes (bit set) read a 16-bit value; the load takes as many
 wavefronts as the most distinct 4-byte words that fall in one of the 32
 banks.  Mappings: which channel lane (g, t) decodes at slot s.
-  run:   one run of D/4 (K) or D/8 (V) channels per lane (the kept kernel)
-  quad:  neighbouring quads of 4 channels (bench/experiments/channel-quads.patch)
-  octet: neighbouring octets of 8 channels (not built)
+  run:   one run of D/4 (K) or D/8 (V) channels per lane (the K decode of
+         mustafar_kernels.cuh)
+  quad:  neighbouring quads of 4 channels
+  octet: neighbouring octets of 8 channels
+(see bench/DESIGN-NOTES.md for what each measured).
 Usage: python3 bank_conflicts.py [trials]"""
 import random
 import sys
