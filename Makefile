@@ -6,14 +6,13 @@
 CUDA_HOME ?= /usr/local/cuda
 BUILD ?= build
 WARN := -Wall -Wextra -Wpedantic -Werror
+# Programs load the CUDA runtime and NVRTC at run time (no CUDA flags); the
+# toolkit's headers are needed only for the linked build and the ABI check.
 HAVE_CUDA := $(shell test -f $(CUDA_HOME)/include/cuda_runtime.h && test -f $(CUDA_HOME)/include/nvrtc.h && echo 1)
-ifeq ($(HAVE_CUDA),1)
-CUDA_CFLAGS := -isystem $(CUDA_HOME)/include
-CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lnvrtc -lcudart
-else
-CUDA_CFLAGS := -DMUSTAFAR_NO_CUDA
-CUDA_LIBS :=
-endif
+CUDA_CFLAGS :=
+CUDA_LIBS := -ldl
+LINKED_CFLAGS := -DMUSTAFAR_CUDA_LINKED -isystem $(CUDA_HOME)/include
+LINKED_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lnvrtc -lcudart
 HEADERS := mustafar.h tests/*.h
 
 .PHONY: all run test test-gpu bench check clean
@@ -25,15 +24,23 @@ $(BUILD):
 check:
 	python3 amalgamate.py --check
 
-ifneq ($(HAVE_CUDA),1)
-$(info CUDA not found under CUDA_HOME=$(CUDA_HOME): building the CPU backend only)
-endif
 
 $(BUILD)/quickstart: examples/quickstart.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
 
 $(BUILD)/test_main: tests/test_main.c $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -O2 -g $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
+
+$(BUILD)/test_main_linked: tests/test_main.c $(HEADERS) | $(BUILD)
+	$(CC) -std=c99 -O2 -g $(WARN) $(LINKED_CFLAGS) $< -o $@ $(LINKED_LIBS) -lm
+
+$(BUILD)/test_loader: tests/test_loader.c tests/fake_cuda.c mustafar.h | $(BUILD)
+	@mkdir -p $(BUILD)/fake_cuda $(BUILD)/fake_cuda_missing $(BUILD)/fake_cuda_garbage
+	$(CC) -shared -fPIC tests/fake_cuda.c -o $(BUILD)/fake_cuda/libcudart.so.13
+	cp $(BUILD)/fake_cuda/libcudart.so.13 $(BUILD)/fake_cuda/libnvrtc.so.13
+	$(CC) -shared -fPIC -DFAKE_MISSING_LAUNCH tests/fake_cuda.c -o $(BUILD)/fake_cuda_missing/libcudart.so.13
+	echo "not a library" > $(BUILD)/fake_cuda_garbage/libcudart.so.13
+	$(CC) -std=c99 -O2 $(WARN) $< -o $@ -ldl -lm
 
 $(BUILD)/test_main_san: tests/test_main.c $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all \
@@ -43,15 +50,15 @@ $(BUILD)/test_nvrtc: tests/test_nvrtc.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm -lpthread
 
 $(BUILD)/bench: bench/bench.c mustafar.h | $(BUILD)
-	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
+	$(CC) -std=c99 -O2 $(WARN) $(LINKED_CFLAGS) $< -o $@ $(LINKED_LIBS) -lm
 
 run: $(BUILD)/quickstart
 	./$(BUILD)/quickstart
 
-test: $(BUILD)/test_main $(BUILD)/test_main_san
+test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_loader
 	@HAVE_CUDA=$(HAVE_CUDA) CUDA_HOME=$(CUDA_HOME) BUILD=$(BUILD) sh tests/run_all.sh
 
-test-gpu: $(BUILD)/test_main
+test-gpu: $(BUILD)/test_main $(BUILD)/test_main_linked
 	@BUILD=$(BUILD) sh tests/run_gpu.sh
 
 bench: $(BUILD)/bench

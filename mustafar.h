@@ -1,4 +1,4 @@
-/* mustafar.h - v0.1.0 - compressed KV cache and sparse decode attention
+/* mustafar.h - v0.2.0 - compressed KV cache and sparse decode attention
    for LLM inference, in one C header.  Public domain / MIT (see end of file).
 
    WHAT IT IS
@@ -20,9 +20,11 @@
        #define MUSTAFAR_IMPLEMENTATION
        #include "mustafar.h"
 
-   and link with -lcudart -lnvrtc (CUDA 12.0 or newer).  For a CPU-only build
-   that needs no CUDA header or library, define MUSTAFAR_NO_CUDA before the
-   include, in every file that includes the header.
+   and build with no CUDA flags: cc app.c -lm (-ldl on older glibc; nothing
+   on Windows).  The CUDA runtime and NVRTC (CUDA 12.0 or newer) are loaded
+   at run time when present; without them, or without a usable GPU, the CPU
+   backend serves every call.  To link CUDA instead, define
+   MUSTAFAR_CUDA_LINKED and build with CUDA's include path, -lcudart -lnvrtc.
 
    CONTENTS (search for the tag)
 
@@ -55,7 +57,9 @@
 
    OPTIONS (define before including)
 
-       MUSTAFAR_NO_CUDA        CPU backend only; no CUDA header or library.
+       MUSTAFAR_NO_CUDA        CPU backend only; no CUDA code at all.
+       MUSTAFAR_CUDA_LINKED    include CUDA's headers and link -lcudart -lnvrtc
+                               instead of loading them at run time.
        MUSTAFAR_API            decoration of every public function
                                (default: extern, or static with MUSTAFAR_STATIC).
        MUSTAFAR_STATIC         make every function static to the including file.
@@ -65,6 +69,10 @@
 
    ENVIRONMENT
 
+       MUSTAFAR_CUDA_PATH      directories searched first for the CUDA runtime
+                               and NVRTC (libcudart.so.13/.12, libnvrtc.so.13/.12;
+                               cudart64_13/12.dll, nvrtc64_130_0/120_0.dll),
+                               before the system's own search.
        MUSTAFAR_CACHE_DIR      where compiled kernels are cached on disk
                                (default $XDG_CACHE_HOME/mustafar, else
                                $HOME/.cache/mustafar); "off" disables the cache.
@@ -134,9 +142,9 @@
 #include <stdint.h>
 
 #define MUSTAFAR_VERSION_MAJOR 0
-#define MUSTAFAR_VERSION_MINOR 1
+#define MUSTAFAR_VERSION_MINOR 2
 #define MUSTAFAR_VERSION_PATCH 0
-#define MUSTAFAR_VERSION_STRING "0.1.0"
+#define MUSTAFAR_VERSION_STRING "0.2.0"
 /* Version of the record and page layout; bumped on any change to them. */
 #define MUSTAFAR_FORMAT_VERSION 1
 
@@ -196,6 +204,9 @@ typedef struct mustafar_context_desc {
     int cuda_device;               /* device ordinal (0 is the first GPU) */
     void *cuda_stream;             /* cudaStream_t for all work; NULL: default */
     const char *jit_cache_dir;     /* NULL: $MUSTAFAR_CACHE_DIR, else default */
+    const char *cuda_path;         /* directories searched first for the CUDA runtime
+                                      and NVRTC (':'-separated, ';' on Windows);
+                                      NULL: $MUSTAFAR_CUDA_PATH */
     int disable_jit_cache;         /* nonzero: never read or write the disk cache */
     char *error_buffer;            /* optional: receives the reason if create fails */
     size_t error_buffer_size;
@@ -263,6 +274,22 @@ MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx);
 MUSTAFAR_API mustafar_backend mustafar_context_backend(const mustafar_context *ctx);
 /* Human-readable message of the last failure, or of the AUTO fallback. */
 MUSTAFAR_API const char *mustafar_last_error(const mustafar_context *ctx);
+
+/* Waits for all work queued on the context (its CUDA stream); no-op on the CPU. */
+MUSTAFAR_API mustafar_status mustafar_context_synchronize(mustafar_context *ctx);
+
+/* ---- backend memory ------------------------------------------------------
+   Memory the context's backend reads: device memory for CUDA (cudaMalloc),
+   host memory for the CPU; so one program drives either backend without a
+   CUDA header.  Allocations are zeroed and 16-byte aligned.  An upload is
+   queued on the context's stream (src may be reused on return); a download
+   waits for all queued work, then copies. */
+MUSTAFAR_API mustafar_status mustafar_memory_alloc(mustafar_context *ctx, size_t bytes, void **out);
+MUSTAFAR_API void mustafar_memory_free(mustafar_context *ctx, void *p);
+MUSTAFAR_API mustafar_status mustafar_memory_upload(mustafar_context *ctx, void *dst,
+                                                    const void *src, size_t bytes);
+MUSTAFAR_API mustafar_status mustafar_memory_download(mustafar_context *ctx, void *dst,
+                                                      const void *src, size_t bytes);
 
 /* ---- fp16 / bf16 -------------------------------------------------------- */
 MUSTAFAR_API float mustafar_f16_to_f32(uint16_t h);
@@ -362,12 +389,12 @@ MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
 #if defined(MUSTAFAR_MALLOC) && defined(MUSTAFAR_FREE)
 #elif !defined(MUSTAFAR_MALLOC) && !defined(MUSTAFAR_FREE)
-#  include <stdlib.h>
 #  define MUSTAFAR_MALLOC(sz) malloc(sz)
 #  define MUSTAFAR_FREE(p) free(p)
 #else
@@ -963,26 +990,320 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
 }
 
 
-/* ==== >>cuda: the CUDA backend (state, JIT and disk cache, memory, operations) ====
+/* ==== >>cuda: the CUDA backend (loading, state, JIT and disk cache, memory, operations) ====
    Runtime API and NVRTC only.  Every function here runs with the context's
-   device current: the dispatch functions (>>dispatch) switch to it and back. */
+   device current: the dispatch functions (>>dispatch) switch to it and back.
+
+   The CUDA runtime and NVRTC are loaded at run time (dlopen / LoadLibrary),
+   so a program built with no CUDA header or library starts on any machine
+   and uses the GPU where one is usable.  With MUSTAFAR_CUDA_LINKED the
+   header includes CUDA's own headers and the program links -lcudart
+   -lnvrtc instead; the same table of functions is then filled from the
+   linked symbols, and the compiler checks the declarations below against
+   CUDA's. */
 #ifndef MUSTAFAR_NO_CUDA
 
-/* CUDA's headers use anonymous unions, which -Wpedantic rejects in C99. */
-#if defined(__GNUC__)
-#  pragma GCC diagnostic push
-#  pragma GCC diagnostic ignored "-Wpedantic"
-#endif
-#include <cuda_runtime.h>
-#include <nvrtc.h>
-#if defined(__GNUC__)
-#  pragma GCC diagnostic pop
-#endif
 #include <sys/stat.h>
 #include <time.h>
 #ifdef _WIN32
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  include <windows.h>
 #  include <direct.h>
+#  define MUSTAFAR__CUDAAPI __stdcall
+#else
+#  include <dlfcn.h>
+#  define MUSTAFAR__CUDAAPI
 #endif
+
+/* ---- the runtime API and NVRTC: types, constants, function table ------------ */
+
+#ifdef MUSTAFAR_CUDA_LINKED
+/* CUDA's headers use anonymous unions, which -Wpedantic rejects in C99. */
+#  if defined(__GNUC__)
+#    pragma GCC diagnostic push
+#    pragma GCC diagnostic ignored "-Wpedantic"
+#  endif
+#  include <cuda_runtime.h>
+#  include <nvrtc.h>
+#  if defined(__GNUC__)
+#    pragma GCC diagnostic pop
+#  endif
+typedef cudaError_t mustafar__cudaError;
+typedef enum cudaDeviceAttr mustafar__cudaDeviceAttr;
+typedef enum cudaMemcpyKind mustafar__cudaMemcpyKind;
+typedef enum cudaFuncAttribute mustafar__cudaFuncAttribute;
+typedef enum cudaJitOption mustafar__cudaJitOption;
+typedef enum cudaLibraryOption mustafar__cudaLibraryOption;
+typedef enum cudaLaunchAttributeID mustafar__cudaLaunchAttributeID;
+typedef cudaStream_t mustafar__cudaStream;
+typedef cudaEvent_t mustafar__cudaEvent;
+typedef cudaLibrary_t mustafar__cudaLibrary;
+typedef cudaKernel_t mustafar__cudaKernel;
+typedef cudaLaunchConfig_t mustafar__cudaLaunchConfig;
+typedef cudaLaunchAttribute mustafar__cudaLaunchAttribute;
+typedef nvrtcResult mustafar__nvrtcResult;
+typedef nvrtcProgram mustafar__nvrtcProgram;
+#else
+/* From the runtime API's and NVRTC's documented, stable C ABI (CUDA 12 and
+   13): enums are int, handles are pointers to opaque structs. */
+typedef int mustafar__cudaError;
+typedef int mustafar__cudaDeviceAttr;
+typedef int mustafar__cudaMemcpyKind;
+typedef int mustafar__cudaFuncAttribute;
+typedef int mustafar__cudaJitOption;
+typedef int mustafar__cudaLibraryOption;
+typedef int mustafar__cudaLaunchAttributeID;
+typedef struct mustafar__CUstream_st *mustafar__cudaStream;
+typedef struct mustafar__CUevent_st *mustafar__cudaEvent;
+typedef struct mustafar__CUlib_st *mustafar__cudaLibrary;
+typedef struct mustafar__CUkern_st *mustafar__cudaKernel;
+typedef struct mustafar__dim3 { unsigned int x, y, z; } mustafar__dim3;
+typedef struct mustafar__cudaLaunchAttribute {
+    int id;
+    char pad[8 - sizeof(int)];
+    union { char pad[64]; int programmaticStreamSerializationAllowed; } val;
+} mustafar__cudaLaunchAttribute;
+typedef struct mustafar__cudaLaunchConfig {
+    mustafar__dim3 gridDim, blockDim;
+    size_t dynamicSmemBytes;
+    mustafar__cudaStream stream;
+    mustafar__cudaLaunchAttribute *attrs;
+    unsigned int numAttrs;
+} mustafar__cudaLaunchConfig;
+typedef int mustafar__nvrtcResult;
+typedef struct mustafar__nvrtcProgram_st *mustafar__nvrtcProgram;
+#endif
+
+/* Values of the runtime API's enums that the library uses. */
+#define MUSTAFAR__cudaSuccess 0
+#define MUSTAFAR__cudaMemcpyHostToDevice ((mustafar__cudaMemcpyKind)1)
+#define MUSTAFAR__cudaMemcpyDeviceToHost ((mustafar__cudaMemcpyKind)2)
+#define MUSTAFAR__cudaEventDisableTiming 2u
+#define MUSTAFAR__cudaDevAttrMultiProcessorCount ((mustafar__cudaDeviceAttr)16)
+#define MUSTAFAR__cudaDevAttrComputeCapabilityMajor ((mustafar__cudaDeviceAttr)75)
+#define MUSTAFAR__cudaDevAttrComputeCapabilityMinor ((mustafar__cudaDeviceAttr)76)
+#define MUSTAFAR__cudaDevAttrMaxSharedMemoryPerBlockOptin ((mustafar__cudaDeviceAttr)97)
+#define MUSTAFAR__cudaFuncAttributeMaxDynamicSharedMemorySize ((mustafar__cudaFuncAttribute)8)
+#define MUSTAFAR__cudaLaunchAttributeProgrammaticStreamSerialization ((mustafar__cudaLaunchAttributeID)6)
+#define MUSTAFAR__NVRTC_SUCCESS 0
+#define MUSTAFAR__NVRTC_ERROR_INVALID_OPTION 5
+
+/* X-lists of the functions used: (name in the table, return type, parameters). */
+#define MUSTAFAR__CUDART_FUNCTIONS(X)                                                              \
+    X(GetErrorName, const char *, (mustafar__cudaError))                                           \
+    X(GetErrorString, const char *, (mustafar__cudaError))                                         \
+    X(GetLastError, mustafar__cudaError, (void))                                                   \
+    X(GetDeviceCount, mustafar__cudaError, (int *))                                                \
+    X(GetDevice, mustafar__cudaError, (int *))                                                     \
+    X(SetDevice, mustafar__cudaError, (int))                                                       \
+    X(DriverGetVersion, mustafar__cudaError, (int *))                                              \
+    X(DeviceGetAttribute, mustafar__cudaError, (int *, mustafar__cudaDeviceAttr, int))             \
+    X(Malloc, mustafar__cudaError, (void **, size_t))                                              \
+    X(Free, mustafar__cudaError, (void *))                                                         \
+    X(MallocHost, mustafar__cudaError, (void **, size_t))                                          \
+    X(FreeHost, mustafar__cudaError, (void *))                                                     \
+    X(MemsetAsync, mustafar__cudaError, (void *, int, size_t, mustafar__cudaStream))               \
+    X(MemcpyAsync, mustafar__cudaError,                                                            \
+      (void *, const void *, size_t, mustafar__cudaMemcpyKind, mustafar__cudaStream))              \
+    X(StreamSynchronize, mustafar__cudaError, (mustafar__cudaStream))                              \
+    X(EventCreateWithFlags, mustafar__cudaError, (mustafar__cudaEvent *, unsigned int))            \
+    X(EventRecord, mustafar__cudaError, (mustafar__cudaEvent, mustafar__cudaStream))               \
+    X(EventSynchronize, mustafar__cudaError, (mustafar__cudaEvent))                                \
+    X(EventDestroy, mustafar__cudaError, (mustafar__cudaEvent))                                    \
+    X(LibraryLoadData, mustafar__cudaError,                                                        \
+      (mustafar__cudaLibrary *, const void *, mustafar__cudaJitOption *, void **, unsigned int,    \
+       mustafar__cudaLibraryOption *, void **, unsigned int))                                      \
+    X(LibraryUnload, mustafar__cudaError, (mustafar__cudaLibrary))                                 \
+    X(LibraryGetKernel, mustafar__cudaError,                                                       \
+      (mustafar__cudaKernel *, mustafar__cudaLibrary, const char *))                               \
+    X(FuncSetAttribute, mustafar__cudaError, (const void *, mustafar__cudaFuncAttribute, int))     \
+    X(OccupancyMaxActiveBlocksPerMultiprocessor, mustafar__cudaError,                              \
+      (int *, const void *, int, size_t))                                                          \
+    X(LaunchKernelExC, mustafar__cudaError,                                                        \
+      (const mustafar__cudaLaunchConfig *, const void *, void **))
+#define MUSTAFAR__NVRTC_FUNCTIONS(X)                                                               \
+    X(GetErrorString, const char *, (mustafar__nvrtcResult))                                       \
+    X(Version, mustafar__nvrtcResult, (int *, int *))                                              \
+    X(GetNumSupportedArchs, mustafar__nvrtcResult, (int *))                                        \
+    X(GetSupportedArchs, mustafar__nvrtcResult, (int *))                                           \
+    X(CreateProgram, mustafar__nvrtcResult,                                                        \
+      (mustafar__nvrtcProgram *, const char *, const char *, int, const char *const *,             \
+       const char *const *))                                                                       \
+    X(CompileProgram, mustafar__nvrtcResult, (mustafar__nvrtcProgram, int, const char *const *))   \
+    X(DestroyProgram, mustafar__nvrtcResult, (mustafar__nvrtcProgram *))                           \
+    X(GetProgramLogSize, mustafar__nvrtcResult, (mustafar__nvrtcProgram, size_t *))                \
+    X(GetProgramLog, mustafar__nvrtcResult, (mustafar__nvrtcProgram, char *))                      \
+    X(GetCUBINSize, mustafar__nvrtcResult, (mustafar__nvrtcProgram, size_t *))                     \
+    X(GetCUBIN, mustafar__nvrtcResult, (mustafar__nvrtcProgram, char *))
+
+#define MUSTAFAR__FIELD(name, ret, params) ret(MUSTAFAR__CUDAAPI *name) params;
+typedef struct mustafar__cudart_api { MUSTAFAR__CUDART_FUNCTIONS(MUSTAFAR__FIELD) } mustafar__cudart_api;
+typedef struct mustafar__nvrtc_api { MUSTAFAR__NVRTC_FUNCTIONS(MUSTAFAR__FIELD) } mustafar__nvrtc_api;
+#undef MUSTAFAR__FIELD
+
+/* The loaded libraries of one context (dlopen counts references, so each
+   context holds its own). */
+typedef struct mustafar__cuda_api {
+    void *cudart_library, *nvrtc_library;  /* NULL when linked */
+    mustafar__cudart_api rt;
+    mustafar__nvrtc_api nvrtc;
+} mustafar__cuda_api;
+
+/* Appends to the text in buf (truncating at cap). */
+static void mustafar__append_text(char *buf, size_t cap, const char *fmt, ...)
+{
+    size_t n = strlen(buf);
+    va_list ap;
+    if (n + 1 >= cap) return;
+    va_start(ap, fmt);
+    vsnprintf(buf + n, cap - n, fmt, ap);
+    va_end(ap);
+}
+
+#ifdef MUSTAFAR_CUDA_LINKED
+static int mustafar__cuda_api_load(mustafar__cuda_api *api, const char *search_path, char *why,
+                                   size_t why_cap)
+{
+#  define MUSTAFAR__LINK_RT(name, ret, params) api->rt.name = cuda##name;
+#  define MUSTAFAR__LINK_NVRTC(name, ret, params) api->nvrtc.name = nvrtc##name;
+    MUSTAFAR__UNUSED(search_path);
+    MUSTAFAR__UNUSED(why_cap);
+    why[0] = 0;
+    api->cudart_library = api->nvrtc_library = NULL;
+    MUSTAFAR__CUDART_FUNCTIONS(MUSTAFAR__LINK_RT)
+    MUSTAFAR__NVRTC_FUNCTIONS(MUSTAFAR__LINK_NVRTC)
+#  undef MUSTAFAR__LINK_RT
+#  undef MUSTAFAR__LINK_NVRTC
+    return 1;
+}
+static void mustafar__cuda_api_unload(mustafar__cuda_api *api) { MUSTAFAR__UNUSED(api); }
+#else
+
+#ifdef _WIN32
+#  define MUSTAFAR__PATH_SEPARATOR ';'
+static void *mustafar__library_open(const char *path, char *error, size_t cap)
+{
+    HMODULE library = LoadLibraryA(path);
+    if (!library) snprintf(error, cap, "LoadLibrary error %lu", (unsigned long)GetLastError());
+    return (void *)library;
+}
+static void *mustafar__library_symbol(void *library, const char *name)
+{
+    return (void *)GetProcAddress((HMODULE)library, name);
+}
+static void mustafar__library_close(void *library) { FreeLibrary((HMODULE)library); }
+#else
+#  define MUSTAFAR__PATH_SEPARATOR ':'
+static void *mustafar__library_open(const char *path, char *error, size_t cap)
+{
+    void *library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    const char *e;
+    if (!library) snprintf(error, cap, "%s", (e = dlerror()) != NULL ? e : "dlopen failed");
+    return library;
+}
+static void *mustafar__library_symbol(void *library, const char *name) { return dlsym(library, name); }
+static void mustafar__library_close(void *library) { dlclose(library); }
+#endif
+
+/* Library names tried for each part, newest CUDA first; each is tried in the
+   directories of the search path, then by name alone (the system's search:
+   LD_LIBRARY_PATH, the executable's RPATH, ldconfig; on Windows the
+   application's folder, the system folders and PATH). */
+#ifdef _WIN32
+static const char *const mustafar__cudart_names[] = {"cudart64_13.dll", "cudart64_12.dll", 0};
+static const char *const mustafar__nvrtc_names[] = {"nvrtc64_130_0.dll", "nvrtc64_120_0.dll", 0};
+#elif defined(__APPLE__)
+static const char *const mustafar__cudart_names[] = {0};
+static const char *const mustafar__nvrtc_names[] = {0};
+#else
+static const char *const mustafar__cudart_names[] = {"libcudart.so.13", "libcudart.so.12", 0};
+static const char *const mustafar__nvrtc_names[] = {"libnvrtc.so.13", "libnvrtc.so.12", 0};
+#endif
+
+/* Opens the first candidate that has every symbol of `names` and fills
+   `table`; else appends what was tried, and why each failed, to `why`. */
+static void *mustafar__library_load(const char *const *candidates, const char *search_path,
+                                    const char *const *symbols, void **table, int nsymbols,
+                                    char *why, size_t why_cap)
+{
+    int c, pass;
+    for (pass = 0; pass < 2; pass++) {
+        for (c = 0; candidates[c]; c++) {
+            const char *dir = pass == 0 ? search_path : "";
+            if (pass == 0 && (!search_path || !search_path[0])) break;
+            while (dir) {           /* pass 0: each directory of the path; pass 1: the bare name */
+                char path[1100];
+                const char *end = pass == 0 ? strchr(dir, MUSTAFAR__PATH_SEPARATOR) : NULL;
+                size_t len = end ? (size_t)(end - dir) : strlen(dir);
+                char error[300];
+                void *library;
+                int s;
+                if (len >= 1000) len = 0;
+                if (len) snprintf(path, sizeof path, "%.*s/%s", (int)len, dir, candidates[c]);
+                else snprintf(path, sizeof path, "%s", candidates[c]);
+                dir = end ? end + 1 : NULL;
+                if (pass == 0 && !len) continue;
+                library = mustafar__library_open(path, error, sizeof error);
+                if (!library) {
+                    mustafar__append_text(why, why_cap, "[%s] ", error);
+                    continue;
+                }
+                for (s = 0; s < nsymbols; s++)
+                    if (!(table[s] = mustafar__library_symbol(library, symbols[s]))) break;
+                if (s == nsymbols) return library;
+                mustafar__append_text(why, why_cap, "[%s: has no %s] ", path, symbols[s]);
+                mustafar__library_close(library);
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Loads both libraries; 0 (and the attempts in `why`) if either is missing. */
+static int mustafar__cuda_api_load(mustafar__cuda_api *api, const char *search_path, char *why,
+                                   size_t why_cap)
+{
+#  define MUSTAFAR__NAME_RT(name, ret, params) "cuda" #name,
+#  define MUSTAFAR__NAME_NVRTC(name, ret, params) "nvrtc" #name,
+    static const char *const rt_symbols[] = {MUSTAFAR__CUDART_FUNCTIONS(MUSTAFAR__NAME_RT) 0};
+    static const char *const nvrtc_symbols[] = {MUSTAFAR__NVRTC_FUNCTIONS(MUSTAFAR__NAME_NVRTC) 0};
+#  undef MUSTAFAR__NAME_RT
+#  undef MUSTAFAR__NAME_NVRTC
+    /* the tables are arrays of function pointers, filled through void * as
+       POSIX dlsym and GetProcAddress return them */
+    void *rt[sizeof api->rt / sizeof(void (*)(void))];
+    void *nvrtc[sizeof api->nvrtc / sizeof(void (*)(void))];
+    memset(api, 0, sizeof *api);
+    why[0] = 0;
+    api->cudart_library = mustafar__library_load(mustafar__cudart_names, search_path, rt_symbols, rt,
+                                                 (int)(sizeof rt / sizeof rt[0]), why, why_cap);
+    if (!api->cudart_library) {
+        mustafar__append_text(why, why_cap, "(no usable CUDA runtime)");
+        return 0;
+    }
+    api->nvrtc_library = mustafar__library_load(mustafar__nvrtc_names, search_path, nvrtc_symbols,
+                                                nvrtc, (int)(sizeof nvrtc / sizeof nvrtc[0]), why,
+                                                why_cap);
+    if (!api->nvrtc_library) {
+        mustafar__append_text(why, why_cap, "(no usable NVRTC)");
+        mustafar__library_close(api->cudart_library);
+        api->cudart_library = NULL;
+        return 0;
+    }
+    memcpy(&api->rt, rt, sizeof api->rt);
+    memcpy(&api->nvrtc, nvrtc, sizeof api->nvrtc);
+    return 1;
+}
+
+static void mustafar__cuda_api_unload(mustafar__cuda_api *api)
+{
+    if (api->nvrtc_library) mustafar__library_close(api->nvrtc_library);
+    if (api->cudart_library) mustafar__library_close(api->cudart_library);
+    api->nvrtc_library = api->cudart_library = NULL;
+}
+#endif /* MUSTAFAR_CUDA_LINKED */
 
 /* The source of mustafar_kernels.cuh, embedded at the end of this file
    (>>kernel_source): NULL-terminated pieces. */
@@ -996,26 +1317,27 @@ typedef struct mustafar__module {
     struct mustafar__module *next;
     int config[6];                 /* d, dtype, k_kept, v_kept, group, page_size */
     char options[512];             /* the -D list (mustafar__kernel_options) */
-    cudaLibrary_t library;
-    cudaKernel_t records, append, attention, combine;
-    cudaLibrary_t wide_library;    /* the wide append kernel alone, built on first use */
-    cudaKernel_t append_wide;
+    mustafar__cudaLibrary library;
+    mustafar__cudaKernel records, append, attention, combine;
+    mustafar__cudaLibrary wide_library;    /* the wide append kernel alone, built on first use */
+    mustafar__cudaKernel append_wide;
     int warps, stages;             /* of the attention kernel */
     int blocks_per_sm;             /* attention blocks that fit an SM */
     size_t attention_smem;
 } mustafar__module;
 
 typedef struct mustafar__cuda {
+    mustafar__cuda_api api;        /* the runtime and NVRTC functions */
     int device, sm, num_sms;
     int wide_params;               /* driver and NVRTC take kernel parameters over 4 KB (12.1+) */
-    cudaStream_t stream;
+    mustafar__cudaStream stream;
     char cache_dir[1024];          /* empty: disk cache disabled */
     mustafar__module *modules;     /* compiled kernel libraries, one per config */
     void *scratch;                 /* device scratch (jobs, partial results) */
     size_t scratch_bytes;
     void *staging;                 /* pinned host staging for uploads */
     size_t staging_bytes;
-    cudaEvent_t staging_free;      /* recorded after the last upload from staging */
+    mustafar__cudaEvent staging_free;      /* recorded after the last upload from staging */
     mustafar__append_inline append_params;
     mustafar__append_wide append_wide_params;
     mustafar__seqs_inline seq_params;
@@ -1023,26 +1345,35 @@ typedef struct mustafar__cuda {
 
 #define MUSTAFAR__CUDA_CHECK(ctx, call)                                                     \
     do {                                                                                    \
-        cudaError_t mustafar__e = (call);                                                   \
-        if (mustafar__e != cudaSuccess)                                                     \
+        mustafar__cudaError mustafar__e = (call);                                                   \
+        if (mustafar__e != MUSTAFAR__cudaSuccess)                                                     \
             return mustafar__fail((ctx), MUSTAFAR_ERROR_CUDA, "%s failed: %s (%s)", #call,  \
-                                  cudaGetErrorName(mustafar__e),                            \
-                                  cudaGetErrorString(mustafar__e));                         \
+                                  mustafar__rt(ctx)->GetErrorName(mustafar__e),                            \
+                                  mustafar__rt(ctx)->GetErrorString(mustafar__e));                         \
     } while (0)
+
+static const mustafar__cudart_api *mustafar__rt(const mustafar_context *ctx)
+{
+    return &ctx->cuda->api.rt;
+}
+static const mustafar__nvrtc_api *mustafar__nvrtc(const mustafar_context *ctx)
+{
+    return &ctx->cuda->api.nvrtc;
+}
 
 /* The caller's current device is theirs: the dispatch functions run every
    CUDA call of the library between these two, which switch to the
    context's device and back. */
-static int mustafar__device_enter(int device)
+static int mustafar__device_enter(mustafar_context *ctx, int device)
 {
     int previous = -1;
-    if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
-    if (previous != device) cudaSetDevice(device);
+    if (mustafar__rt(ctx)->GetDevice(&previous) != MUSTAFAR__cudaSuccess) previous = -1;
+    if (previous != device) mustafar__rt(ctx)->SetDevice(device);
     return previous;
 }
-static void mustafar__device_leave(int previous, int device)
+static void mustafar__device_leave(mustafar_context *ctx, int previous, int device)
 {
-    if (previous >= 0 && previous != device) cudaSetDevice(previous);
+    if (previous >= 0 && previous != device) mustafar__rt(ctx)->SetDevice(previous);
 }
 
 /* ---- JIT compilation, disk cache, module table ------------------------------ */
@@ -1221,43 +1552,43 @@ static mustafar_status mustafar__nvrtc_compile(mustafar_context *ctx, const char
                                                const char *const *options, int noptions,
                                                void **cubin, size_t *size)
 {
-    nvrtcProgram prog;
-    nvrtcResult r;
+    mustafar__nvrtcProgram prog;
+    mustafar__nvrtcResult r;
     for (;;) {
-        if ((r = nvrtcCreateProgram(&prog, source, "mustafar_kernels.cu", 0, NULL, NULL)) != NVRTC_SUCCESS)
+        if ((r = mustafar__nvrtc(ctx)->CreateProgram(&prog, source, "mustafar_kernels.cu", 0, NULL, NULL)) != MUSTAFAR__NVRTC_SUCCESS)
             return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "nvrtcCreateProgram failed: %s",
-                                  nvrtcGetErrorString(r));
-        r = nvrtcCompileProgram(prog, noptions, options);
+                                  mustafar__nvrtc(ctx)->GetErrorString(r));
+        r = mustafar__nvrtc(ctx)->CompileProgram(prog, noptions, options);
         /* an NVRTC without parallel optimisation (option first): the same compile on one thread */
-        if (r != NVRTC_ERROR_INVALID_OPTION || noptions == 0 || strncmp(options[0], "-split-compile", 14))
+        if (r != MUSTAFAR__NVRTC_ERROR_INVALID_OPTION || noptions == 0 || strncmp(options[0], "-split-compile", 14))
             break;
-        nvrtcDestroyProgram(&prog);
+        mustafar__nvrtc(ctx)->DestroyProgram(&prog);
         options++;
         noptions--;
     }
-    if (r != NVRTC_SUCCESS) {
+    if (r != MUSTAFAR__NVRTC_SUCCESS) {
         size_t log_size = 0;
         char *log = NULL;
-        nvrtcGetProgramLogSize(prog, &log_size);
+        mustafar__nvrtc(ctx)->GetProgramLogSize(prog, &log_size);
         if (log_size && (log = (char *)MUSTAFAR_MALLOC(log_size + 1)) != NULL) {
-            nvrtcGetProgramLog(prog, log);
+            mustafar__nvrtc(ctx)->GetProgramLog(prog, log);
             log[log_size] = 0;
         }
         mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC compile failed (%s): %s",
-                       nvrtcGetErrorString(r), log ? log : "(no log)");
+                       mustafar__nvrtc(ctx)->GetErrorString(r), log ? log : "(no log)");
         MUSTAFAR_FREE(log);
-        nvrtcDestroyProgram(&prog);
+        mustafar__nvrtc(ctx)->DestroyProgram(&prog);
         return MUSTAFAR_ERROR_JIT;
     }
-    if ((r = nvrtcGetCUBINSize(prog, size)) != NVRTC_SUCCESS || !*size ||
-        !(*cubin = MUSTAFAR_MALLOC(*size)) || (r = nvrtcGetCUBIN(prog, (char *)*cubin)) != NVRTC_SUCCESS) {
-        nvrtcDestroyProgram(&prog);
+    if ((r = mustafar__nvrtc(ctx)->GetCUBINSize(prog, size)) != MUSTAFAR__NVRTC_SUCCESS || !*size ||
+        !(*cubin = MUSTAFAR_MALLOC(*size)) || (r = mustafar__nvrtc(ctx)->GetCUBIN(prog, (char *)*cubin)) != MUSTAFAR__NVRTC_SUCCESS) {
+        mustafar__nvrtc(ctx)->DestroyProgram(&prog);
         MUSTAFAR_FREE(*cubin);
         *cubin = NULL;
         return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "NVRTC produced no cubin: %s",
-                              nvrtcGetErrorString(r));
+                              mustafar__nvrtc(ctx)->GetErrorString(r));
     }
-    nvrtcDestroyProgram(&prog);
+    mustafar__nvrtc(ctx)->DestroyProgram(&prog);
     return MUSTAFAR_OK;
 }
 
@@ -1285,7 +1616,7 @@ static mustafar_status mustafar__compile_cubin(mustafar_context *ctx, const char
 /* A kernel library for the -D list `options`: from the disk cache when the
    entry there loads, else compiled by NVRTC (and written to the cache). */
 static mustafar_status mustafar__build_library(mustafar_context *ctx, const char *options,
-                                               cudaLibrary_t *library)
+                                               mustafar__cudaLibrary *library)
 {
     mustafar__cuda *cu = ctx->cuda;
     char path[1200];
@@ -1295,9 +1626,9 @@ static mustafar_status mustafar__build_library(mustafar_context *ctx, const char
     char *text = mustafar__kernel_text();
     uint64_t key;
     mustafar_status st;
-    cudaError_t e;
+    mustafar__cudaError e;
     if (!text) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
-    nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+    mustafar__nvrtc(ctx)->Version(&nvrtc_major, &nvrtc_minor);
     key = mustafar__fnv1a(1469598103934665603ull, text, strlen(text));
     key = mustafar__fnv1a(key, options, strlen(options));
     key = mustafar__fnv1a(key, &cu->sm, sizeof cu->sm);
@@ -1308,7 +1639,7 @@ static mustafar_status mustafar__build_library(mustafar_context *ctx, const char
         snprintf(path, sizeof path, "%s/mustafar-%016llx.cubin", cu->cache_dir,
                  (unsigned long long)key);
         cubin = mustafar__disk_read(path, &size);
-        if (cubin && cudaLibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0) == cudaSuccess) {
+        if (cubin && mustafar__rt(ctx)->LibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0) == MUSTAFAR__cudaSuccess) {
             MUSTAFAR_FREE(cubin);
             MUSTAFAR_FREE(text);
             return MUSTAFAR_OK;
@@ -1319,24 +1650,24 @@ static mustafar_status mustafar__build_library(mustafar_context *ctx, const char
     st = mustafar__compile_cubin(ctx, text, cu->sm, options, &cubin, &size);
     MUSTAFAR_FREE(text);
     if (st) return st;
-    e = cudaLibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0);
-    if (e != cudaSuccess) {
+    e = mustafar__rt(ctx)->LibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0);
+    if (e != MUSTAFAR__cudaSuccess) {
         MUSTAFAR_FREE(cubin);
         return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "cudaLibraryLoadData failed: %s (%s)",
-                              cudaGetErrorName(e), cudaGetErrorString(e));
+                              mustafar__rt(ctx)->GetErrorName(e), mustafar__rt(ctx)->GetErrorString(e));
     }
     if (path[0]) mustafar__disk_write(cu->cache_dir, path, cubin, size);
     MUSTAFAR_FREE(cubin);
     return MUSTAFAR_OK;
 }
 
-static mustafar_status mustafar__missing_kernel(mustafar_context *ctx, cudaLibrary_t *library,
-                                                cudaError_t e)
+static mustafar_status mustafar__missing_kernel(mustafar_context *ctx, mustafar__cudaLibrary *library,
+                                                mustafar__cudaError e)
 {
-    cudaLibraryUnload(*library);
+    mustafar__rt(ctx)->LibraryUnload(*library);
     *library = NULL;
     return mustafar__fail(ctx, MUSTAFAR_ERROR_JIT, "a kernel is missing from the library: %s",
-                          cudaGetErrorName(e));
+                          mustafar__rt(ctx)->GetErrorName(e));
 }
 
 /* The wide append kernel (job and patch lists of large appends in a 30 KB
@@ -1347,15 +1678,15 @@ static mustafar_status mustafar__append_wide_kernel(mustafar_context *ctx, musta
 {
     char options[sizeof m->options];
     mustafar_status st;
-    cudaError_t e;
+    mustafar__cudaError e;
     if (m->append_wide) return MUSTAFAR_OK;
     mustafar__kernel_options(options, sizeof options, ctx->cuda->sm, m->config[0],
                              (mustafar_dtype)m->config[1], m->config[2], m->config[3], m->config[4],
                              m->config[5], m->warps, m->stages, 1);
     st = mustafar__build_library(ctx, options, &m->wide_library);
     if (st) return st;
-    e = cudaLibraryGetKernel(&m->append_wide, m->wide_library, "mustafar_append_wide");
-    if (e != cudaSuccess) {
+    e = mustafar__rt(ctx)->LibraryGetKernel(&m->append_wide, m->wide_library, "mustafar_append_wide");
+    if (e != MUSTAFAR__cudaSuccess) {
         m->append_wide = NULL;
         return mustafar__missing_kernel(ctx, &m->wide_library, e);
     }
@@ -1373,11 +1704,11 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
     size_t k_rec = mustafar__record_size(d, k_kept), v_rec = mustafar__record_size(d, v_kept);
     size_t smem;
     mustafar_status st;
-    cudaError_t e;
+    mustafar__cudaError e;
     const int config[6] = {d, (int)dtype, k_kept, v_kept, group, page_size};
     for (m = cu->modules; m; m = m->next)
         if (!memcmp(m->config, config, sizeof config)) { *out = m; return MUSTAFAR_OK; }
-    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cu->device);
+    mustafar__rt(ctx)->DeviceGetAttribute(&optin, MUSTAFAR__cudaDevAttrMaxSharedMemoryPerBlockOptin, cu->device);
     /* three stages (two tiles in flight) where three blocks still fit an SM */
     if (mustafar__attention_smem(d, group, k_rec, v_rec, warps, 3, NULL) > 76 * 1024) stages = 2;
     while (warps > 1 &&
@@ -1397,27 +1728,27 @@ static mustafar_status mustafar__get_module(mustafar_context *ctx, int d, mustaf
         MUSTAFAR_FREE(m);
         return st;
     }
-    if ((e = cudaLibraryGetKernel(&m->records, m->library, "mustafar_records")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->append, m->library, "mustafar_append")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->attention, m->library, "mustafar_attention")) != cudaSuccess ||
-        (e = cudaLibraryGetKernel(&m->combine, m->library, "mustafar_combine")) != cudaSuccess) {
+    if ((e = mustafar__rt(ctx)->LibraryGetKernel(&m->records, m->library, "mustafar_records")) != MUSTAFAR__cudaSuccess ||
+        (e = mustafar__rt(ctx)->LibraryGetKernel(&m->append, m->library, "mustafar_append")) != MUSTAFAR__cudaSuccess ||
+        (e = mustafar__rt(ctx)->LibraryGetKernel(&m->attention, m->library, "mustafar_attention")) != MUSTAFAR__cudaSuccess ||
+        (e = mustafar__rt(ctx)->LibraryGetKernel(&m->combine, m->library, "mustafar_combine")) != MUSTAFAR__cudaSuccess) {
         st = mustafar__missing_kernel(ctx, &m->library, e);
         MUSTAFAR_FREE(m);
         return st;
     }
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute((const void *)m->attention,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) {
-            cudaLibraryUnload(m->library);
+        mustafar__cudaError e = mustafar__rt(ctx)->FuncSetAttribute((const void *)m->attention,
+                                             MUSTAFAR__cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != MUSTAFAR__cudaSuccess) {
+            mustafar__rt(ctx)->LibraryUnload(m->library);
             MUSTAFAR_FREE(m);
             return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA,
                                   "cudaFuncSetAttribute(%zu bytes of shared memory) failed: %s",
-                                  smem, cudaGetErrorName(e));
+                                  smem, mustafar__rt(ctx)->GetErrorName(e));
         }
     }
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&m->blocks_per_sm, (const void *)m->attention,
-                                                      32 * warps, smem) != cudaSuccess ||
+    if (mustafar__rt(ctx)->OccupancyMaxActiveBlocksPerMultiprocessor(&m->blocks_per_sm, (const void *)m->attention,
+                                                      32 * warps, smem) != MUSTAFAR__cudaSuccess ||
         m->blocks_per_sm < 1)
         m->blocks_per_sm = 1;
     m->next = cu->modules;
@@ -1432,28 +1763,28 @@ static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar
     mustafar__cuda *cu = ctx->cuda;
     int count = 0, driver = 0, major = 0, minor = 0, narch = 0, i, best = 0;
     int archs[64];
-    cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess || count == 0)
+    mustafar__cudaError e = mustafar__rt(ctx)->GetDeviceCount(&count);
+    if (e != MUSTAFAR__cudaSuccess || count == 0)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE, "no CUDA device: %s",
-                              e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+                              e != MUSTAFAR__cudaSuccess ? mustafar__rt(ctx)->GetErrorString(e) : "none found");
     if (desc->cuda_device < 0 || desc->cuda_device >= count)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
                               "CUDA device %d does not exist (%d found)", desc->cuda_device, count);
-    cudaDriverGetVersion(&driver);
+    mustafar__rt(ctx)->DriverGetVersion(&driver);
     if (driver < 12000)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
                               "the CUDA driver supports CUDA %d.%d; 12.0 or newer is needed",
                               driver / 1000, driver % 1000 / 10);
     cu->device = desc->cuda_device;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cu->device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, cu->device);
-    cudaDeviceGetAttribute(&cu->num_sms, cudaDevAttrMultiProcessorCount, cu->device);
+    mustafar__rt(ctx)->DeviceGetAttribute(&major, MUSTAFAR__cudaDevAttrComputeCapabilityMajor, cu->device);
+    mustafar__rt(ctx)->DeviceGetAttribute(&minor, MUSTAFAR__cudaDevAttrComputeCapabilityMinor, cu->device);
+    mustafar__rt(ctx)->DeviceGetAttribute(&cu->num_sms, MUSTAFAR__cudaDevAttrMultiProcessorCount, cu->device);
     if (major * 10 + minor < 75)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
                               "GPU sm_%d%d is older than sm_75", major, minor);
     /* a cubin runs on its own major version at an equal or higher minor */
-    if (nvrtcGetNumSupportedArchs(&narch) == NVRTC_SUCCESS && narch > 0 && narch <= 64 &&
-        nvrtcGetSupportedArchs(archs) == NVRTC_SUCCESS)
+    if (mustafar__nvrtc(ctx)->GetNumSupportedArchs(&narch) == MUSTAFAR__NVRTC_SUCCESS && narch > 0 && narch <= 64 &&
+        mustafar__nvrtc(ctx)->GetSupportedArchs(archs) == MUSTAFAR__NVRTC_SUCCESS)
         for (i = 0; i < narch; i++)
             if (archs[i] / 10 == major && archs[i] <= major * 10 + minor && archs[i] > best)
                 best = archs[i];
@@ -1463,17 +1794,17 @@ static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar
     cu->sm = best;
     {
         int nvrtc_major = 0, nvrtc_minor = 0;
-        nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+        mustafar__nvrtc(ctx)->Version(&nvrtc_major, &nvrtc_minor);
         cu->wide_params = driver >= 12010 && nvrtc_major * 100 + nvrtc_minor >= 1201;
     }
-    cu->stream = (cudaStream_t)desc->cuda_stream;
+    cu->stream = (mustafar__cudaStream)desc->cuda_stream;
     mustafar__resolve_cache_dir(cu, desc);
-    MUSTAFAR__CUDA_CHECK(ctx, cudaEventCreateWithFlags(&cu->staging_free, cudaEventDisableTiming));
-    e = cudaEventRecord(cu->staging_free, cu->stream);
-    if (e != cudaSuccess) {
-        cudaEventDestroy(cu->staging_free);
+    MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->EventCreateWithFlags(&cu->staging_free, MUSTAFAR__cudaEventDisableTiming));
+    e = mustafar__rt(ctx)->EventRecord(cu->staging_free, cu->stream);
+    if (e != MUSTAFAR__cudaSuccess) {
+        mustafar__rt(ctx)->EventDestroy(cu->staging_free);
         return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
-                              "the CUDA stream is not usable: %s", cudaGetErrorName(e));
+                              "the CUDA stream is not usable: %s", mustafar__rt(ctx)->GetErrorName(e));
     }
     snprintf(ctx->message, sizeof ctx->message, "CUDA backend on device %d (sm_%d%d, kernels for sm_%d)",
              cu->device, major, minor, best);
@@ -1484,37 +1815,37 @@ static void mustafar__cuda_shutdown(mustafar_context *ctx)
 {
     mustafar__cuda *cu = ctx->cuda;
     mustafar__module *m = cu->modules;
-    cudaStreamSynchronize(cu->stream);
+    mustafar__rt(ctx)->StreamSynchronize(cu->stream);
     while (m) {
         mustafar__module *next = m->next;
-        cudaLibraryUnload(m->library);
-        if (m->wide_library) cudaLibraryUnload(m->wide_library);
+        mustafar__rt(ctx)->LibraryUnload(m->library);
+        if (m->wide_library) mustafar__rt(ctx)->LibraryUnload(m->wide_library);
         MUSTAFAR_FREE(m);
         m = next;
     }
-    if (cu->scratch) cudaFree(cu->scratch);
-    if (cu->staging) cudaFreeHost(cu->staging);
-    cudaEventDestroy(cu->staging_free);
+    if (cu->scratch) mustafar__rt(ctx)->Free(cu->scratch);
+    if (cu->staging) mustafar__rt(ctx)->FreeHost(cu->staging);
+    mustafar__rt(ctx)->EventDestroy(cu->staging_free);
 }
 
 static mustafar_status mustafar__cuda_alloc(mustafar_context *ctx, void **p, size_t bytes)
 {
-    cudaError_t e;
+    mustafar__cudaError e;
     *p = NULL;
-    e = cudaMalloc(p, bytes ? bytes : 16);
-    if (e != cudaSuccess) {
+    e = mustafar__rt(ctx)->Malloc(p, bytes ? bytes : 16);
+    if (e != MUSTAFAR__cudaSuccess) {
         *p = NULL;
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                              "cudaMalloc of %zu bytes failed: %s", bytes, cudaGetErrorName(e));
+                              "cudaMalloc of %zu bytes failed: %s", bytes, mustafar__rt(ctx)->GetErrorName(e));
     }
-    MUSTAFAR__CUDA_CHECK(ctx, cudaMemsetAsync(*p, 0, bytes ? bytes : 16, ctx->cuda->stream));
+    MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->MemsetAsync(*p, 0, bytes ? bytes : 16, ctx->cuda->stream));
     return MUSTAFAR_OK;
 }
 
 static void mustafar__cuda_free(mustafar_context *ctx, void *p)
 {
     MUSTAFAR__UNUSED(ctx);
-    cudaFree(p);
+    mustafar__rt(ctx)->Free(p);
 }
 
 /* Device scratch of at least `bytes`; grows (after the stream drains) when needed. */
@@ -1523,11 +1854,11 @@ static mustafar_status mustafar__cuda_scratch(mustafar_context *ctx, size_t byte
     mustafar__cuda *cu = ctx->cuda;
     if (bytes > cu->scratch_bytes) {
         size_t grow = bytes > 2 * cu->scratch_bytes ? bytes : 2 * cu->scratch_bytes;
-        MUSTAFAR__CUDA_CHECK(ctx, cudaStreamSynchronize(cu->stream));
-        if (cu->scratch) cudaFree(cu->scratch);
+        MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->StreamSynchronize(cu->stream));
+        if (cu->scratch) mustafar__rt(ctx)->Free(cu->scratch);
         cu->scratch = NULL;
         cu->scratch_bytes = 0;
-        if (cudaMalloc(&cu->scratch, grow) != cudaSuccess) {
+        if (mustafar__rt(ctx)->Malloc(&cu->scratch, grow) != MUSTAFAR__cudaSuccess) {
             cu->scratch = NULL;
             return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
                                   "cudaMalloc of %zu bytes of scratch failed", grow);
@@ -1544,13 +1875,13 @@ static mustafar_status mustafar__cuda_upload(mustafar_context *ctx, void *dst, c
                                              size_t bytes)
 {
     mustafar__cuda *cu = ctx->cuda;
-    MUSTAFAR__CUDA_CHECK(ctx, cudaEventSynchronize(cu->staging_free));
+    MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->EventSynchronize(cu->staging_free));
     if (bytes > cu->staging_bytes) {
         size_t grow = bytes > 2 * cu->staging_bytes ? bytes : 2 * cu->staging_bytes;
-        if (cu->staging) cudaFreeHost(cu->staging);
+        if (cu->staging) mustafar__rt(ctx)->FreeHost(cu->staging);
         cu->staging = NULL;
         cu->staging_bytes = 0;
-        if (cudaMallocHost(&cu->staging, grow) != cudaSuccess) {
+        if (mustafar__rt(ctx)->MallocHost(&cu->staging, grow) != MUSTAFAR__cudaSuccess) {
             cu->staging = NULL;
             return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
                                   "cudaMallocHost of %zu bytes failed", grow);
@@ -1558,22 +1889,39 @@ static mustafar_status mustafar__cuda_upload(mustafar_context *ctx, void *dst, c
         cu->staging_bytes = grow;
     }
     memcpy(cu->staging, src, bytes);
-    MUSTAFAR__CUDA_CHECK(ctx, cudaMemcpyAsync(dst, cu->staging, bytes, cudaMemcpyHostToDevice,
+    MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->MemcpyAsync(dst, cu->staging, bytes, MUSTAFAR__cudaMemcpyHostToDevice,
                                               cu->stream));
-    MUSTAFAR__CUDA_CHECK(ctx, cudaEventRecord(cu->staging_free, cu->stream));
+    MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->EventRecord(cu->staging_free, cu->stream));
+    return MUSTAFAR_OK;
+}
+
+/* Device -> host copy after all work queued on the stream; returns when done. */
+static mustafar_status mustafar__cuda_download(mustafar_context *ctx, void *dst, const void *src,
+                                               size_t bytes)
+{
+    MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->MemcpyAsync(dst, src, bytes,
+                                                             MUSTAFAR__cudaMemcpyDeviceToHost,
+                                                             ctx->cuda->stream));
+    MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->StreamSynchronize(ctx->cuda->stream));
+    return MUSTAFAR_OK;
+}
+
+static mustafar_status mustafar__cuda_synchronize(mustafar_context *ctx)
+{
+    MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->StreamSynchronize(ctx->cuda->stream));
     return MUSTAFAR_OK;
 }
 
 /* `dependent`: the kernel may start before the previous kernel on the stream
    has finished and waits for it itself (programmatic dependent launch,
    sm_90 and newer; elsewhere an ordinary launch). */
-static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kernel, const char *name,
+static mustafar_status mustafar__launch(mustafar_context *ctx, mustafar__cudaKernel kernel, const char *name,
                                         unsigned gx, unsigned gy, unsigned gz, unsigned block,
                                         size_t smem, void **args, int dependent)
 {
-    cudaLaunchConfig_t config;
-    cudaLaunchAttribute attr;
-    cudaError_t e;
+    mustafar__cudaLaunchConfig config;
+    mustafar__cudaLaunchAttribute attr;
+    mustafar__cudaError e;
     config.gridDim.x = gx; config.gridDim.y = gy; config.gridDim.z = gz;
     config.blockDim.x = block; config.blockDim.y = 1; config.blockDim.z = 1;
     config.dynamicSmemBytes = smem;
@@ -1581,16 +1929,16 @@ static mustafar_status mustafar__launch(mustafar_context *ctx, cudaKernel_t kern
     config.attrs = NULL;
     config.numAttrs = 0;
     if (dependent && ctx->cuda->sm >= 90) {
-        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.id = MUSTAFAR__cudaLaunchAttributeProgrammaticStreamSerialization;
         attr.val.programmaticStreamSerializationAllowed = 1;
         config.attrs = &attr;
         config.numAttrs = 1;
     }
-    e = cudaLaunchKernelExC(&config, (const void *)kernel, args);
-    if (e == cudaSuccess) e = cudaGetLastError();
-    if (e != cudaSuccess)
+    e = mustafar__rt(ctx)->LaunchKernelExC(&config, (const void *)kernel, args);
+    if (e == MUSTAFAR__cudaSuccess) e = mustafar__rt(ctx)->GetLastError();
+    if (e != MUSTAFAR__cudaSuccess)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_CUDA, "launch of %s (grid %u x %u x %u) failed: %s (%s)",
-                              name, gx, gy, gz, cudaGetErrorName(e), cudaGetErrorString(e));
+                              name, gx, gy, gz, mustafar__rt(ctx)->GetErrorName(e), mustafar__rt(ctx)->GetErrorString(e));
     return MUSTAFAR_OK;
 }
 /* ---- operations --------------------------------------------------------------------- */
@@ -1647,7 +1995,7 @@ static mustafar_status mustafar__cuda_append(mustafar_context *ctx, const mustaf
                        mustafar__job_window_first(last);
     mustafar__append_inline *inl = &ctx->cuda->append_params;
     mustafar__append_wide *wide = &ctx->cuda->append_wide_params;
-    cudaKernel_t kernel;
+    mustafar__cudaKernel kernel;
     const char *kernel_name = "mustafar_append";
     int hkv = L->num_kv_heads, stride = kv->page_table_stride, window = L->window;
     /* one lane group per (position, KV head) for large appends (the K and V
@@ -1802,9 +2150,9 @@ static mustafar_status mustafar__cuda_attention(mustafar_context *ctx, const mus
 #define MUSTAFAR__CUDA_DISPATCH(ctx, call)                                          \
     do {                                                                            \
         if (mustafar__is_cuda(ctx)) {                                               \
-            int mustafar__previous = mustafar__device_enter((ctx)->cuda->device);   \
+            int mustafar__previous = mustafar__device_enter((ctx), (ctx)->cuda->device); \
             mustafar_status mustafar__st = (call);                                  \
-            mustafar__device_leave(mustafar__previous, (ctx)->cuda->device);        \
+            mustafar__device_leave((ctx), mustafar__previous, (ctx)->cuda->device); \
             return mustafar__st;                                                    \
         }                                                                           \
     } while (0)
@@ -1821,13 +2169,24 @@ static mustafar_status mustafar__backend_init_cuda(mustafar_context *ctx,
 #else
     mustafar_status st;
     int previous;
+    const char *path = desc->cuda_path ? desc->cuda_path : getenv("MUSTAFAR_CUDA_PATH");
+    char why[MUSTAFAR__MSG_CAP / 2];
     ctx->cuda = (mustafar__cuda *)mustafar__calloc(sizeof *ctx->cuda);
     if (!ctx->cuda)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
-    previous = mustafar__device_enter(desc->cuda_device);
+    if (!mustafar__cuda_api_load(&ctx->cuda->api, path, why, sizeof why)) {
+        MUSTAFAR_FREE(ctx->cuda);
+        ctx->cuda = NULL;
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
+                              "CUDA runtime or NVRTC not loaded; tried %s", why);
+    }
+    previous = mustafar__device_enter(ctx, desc->cuda_device);
     st = mustafar__cuda_init(ctx, desc);
-    mustafar__device_leave(previous, desc->cuda_device);
+    mustafar__device_leave(ctx, previous, desc->cuda_device);
+    if (why[0])                            /* candidates passed over before the one loaded */
+        mustafar__append_text(ctx->message, sizeof ctx->message, " (passed over: %s)", why);
     if (st) {
+        mustafar__cuda_api_unload(&ctx->cuda->api);
         MUSTAFAR_FREE(ctx->cuda);
         ctx->cuda = NULL;
         return st;
@@ -1841,9 +2200,10 @@ static void mustafar__backend_shutdown(mustafar_context *ctx)
 {
 #ifndef MUSTAFAR_NO_CUDA
     if (mustafar__is_cuda(ctx)) {
-        int previous = mustafar__device_enter(ctx->cuda->device);
+        int previous = mustafar__device_enter(ctx, ctx->cuda->device);
         mustafar__cuda_shutdown(ctx);
-        mustafar__device_leave(previous, ctx->cuda->device);
+        mustafar__device_leave(ctx, previous, ctx->cuda->device);
+        mustafar__cuda_api_unload(&ctx->cuda->api);
         MUSTAFAR_FREE(ctx->cuda);
         ctx->cuda = NULL;
     }
@@ -1867,14 +2227,36 @@ static void mustafar__backend_free(mustafar_context *ctx, void *p)
     if (!p) return;
 #ifndef MUSTAFAR_NO_CUDA
     if (mustafar__is_cuda(ctx)) {
-        int previous = mustafar__device_enter(ctx->cuda->device);
+        int previous = mustafar__device_enter(ctx, ctx->cuda->device);
         mustafar__cuda_free(ctx, p);
-        mustafar__device_leave(previous, ctx->cuda->device);
+        mustafar__device_leave(ctx, previous, ctx->cuda->device);
         return;
     }
 #endif
     MUSTAFAR__UNUSED(ctx);
     MUSTAFAR_FREE(p);
+}
+
+static mustafar_status mustafar__backend_upload(mustafar_context *ctx, void *dst, const void *src,
+                                                size_t bytes)
+{
+    MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_upload(ctx, dst, src, bytes));
+    memcpy(dst, src, bytes);
+    return MUSTAFAR_OK;
+}
+
+static mustafar_status mustafar__backend_download(mustafar_context *ctx, void *dst,
+                                                  const void *src, size_t bytes)
+{
+    MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_download(ctx, dst, src, bytes));
+    memcpy(dst, src, bytes);
+    return MUSTAFAR_OK;
+}
+
+static mustafar_status mustafar__backend_synchronize(mustafar_context *ctx)
+{
+    MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_synchronize(ctx));
+    return MUSTAFAR_OK;
 }
 
 /* Prune, compress or decompress `count` token vectors (arguments checked). */
@@ -1993,6 +2375,42 @@ MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx)
     if (!ctx) return;
     mustafar__backend_shutdown(ctx);
     MUSTAFAR_FREE(ctx);
+}
+
+/* ---- backend memory ------------------------------------------------------------ */
+
+MUSTAFAR_API mustafar_status mustafar_memory_alloc(mustafar_context *ctx, size_t bytes, void **out)
+{
+    if (!ctx || !out) return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "ctx or out is NULL");
+    *out = NULL;
+    return mustafar__backend_alloc(ctx, out, bytes);
+}
+
+MUSTAFAR_API void mustafar_memory_free(mustafar_context *ctx, void *p)
+{
+    if (ctx) mustafar__backend_free(ctx, p);
+}
+
+MUSTAFAR_API mustafar_status mustafar_memory_upload(mustafar_context *ctx, void *dst,
+                                                    const void *src, size_t bytes)
+{
+    if (!ctx || (bytes && (!dst || !src)))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "ctx, dst or src is NULL");
+    return bytes ? mustafar__backend_upload(ctx, dst, src, bytes) : MUSTAFAR_OK;
+}
+
+MUSTAFAR_API mustafar_status mustafar_memory_download(mustafar_context *ctx, void *dst,
+                                                      const void *src, size_t bytes)
+{
+    if (!ctx || (bytes && (!dst || !src)))
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_NULL_POINTER, "ctx, dst or src is NULL");
+    return bytes ? mustafar__backend_download(ctx, dst, src, bytes) : mustafar__backend_synchronize(ctx);
+}
+
+MUSTAFAR_API mustafar_status mustafar_context_synchronize(mustafar_context *ctx)
+{
+    if (!ctx) return MUSTAFAR_ERROR_NULL_POINTER;
+    return mustafar__backend_synchronize(ctx);
 }
 
 /* ---- stateless operations ------------------------------------------------------ */
@@ -4157,6 +4575,10 @@ static const char *const *mustafar__kernel_source(void)
 
 /* ==== >>history: REVISION HISTORY ================================================
 
+   0.2.0  (2026-12-04)  the CUDA runtime and NVRTC loaded at run time
+                        (MUSTAFAR_CUDA_LINKED to link them); backend memory
+                        helpers mustafar_memory_alloc/free/upload/download and
+                        mustafar_context_synchronize; context_desc.cuda_path.
    0.1.0  (2026-12-04)  first numbered release: fp16/bf16 records for head_dim
                         64, 128 and 256, any GQA group; paged cache with dense
                         window; CPU backend; CUDA backend with NVRTC JIT and

@@ -5,9 +5,9 @@
    steps of synthetic data, runs decode attention after every step and compares
    it with exact attention computed in double precision.
 
-   CPU only:  cc -std=c99 -O2 -DMUSTAFAR_NO_CUDA quickstart.c -lm
-   CUDA:      cc -std=c99 -O2 -isystem /usr/local/cuda/include quickstart.c \
-                 -L/usr/local/cuda/lib64 -lcudart -lnvrtc -lm
+   Build:  cc -std=c99 -O2 quickstart.c -o quickstart -lm -ldl
+   It runs on the GPU when the CUDA runtime, NVRTC and a GPU are found at
+   run time, else on the CPU; no CUDA header or library is needed to build.
 */
 #define MUSTAFAR_IMPLEMENTATION
 #include "../mustafar.h"
@@ -17,9 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifndef MUSTAFAR_NO_CUDA
-#include <cuda_runtime.h>
-#endif
 
 #define LAYERS   2
 #define HKV      8      /* KV heads */
@@ -41,43 +38,19 @@ static void check(mustafar_status st, const char *what) {
 }
 
 /* ---- buffers in the backend's memory: device memory for CUDA, else host -- */
-static int on_gpu;
-
 static void *buf_alloc(size_t bytes) {
     void *p = NULL;
-#ifndef MUSTAFAR_NO_CUDA
-    if (on_gpu) {
-        cudaError_t e = cudaMalloc(&p, bytes);
-        if (e != cudaSuccess) { fprintf(stderr, "cudaMalloc: %s\n", cudaGetErrorName(e)); exit(1); }
-        return p;
-    }
-#endif
-    p = malloc(bytes);
-    if (!p) { fprintf(stderr, "out of host memory\n"); exit(1); }
+    check(mustafar_memory_alloc(ctx, bytes, &p), "mustafar_memory_alloc");
     return p;
 }
 
-/* dir 0: host -> buffer, 1: buffer -> host */
+/* dir 0: host -> buffer, 1: buffer -> host (waits for the library's queued work) */
 static void buf_copy(void *dst, const void *src, size_t bytes, int dir) {
-#ifndef MUSTAFAR_NO_CUDA
-    if (on_gpu) {   /* synchronous: waits for the library's queued work */
-        cudaError_t e = cudaDeviceSynchronize();
-        if (e == cudaSuccess)
-            e = cudaMemcpy(dst, src, bytes, dir ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice);
-        if (e != cudaSuccess) { fprintf(stderr, "cudaMemcpy: %s\n", cudaGetErrorName(e)); exit(1); }
-        return;
-    }
-#endif
-    (void)dir;
-    memcpy(dst, src, bytes);
+    if (dir) check(mustafar_memory_download(ctx, dst, src, bytes), "mustafar_memory_download");
+    else check(mustafar_memory_upload(ctx, dst, src, bytes), "mustafar_memory_upload");
 }
 
-static void buf_free(void *p) {
-#ifndef MUSTAFAR_NO_CUDA
-    if (on_gpu) { cudaFree(p); return; }
-#endif
-    free(p);
-}
+static void buf_free(void *p) { mustafar_memory_free(ctx, p); }
 
 /* ---- synthetic data ------------------------------------------------------ */
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
@@ -148,7 +121,7 @@ int main(void) {
                 mustafar_status_string(st), why);
         return 1;
     }
-    on_gpu = mustafar_context_backend(ctx) == MUSTAFAR_BACKEND_CUDA;
+    int on_gpu = mustafar_context_backend(ctx) == MUSTAFAR_BACKEND_CUDA;
     printf("mustafar.h %s, backend: %s\n", mustafar_version_string(), on_gpu ? "CUDA" : "CPU");
     if (!on_gpu && mustafar_last_error(ctx)[0])
         printf("  note: %s\n", mustafar_last_error(ctx));

@@ -26,15 +26,24 @@ step() {  # step NAME COMMAND...: a compile or script check counted as one test
 
 step "amalgamation in sync" python3 amalgamate.py --check
 
-if [ "$HAVE_CUDA" = 1 ]; then CUDA_FLAGS="-isystem $CUDA_HOME/include"; else CUDA_FLAGS="-DMUSTAFAR_NO_CUDA"; fi
+# CUDA builds: loaded at run time (no flags), or linked against the toolkit
+CUDA_MODES="-DMUSTAFAR_NO_CUDA -DMUSTAFAR_CUDA_DYNAMIC"
+if [ "$HAVE_CUDA" = 1 ]; then CUDA_MODES="$CUDA_MODES -DMUSTAFAR_CUDA_LINKED"; fi
 for cc in gcc clang; do
     for mode in "c -std=c99" "c++ -std=c++11"; do
-        for cuda in "-DMUSTAFAR_NO_CUDA" "$CUDA_FLAGS"; do
-            step "compile $cc -x $mode $cuda" $cc -x $mode -Wall -Wextra -Wpedantic -Werror $cuda \
+        for cuda in $CUDA_MODES; do
+            extra=""; [ "$cuda" = -DMUSTAFAR_CUDA_LINKED ] && extra="-isystem $CUDA_HOME/include"
+            step "compile $cc -x $mode $cuda" $cc -x $mode -Wall -Wextra -Wpedantic -Werror $cuda $extra \
                 -c tests/test_main.c -o "$BUILD/compile_check.o"
         done
     done
 done
+if [ "$HAVE_CUDA" = 1 ]; then
+    step "CUDA declarations match CUDA's headers" gcc -std=c99 -Wall -Wextra -Werror \
+        -isystem "$CUDA_HOME/include" -c tests/test_cuda_abi.c -o "$BUILD/compile_check.o"
+else
+    echo "CUDA ABI check skipped: no CUDA toolkit"; skipped=$((skipped + 1))
+fi
 step "MUSTAFAR_MALLOC without MUSTAFAR_FREE is an #error" sh -c \
     'if gcc -std=c99 -DMUSTAFAR_NO_CUDA "-DMUSTAFAR_MALLOC(n)=malloc(n)" -c tests/test_main.c \
        -o /dev/null 2>"$0"; then exit 1; fi; grep -q "define both MUSTAFAR_MALLOC and MUSTAFAR_FREE" "$0"' \
@@ -46,6 +55,8 @@ out=$BUILD/out.txt
 "$BUILD/test_main" > "$out" 2>&1; cat "$out" | grep -E '^(FAIL|GPU|seed)' ; count "$out" "test suite"
 "$BUILD/test_main_san" --backend cpu --quick > "$out" 2>&1
 grep -E '^(FAIL|seed)|runtime error|AddressSanitizer' "$out"; count "$out" "test suite under ASan+UBSan"
+
+"$BUILD/test_loader" "$BUILD" > "$out" 2>&1; grep FAIL "$out"; count "$out" "CUDA loader (stand-in libraries)"
 
 if [ "$HAVE_CUDA" = 1 ]; then
     make --no-print-directory "$BUILD/test_nvrtc" >>"$log" 2>&1

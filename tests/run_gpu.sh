@@ -13,7 +13,8 @@ count() {
     passed=$((passed + p)); failed=$((failed + f))
     echo "$2: $line"
 }
-"$BUILD/test_main" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed)' "$out"; count "$out" "suite on CUDA"
+"$BUILD/test_main" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed|GPU)' "$out"; count "$out" "suite on CUDA (runtime loaded at run time)"
+"$BUILD/test_main_linked" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed|GPU)' "$out"; count "$out" "suite on CUDA (linked build)"
 for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/test_main" --backend cuda --quick > "$out" 2>&1
     rc=$?

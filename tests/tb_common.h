@@ -21,9 +21,6 @@
 #include <time.h>
 #include <inttypes.h>
 
-#ifndef MUSTAFAR_NO_CUDA
-#include <cuda_runtime.h>
-#endif
 
 #define TB_PI 3.14159265358979323846
 
@@ -234,77 +231,58 @@ static int tb_is_cuda(mustafar_context *ctx)
     return ctx && mustafar_context_backend(ctx) == MUSTAFAR_BACKEND_CUDA;
 }
 
+/* Backend memory through the library's own helpers (no CUDA header needed). */
 static void *tb_alloc(mustafar_context *ctx, size_t bytes)
 {
-#ifndef MUSTAFAR_NO_CUDA
-    if (tb_is_cuda(ctx)) {
-        void *p = NULL;
-        cudaError_t e = cudaMalloc(&p, bytes ? bytes : 16);
-        if (e != cudaSuccess) {
-            fprintf(stderr, "test: cudaMalloc(%zu): %s\n", bytes, cudaGetErrorName(e));
-            exit(2);
-        }
-        return p;
+    void *p = NULL;
+    mustafar_status st;
+    if (!tb_is_cuda(ctx)) return tb_xmalloc(bytes);
+    st = mustafar_memory_alloc(ctx, bytes ? bytes : 16, &p);
+    if (st) {
+        fprintf(stderr, "test: mustafar_memory_alloc(%zu): %s\n", bytes, mustafar_last_error(ctx));
+        exit(2);
     }
-#endif
-    (void)ctx;
-    return tb_xmalloc(bytes);
+    return p;
 }
 static void tb_free(mustafar_context *ctx, void *p)
 {
     if (!p) return;
-#ifndef MUSTAFAR_NO_CUDA
-    if (tb_is_cuda(ctx)) { cudaFree(p); return; }
-#endif
-    (void)ctx;
-    free(p);
+    if (tb_is_cuda(ctx)) mustafar_memory_free(ctx, p);
+    else free(p);
 }
-#ifndef MUSTAFAR_NO_CUDA
-static void tb_check_cuda(const char *what, const char *file, int line)
+static void tb_check_cuda(mustafar_context *ctx, const char *what, const char *file, int line)
 {
-    cudaError_t e = cudaDeviceSynchronize();
-    if (e != cudaSuccess) tb_fail(file, line, "%s: CUDA error %s", what, cudaGetErrorName(e));
+    if (tb_is_cuda(ctx) && mustafar_context_synchronize(ctx))
+        tb_fail(file, line, "%s: %s", what, mustafar_last_error(ctx));
 }
-#endif
 static void tb_upload(mustafar_context *ctx, void *dst, const void *src, size_t bytes)
 {
-#ifndef MUSTAFAR_NO_CUDA
-    if (tb_is_cuda(ctx)) {
-        cudaError_t e = cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice);
-        if (e != cudaSuccess) tb_fail(__FILE__, __LINE__, "upload: %s", cudaGetErrorName(e));
-        return;
+    if (!tb_is_cuda(ctx)) {
+        if (bytes) memcpy(dst, src, bytes);
+    } else if (mustafar_memory_upload(ctx, dst, src, bytes)) {
+        tb_fail(__FILE__, __LINE__, "upload: %s", mustafar_last_error(ctx));
     }
-#endif
-    (void)ctx;
-    if (bytes) memcpy(dst, src, bytes);
 }
 static void tb_download(mustafar_context *ctx, void *dst, const void *src, size_t bytes)
 {
-#ifndef MUSTAFAR_NO_CUDA
-    if (tb_is_cuda(ctx)) {
-        cudaError_t e;
-        tb_check_cuda("before download", __FILE__, __LINE__);
-        e = cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost);
-        if (e != cudaSuccess) tb_fail(__FILE__, __LINE__, "download: %s", cudaGetErrorName(e));
-        return;
+    if (!tb_is_cuda(ctx)) {
+        if (bytes) memcpy(dst, src, bytes);
+    } else if (mustafar_memory_download(ctx, dst, src, bytes)) {
+        tb_fail(__FILE__, __LINE__, "download: %s", mustafar_last_error(ctx));
     }
-#endif
-    (void)ctx;
-    if (bytes) memcpy(dst, src, bytes);
 }
 /* Fills with 0xFF bytes: 0xFFFF is a NaN in fp16 and bf16. */
 static void tb_poison(mustafar_context *ctx, void *p, size_t bytes)
 {
-#ifndef MUSTAFAR_NO_CUDA
-    if (tb_is_cuda(ctx)) {
-        cudaError_t e = cudaMemset(p, 0xFF, bytes);
-        if (e != cudaSuccess) tb_fail(__FILE__, __LINE__, "poison: %s", cudaGetErrorName(e));
-        tb_check_cuda("poison", __FILE__, __LINE__);
-        return;
+    if (!tb_is_cuda(ctx)) {
+        memset(p, 0xFF, bytes);
+    } else {
+        unsigned char *ff = (unsigned char *)tb_xmalloc(bytes);
+        memset(ff, 0xFF, bytes);
+        tb_upload(ctx, p, ff, bytes);
+        free(ff);
+        tb_check_cuda(ctx, "poison", __FILE__, __LINE__);
     }
-#endif
-    (void)ctx;
-    memset(p, 0xFF, bytes);
 }
 /* Allocates backend memory holding a copy of host data. */
 static void *tb_dup(mustafar_context *ctx, const void *src, size_t bytes)
