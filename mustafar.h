@@ -43,7 +43,7 @@
    EXAMPLE (error checks left out)
 
        mustafar_context *ctx;  mustafar_cache *cache;  int seq;
-       mustafar_context_desc cd = {0};                 // AUTO: GPU if present
+       mustafar_context_desc cd = {MUSTAFAR_BACKEND_AUTO}; // GPU if present
        mustafar_context_create(&cd, &ctx);
        mustafar_cache_desc d = {0};
        d.num_layers = 32; d.num_kv_heads = 8; d.num_q_heads = 32;
@@ -130,8 +130,11 @@
    NVRTC log or CUDA error name where there is one).  A failed call leaves the
    cache as it was.
 
-   Calls on one context must not run concurrently from several threads.
-   Destroy every cache of a context before the context.  The CUDA backend
+   Calls on one context must not run concurrently from several threads;
+   separate contexts may be used from separate threads at once.  Destroying
+   a context releases the memory of its caches: their handles then accept
+   only mustafar_cache_destroy (other calls return
+   MUSTAFAR_ERROR_WRONG_BACKEND).  The CUDA backend
    switches to the context's device for each call and back to the caller's.
 */
 /* ==== >>api ======================================================================= */
@@ -181,6 +184,8 @@ typedef enum mustafar_status {
     MUSTAFAR_ERROR_WRONG_BACKEND,       /* object of another context/backend */
     MUSTAFAR_ERROR_CUDA,                /* a CUDA runtime call failed */
     MUSTAFAR_ERROR_JIT,                 /* NVRTC compile or module load failed */
+    MUSTAFAR_ERROR_INVALID_FILE,        /* a saved stream is truncated, corrupt or of another shape */
+    MUSTAFAR_ERROR_IO,                  /* a file or stream callback failed */
     MUSTAFAR_STATUS_COUNT
 } mustafar_status;
 
@@ -365,6 +370,39 @@ MUSTAFAR_API mustafar_status mustafar_cache_decode_step(mustafar_cache *cache, i
 MUSTAFAR_API int mustafar_cache_sequence_length(const mustafar_cache *cache, int seq_id, int layer);
 MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cache,
                                                       mustafar_cache_stats *out);
+/* ---- save and restore ----------------------------------------------------
+   A versioned, little-endian stream with a checksum per section (layout in
+   the implementation, >>public), for one sequence (seq_id) or every live
+   one (seq_id -1), that a program can embed in its own save file.  Loading
+   adds the stream's sequences as new sequences (their ids in seq_ids, at
+   most max_ids; *count of them) into a cache of the same layers, heads,
+   head_dim, dtype, kept counts and dense window (page size and capacity may
+   differ).  It checks the whole stream first: a truncated, corrupt or
+   mismatched stream, or too little room, fails with a clear status and
+   leaves the cache as it was.  Streams load across backends bit for bit.
+   The callbacks return the bytes they wrote or read (a read returns 0 at
+   the end). */
+typedef size_t (*mustafar_write_fn)(void *user, const void *data, size_t bytes);
+typedef size_t (*mustafar_read_fn)(void *user, void *data, size_t bytes);
+MUSTAFAR_API mustafar_status mustafar_cache_save(mustafar_cache *cache, int seq_id,
+                                                 mustafar_write_fn write, void *user);
+MUSTAFAR_API mustafar_status mustafar_cache_load(mustafar_cache *cache, mustafar_read_fn read,
+                                                 void *user, int *seq_ids, int max_ids, int *count);
+/* Bytes mustafar_cache_save writes for seq_id. */
+MUSTAFAR_API mustafar_status mustafar_cache_save_size(const mustafar_cache *cache, int seq_id,
+                                                      size_t *bytes);
+MUSTAFAR_API mustafar_status mustafar_cache_save_memory(mustafar_cache *cache, int seq_id,
+                                                        void *buffer, size_t capacity,
+                                                        size_t *written);
+MUSTAFAR_API mustafar_status mustafar_cache_load_memory(mustafar_cache *cache, const void *buffer,
+                                                        size_t bytes, int *seq_ids, int max_ids,
+                                                        int *count);
+/* Through a temporary file renamed over `path` once complete. */
+MUSTAFAR_API mustafar_status mustafar_cache_save_file(mustafar_cache *cache, int seq_id,
+                                                      const char *path);
+MUSTAFAR_API mustafar_status mustafar_cache_load_file(mustafar_cache *cache, const char *path,
+                                                      int *seq_ids, int max_ids, int *count);
+
 /* The cache's layout as a stateless view of one layer (for inspection,
    tests, or to mix the two layers). */
 MUSTAFAR_API mustafar_status mustafar_cache_layer_view(const mustafar_cache *cache, int layer,
@@ -420,10 +458,20 @@ static void *mustafar__calloc(size_t bytes)
 static uint32_t mustafar__f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static float mustafar__bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static size_t mustafar__round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
-/* Pages that hold `positions` token positions (both non-negative). */
+/* FNV-1a, 64 bit: the checksum of disk-cache entries and saved streams. */
+static uint64_t mustafar__fnv1a(uint64_t h, const void *data, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+/* Pages that hold `positions` token positions (positions >= 0, page_size >= 1;
+   no overflow up to INT64_MAX). */
 static int64_t mustafar__pages_for(int64_t positions, int page_size)
 {
-    return (positions + page_size - 1) / page_size;
+    return positions / page_size + (positions % page_size != 0);
 }
 
 static int mustafar__ctz32(uint32_t x) /* x != 0 */
@@ -458,6 +506,8 @@ MUSTAFAR_API const char *mustafar_status_string(mustafar_status status)
     case MUSTAFAR_ERROR_WRONG_BACKEND: return "MUSTAFAR_ERROR_WRONG_BACKEND";
     case MUSTAFAR_ERROR_CUDA: return "MUSTAFAR_ERROR_CUDA";
     case MUSTAFAR_ERROR_JIT: return "MUSTAFAR_ERROR_JIT";
+    case MUSTAFAR_ERROR_INVALID_FILE: return "MUSTAFAR_ERROR_INVALID_FILE";
+    case MUSTAFAR_ERROR_IO: return "MUSTAFAR_ERROR_IO";
     case MUSTAFAR_STATUS_COUNT: break;
     }
     return "MUSTAFAR_ERROR_UNKNOWN_STATUS";
@@ -533,7 +583,11 @@ struct mustafar_context {
     mustafar_backend backend;
     char message[MUSTAFAR__MSG_CAP];
     struct mustafar__cuda *cuda;           /* NULL on the CPU backend */
+    mustafar_cache *caches;                /* live caches, released with the context */
 };
+
+/* Frees a cache's backend memory and detaches it from its context (>>public). */
+static void mustafar__cache_release_backend(mustafar_cache *c);
 
 static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
                                       const char *fmt, ...)
@@ -852,6 +906,10 @@ static mustafar_status mustafar__check_seqs_host(mustafar_context *ctx, const mu
                                       "sequence %d: page table entry %d is %d, outside [0, %d)",
                                       i, p, id, kv->num_pages);
         }
+        if ((int64_t)s->num_compressed + s->num_window > INT32_MAX)
+            return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                                  "sequence %d: %d + %d tokens exceed 2^31 - 1", i,
+                                  s->num_compressed, s->num_window);
         if (s->num_compressed + s->num_window > *max_len)
             *max_len = s->num_compressed + s->num_window;
     }
@@ -1422,14 +1480,6 @@ static void mustafar__kernel_options(char *buf, size_t cap, int sm, int d, musta
              mustafar__record_size(d, d), mustafar__staged_bytes(k_rec),
              mustafar__staged_bytes(v_rec), zero, MUSTAFAR__BLOCK_VECTORS(d), group, page_size,
              warps, stages, append_wide ? " -DMUSTAFAR_APPEND_WIDE=1" : "");
-}
-
-static uint64_t mustafar__fnv1a(uint64_t h, const void *data, size_t n)
-{
-    const unsigned char *p = (const unsigned char *)data;
-    size_t i;
-    for (i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
-    return h;
 }
 
 static char *mustafar__kernel_text(void)
@@ -2373,6 +2423,7 @@ MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc
 MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx)
 {
     if (!ctx) return;
+    while (ctx->caches) mustafar__cache_release_backend(ctx->caches);
     mustafar__backend_shutdown(ctx);
     MUSTAFAR_FREE(ctx);
 }
@@ -2472,13 +2523,13 @@ MUSTAFAR_API mustafar_status mustafar_paged_write(mustafar_context *ctx, const m
                               "rows, first_position or ntokens is NULL");
     for (i = 0; i < nseq; i++) {
         const int64_t capacity = (int64_t)kv->page_table_stride * L.page_size;
+        const int64_t end = (int64_t)first_position[i] + ntokens[i];
         if (rows[i] < 0 || rows[i] >= kv->num_rows || first_position[i] < 0 || ntokens[i] < 0 ||
-            (int64_t)first_position[i] + ntokens[i] > capacity)
+            end > capacity || end > INT32_MAX)
             return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
-                                  "sequence %d: row %d, positions [%d, %d) do not fit %d rows of "
-                                  "%lld positions", i, rows[i], first_position[i],
-                                  first_position[i] + ntokens[i], kv->num_rows,
-                                  (long long)capacity);
+                                  "sequence %d: row %d, positions [%d, %lld) do not fit %d rows of "
+                                  "%lld positions", i, rows[i], first_position[i], (long long)end,
+                                  kv->num_rows, (long long)capacity);
         total += ntokens[i];
     }
     if (total > INT32_MAX)
@@ -2563,7 +2614,8 @@ MUSTAFAR_API mustafar_status mustafar_paged_attention(mustafar_context *ctx,
    and checks capacity before it changes anything. */
 
 struct mustafar_cache {
-    mustafar_context *ctx;
+    mustafar_context *ctx;         /* NULL once the context was destroyed first */
+    mustafar_cache *next;          /* the context's list of caches */
     mustafar_cache_desc desc;      /* with defaults resolved */
     mustafar__layout layout;
     int num_pages, pages_per_sequence;
@@ -2579,19 +2631,43 @@ struct mustafar_cache {
     int free_count, live_count;
 };
 
-static void mustafar__cache_free_all(mustafar_cache *c)
+static void mustafar__cache_release_backend(mustafar_cache *c)
 {
+    mustafar_cache **link;
+    if (!c->ctx) return;
+    for (link = &c->ctx->caches; *link; link = &(*link)->next)
+        if (*link == c) { *link = c->next; break; }
     mustafar__backend_free(c->ctx, c->k_pool);
     mustafar__backend_free(c->ctx, c->v_pool);
     mustafar__backend_free(c->ctx, c->k_window);
     mustafar__backend_free(c->ctx, c->v_window);
     if (c->table_device != c->table) mustafar__backend_free(c->ctx, c->table_device);
+    c->k_pool = c->v_pool = NULL;
+    c->k_window = c->v_window = NULL;
+    c->table_device = NULL;
+    c->ctx = NULL;
+}
+
+static void mustafar__cache_free_all(mustafar_cache *c)
+{
+    mustafar__cache_release_backend(c);
     MUSTAFAR_FREE(c->table);
     MUSTAFAR_FREE(c->length);
     MUSTAFAR_FREE(c->pages_held);
     MUSTAFAR_FREE(c->live);
     MUSTAFAR_FREE(c->free_pages);
     MUSTAFAR_FREE(c);
+}
+
+/* The checks every cache call starts with: a cache, still attached to a
+   context (destroying the context first releases the cache's memory), and
+   the output pointer. */
+static mustafar_status mustafar__cache_usable(const mustafar_cache *cache, const void *out)
+{
+    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
+    if (!cache->ctx) return MUSTAFAR_ERROR_WRONG_BACKEND;
+    if (!out) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "out is NULL");
+    return MUSTAFAR_OK;
 }
 
 MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
@@ -2622,10 +2698,11 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     if (d.num_layers < 1 || d.num_kv_heads < 1 || d.num_q_heads < 1 ||
         d.num_q_heads % d.num_kv_heads || d.dense_window < 0 || d.page_size < 1 ||
         d.capacity_tokens < 1 || d.max_sequences < 1 || d.max_sequence_length < 1 ||
-        d.max_sequence_length > INT32_MAX / 2)
+        d.max_sequence_length > INT32_MAX / 2 || d.page_size > d.max_sequence_length)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
                               "invalid cache descriptor: layers %d, kv heads %d, q heads %d "
-                              "(a multiple of kv heads), window %d, page size %d, capacity %lld, "
+                              "(a multiple of kv heads), window %d, page size %d (at most the max "
+                              "length), capacity %lld, "
                               "max sequences %d, max length %d", d.num_layers, d.num_kv_heads,
                               d.num_q_heads, d.dense_window, d.page_size,
                               (long long)d.capacity_tokens, d.max_sequences,
@@ -2693,6 +2770,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
         mustafar__cache_free_all(c);
         return st;
     }
+    c->next = ctx->caches;
+    ctx->caches = c;
     *out = c;
     return MUSTAFAR_OK;
 }
@@ -2705,9 +2784,8 @@ MUSTAFAR_API void mustafar_cache_destroy(mustafar_cache *cache)
 MUSTAFAR_API mustafar_status mustafar_cache_add_sequence(mustafar_cache *cache, int *seq_id)
 {
     int i;
-    if (!cache || !seq_id)
-        return mustafar__fail(cache ? cache->ctx : NULL, MUSTAFAR_ERROR_NULL_POINTER,
-                              "cache or seq_id is NULL");
+    mustafar_status st = mustafar__cache_usable(cache, seq_id);
+    if (st) return st;
     for (i = 0; i < cache->desc.max_sequences; i++) {
         if (!cache->live[i]) {
             cache->live[i] = 1;
@@ -2731,7 +2809,8 @@ static int mustafar__cache_live(const mustafar_cache *c, int id)
 MUSTAFAR_API mustafar_status mustafar_cache_remove_sequence(mustafar_cache *cache, int seq_id)
 {
     int32_t p;
-    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
+    mustafar_status st = mustafar__cache_usable(cache, cache);
+    if (st) return st;
     if (!mustafar__cache_live(cache, seq_id))
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_UNKNOWN_SEQUENCE,
                               "sequence %d is not in the cache", seq_id);
@@ -2748,7 +2827,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_layer_view(const mustafar_cache *cac
                                                        mustafar_paged_kv *out)
 {
     const mustafar_cache_desc *d;
-    if (!cache || !out) return MUSTAFAR_ERROR_NULL_POINTER;
+    mustafar_status st = mustafar__cache_usable(cache, out);
+    if (st) return st;
     d = &cache->desc;
     if (layer < 0 || layer >= d->num_layers)
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
@@ -2784,7 +2864,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *
                                                           int layer, mustafar_paged_seq *out)
 {
     int32_t len;
-    if (!cache || !out) return MUSTAFAR_ERROR_NULL_POINTER;
+    mustafar_status st = mustafar__cache_usable(cache, out);
+    if (st) return st;
     if (layer < 0 || layer >= cache->desc.num_layers)
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
                               "layer %d outside [0, %d)", layer, cache->desc.num_layers);
@@ -2801,7 +2882,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *
 
 MUSTAFAR_API int mustafar_cache_sequence_length(const mustafar_cache *cache, int seq_id, int layer)
 {
-    if (!cache || layer < 0 || layer >= cache->desc.num_layers ||
+    if (!cache || !cache->ctx || layer < 0 || layer >= cache->desc.num_layers ||
         !mustafar__cache_live(cache, seq_id))
         return -1;
     return cache->length[(size_t)seq_id * cache->desc.num_layers + layer];
@@ -2846,8 +2927,8 @@ static mustafar_status mustafar__cache_append(mustafar_cache *cache, int layer, 
     int64_t total = 0, pages_needed = 0;
     int32_t compress_total = 0, window_total = 0;
     int i, npatches = 0, old_free;
-    mustafar_status st;
-    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
+    mustafar_status st = mustafar__cache_usable(cache, cache);
+    if (st) return st;
     st = mustafar__cache_check_ids(cache, layer, nseq, seq_ids);
     if (st) return st;
     if (nseq && !ntokens)
@@ -2962,8 +3043,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_append(mustafar_cache *cache, int la
 static mustafar_status mustafar__check_attention(mustafar_cache *cache, int layer, int nseq,
                                                  const int *seq_ids, const void *q, const void *out)
 {
-    mustafar_status st;
-    if (!cache) return MUSTAFAR_ERROR_NULL_POINTER;
+    mustafar_status st = mustafar__cache_usable(cache, cache);
+    if (st) return st;
     st = mustafar__cache_check_ids(cache, layer, nseq, seq_ids);
     if (st || !nseq) return st;
     if (!q || !out) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "q or out is NULL");
@@ -3027,7 +3108,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cach
     const mustafar__layout *L;
     int64_t dense_vector_bytes, windowed = 0;
     int i, l;
-    if (!cache || !out) return MUSTAFAR_ERROR_NULL_POINTER;
+    mustafar_status st = mustafar__cache_usable(cache, out);
+    if (st) return st;
     d = &cache->desc;
     L = &cache->layout;
     memset(out, 0, sizeof *out);
@@ -3054,6 +3136,532 @@ MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cach
                               d->num_kv_heads * 2 * dense_vector_bytes;
     out->compression_ratio = out->dense_bytes ? (double)out->record_bytes / out->dense_bytes : 0.0;
     return MUSTAFAR_OK;
+}
+
+/* ---- save and restore ------------------------------------------------------------
+   Stream (little-endian; every field written byte by byte):
+     header   "MUSTAFKV" | u32 stream version | u32 record format version |
+              u32 library version (major << 16 | minor << 8 | patch) |
+              u32 layers, kv heads, q heads, head_dim, dtype, K kept, V kept,
+              dense window | u32 sequences | u64 FNV-1a of the header so far
+     per sequence
+              "SEQ1" | u32 length of each layer | u64 payload bytes | payload |
+              u64 FNV-1a of the section so far
+     payload  per layer: K records [compressed][Hkv][K record bytes], V records,
+              K window tokens [length - compressed][Hkv][D] fp16/bf16, V window
+   Records are the format of CONCEPTS, so a stream saved on one backend loads
+   on the other bit for bit.  A load reads and checks the whole stream
+   (versions, description, lengths, checksums, free sequences and pages)
+   before it changes the cache. */
+
+#define MUSTAFAR__STREAM_VERSION 1u
+#define MUSTAFAR__STREAM_HEADER_BYTES 72
+#define MUSTAFAR__FNV_OFFSET 1469598103934665603ull
+
+static void mustafar__put_u32(unsigned char *p, uint32_t x)
+{
+    p[0] = (unsigned char)x; p[1] = (unsigned char)(x >> 8);
+    p[2] = (unsigned char)(x >> 16); p[3] = (unsigned char)(x >> 24);
+}
+static void mustafar__put_u64(unsigned char *p, uint64_t x)
+{
+    mustafar__put_u32(p, (uint32_t)x);
+    mustafar__put_u32(p + 4, (uint32_t)(x >> 32));
+}
+static uint32_t mustafar__get_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static uint64_t mustafar__get_u64(const unsigned char *p)
+{
+    return (uint64_t)mustafar__get_u32(p) | (uint64_t)mustafar__get_u32(p + 4) << 32;
+}
+
+/* The cache description as the stream's header stores it. */
+static void mustafar__stream_header(const mustafar_cache *c, uint32_t sequences, unsigned char *h)
+{
+    const mustafar_cache_desc *d = &c->desc;
+    const uint32_t fields[12] = {
+        MUSTAFAR__STREAM_VERSION, MUSTAFAR_FORMAT_VERSION,
+        MUSTAFAR_VERSION_MAJOR << 16 | MUSTAFAR_VERSION_MINOR << 8 | MUSTAFAR_VERSION_PATCH,
+        (uint32_t)d->num_layers, (uint32_t)d->num_kv_heads, (uint32_t)d->num_q_heads,
+        (uint32_t)d->head_dim, (uint32_t)d->dtype, (uint32_t)c->layout.k_kept,
+        (uint32_t)c->layout.v_kept, (uint32_t)d->dense_window, sequences};
+    int i;
+    memcpy(h, "MUSTAFKV", 8);
+    for (i = 0; i < 12; i++) mustafar__put_u32(h + 8 + 4 * i, fields[i]);
+    mustafar__put_u64(h + 56, 0);   /* reserved */
+    mustafar__put_u64(h + 64, mustafar__fnv1a(MUSTAFAR__FNV_OFFSET, h, 64));
+}
+
+/* Payload bytes of one sequence with the given layer lengths. */
+static uint64_t mustafar__stream_payload(const mustafar_cache *c, const int32_t *lengths)
+{
+    const mustafar__layout *L = &c->layout;
+    uint64_t bytes = 0;
+    int l;
+    for (l = 0; l < c->desc.num_layers; l++) {
+        const int32_t comp = lengths[l] > L->window ? lengths[l] - L->window : 0;
+        bytes += (uint64_t)comp * L->num_kv_heads * (L->k_record + L->v_record) +
+                 (uint64_t)(lengths[l] - comp) * L->num_kv_heads * L->head_dim * 4;
+    }
+    return bytes;
+}
+
+static uint64_t mustafar__stream_section_bytes(const mustafar_cache *c, const int32_t *lengths)
+{
+    return 4 + 4 * (uint64_t)c->desc.num_layers + 8 + mustafar__stream_payload(c, lengths) + 8;
+}
+
+typedef struct mustafar__writer {
+    mustafar_write_fn write;
+    void *user;
+    uint64_t hash;
+    int failed;
+} mustafar__writer;
+
+static void mustafar__emit(mustafar__writer *w, const void *data, size_t bytes)
+{
+    if (w->failed || !bytes) return;
+    w->hash = mustafar__fnv1a(w->hash, data, bytes);
+    if (w->write(w->user, data, bytes) != bytes) w->failed = 1;
+}
+
+/* Writes one sequence's section: records and window tokens copied out of
+   backend memory one page (or one window row) at a time. */
+static mustafar_status mustafar__save_sequence(mustafar_cache *c, int id, mustafar__writer *w)
+{
+    const mustafar__layout *L = &c->layout;
+    const int layers = c->desc.num_layers, hkv = L->num_kv_heads, ps = L->page_size;
+    const int32_t *lengths = c->length + (size_t)id * layers;
+    const size_t row_elems = (size_t)hkv * L->head_dim;
+    const size_t k_page = (size_t)hkv * ps * L->k_record, v_page = (size_t)hkv * ps * L->v_record;
+    const size_t ring = (size_t)L->window * row_elems * 2;
+    size_t scratch_bytes = k_page > v_page ? k_page : v_page;
+    unsigned char head[8], *scratch;
+    mustafar_status st = MUSTAFAR_OK;
+    int l, kv;
+    if (ring > scratch_bytes) scratch_bytes = ring;
+    scratch = (unsigned char *)mustafar__calloc(scratch_bytes);
+    if (!scratch) return mustafar__fail(c->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    w->hash = MUSTAFAR__FNV_OFFSET;
+    mustafar__emit(w, "SEQ1", 4);
+    for (l = 0; l < layers; l++) {
+        mustafar__put_u32(head, (uint32_t)lengths[l]);
+        mustafar__emit(w, head, 4);
+    }
+    mustafar__put_u64(head, mustafar__stream_payload(c, lengths));
+    mustafar__emit(w, head, 8);
+    for (l = 0; l < layers && !st; l++) {
+        const int32_t len = lengths[l], comp = len > L->window ? len - L->window : 0;
+        for (kv = 0; kv < 2 && !st; kv++) {           /* records: K, then V */
+            const size_t rec = kv ? L->v_record : L->k_record, page_bytes = kv ? v_page : k_page;
+            const unsigned char *pool = (kv ? c->v_pool : c->k_pool) +
+                                        (kv ? c->v_layer_bytes : c->k_layer_bytes) * l;
+            int32_t page, p, h;
+            for (page = 0; page < (int32_t)mustafar__pages_for(comp, ps) && !st; page++) {
+                const int32_t id_in_pool = c->table[(size_t)id * c->pages_per_sequence + page];
+                st = mustafar__backend_download(c->ctx, scratch, pool + page_bytes * id_in_pool,
+                                                page_bytes);
+                for (p = page * ps; p < comp && p < (page + 1) * ps && !st; p++)
+                    for (h = 0; h < hkv; h++)
+                        mustafar__emit(w, scratch + ((size_t)h * ps + p % ps) * rec, rec);
+            }
+        }
+        for (kv = 0; kv < 2 && !st && len > comp; kv++) {   /* window tokens: K, then V */
+            const uint16_t *win = (kv ? c->v_window : c->k_window) +
+                                  c->window_layer_elems * l + (size_t)id * L->window * row_elems;
+            int32_t p;
+            st = mustafar__backend_download(c->ctx, scratch, win, ring);
+            for (p = comp; p < len && !st; p++)
+                mustafar__emit(w, scratch + (size_t)(p % L->window) * row_elems * 2, row_elems * 2);
+        }
+    }
+    MUSTAFAR_FREE(scratch);
+    if (st) return st;
+    mustafar__put_u64(head, w->hash);
+    mustafar__emit(w, head, 8);
+    return MUSTAFAR_OK;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_save(mustafar_cache *cache, int seq_id,
+                                                 mustafar_write_fn write, void *user)
+{
+    unsigned char header[MUSTAFAR__STREAM_HEADER_BYTES];
+    mustafar__writer w;
+    mustafar_status st = mustafar__cache_usable(cache, cache);
+    int i, count = 0;
+    if (st) return st;
+    if (!write) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "write is NULL");
+    if (seq_id != -1 && !mustafar__cache_live(cache, seq_id))
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_UNKNOWN_SEQUENCE,
+                              "sequence %d is not in the cache", seq_id);
+    for (i = 0; i < cache->desc.max_sequences; i++)
+        count += seq_id == -1 ? cache->live[i] : i == seq_id;
+    mustafar__stream_header(cache, (uint32_t)count, header);
+    w.write = write;
+    w.user = user;
+    w.hash = MUSTAFAR__FNV_OFFSET;
+    w.failed = 0;
+    mustafar__emit(&w, header, sizeof header);
+    for (i = 0; i < cache->desc.max_sequences && !st; i++)
+        if (seq_id == -1 ? cache->live[i] : i == seq_id) st = mustafar__save_sequence(cache, i, &w);
+    if (!st && w.failed)
+        st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "the write callback wrote less than asked");
+    return st;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_save_size(const mustafar_cache *cache, int seq_id,
+                                                      size_t *bytes)
+{
+    mustafar_status st = mustafar__cache_usable(cache, bytes);
+    uint64_t total = MUSTAFAR__STREAM_HEADER_BYTES;
+    int i;
+    if (st) return st;
+    if (seq_id != -1 && !mustafar__cache_live(cache, seq_id))
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_UNKNOWN_SEQUENCE,
+                              "sequence %d is not in the cache", seq_id);
+    for (i = 0; i < cache->desc.max_sequences; i++)
+        if (seq_id == -1 ? cache->live[i] : i == seq_id)
+            total += mustafar__stream_section_bytes(cache, cache->length +
+                                                               (size_t)i * cache->desc.num_layers);
+    *bytes = (size_t)total;
+    return MUSTAFAR_OK;
+}
+
+/* One sequence of a stream being loaded, checked and held in host memory. */
+typedef struct mustafar__loaded {
+    int32_t *lengths;
+    unsigned char *payload;
+} mustafar__loaded;
+
+static size_t mustafar__read_all(mustafar_read_fn read, void *user, void *data, size_t bytes)
+{
+    size_t got = 0, n;
+    while (got < bytes && (n = read(user, (unsigned char *)data + got, bytes - got)) > 0) got += n;
+    return got;
+}
+
+/* Checks a stream's header against the cache; returns the sequence count. */
+static mustafar_status mustafar__load_header(mustafar_cache *c, const unsigned char *h,
+                                             uint32_t *sequences)
+{
+    unsigned char expect[MUSTAFAR__STREAM_HEADER_BYTES];
+    static const char *const names[] = {"layers", "kv heads", "q heads", "head_dim", "dtype",
+                                        "K kept count", "V kept count", "dense window"};
+    int i;
+    if (memcmp(h, "MUSTAFKV", 8))
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE, "not a mustafar cache stream");
+    if (mustafar__get_u64(h + 64) != mustafar__fnv1a(MUSTAFAR__FNV_OFFSET, h, 64))
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE, "header checksum mismatch");
+    if (mustafar__get_u32(h + 8) != MUSTAFAR__STREAM_VERSION ||
+        mustafar__get_u32(h + 12) != MUSTAFAR_FORMAT_VERSION)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                              "stream version %u, record format %u; this library reads %u, %u",
+                              mustafar__get_u32(h + 8), mustafar__get_u32(h + 12),
+                              MUSTAFAR__STREAM_VERSION, MUSTAFAR_FORMAT_VERSION);
+    mustafar__stream_header(c, 0, expect);
+    for (i = 0; i < 8; i++)
+        if (mustafar__get_u32(h + 20 + 4 * i) != mustafar__get_u32(expect + 20 + 4 * i))
+            return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                                  "the stream's %s is %u, the cache's %u", names[i],
+                                  mustafar__get_u32(h + 20 + 4 * i),
+                                  mustafar__get_u32(expect + 20 + 4 * i));
+    *sequences = mustafar__get_u32(h + 52);
+    return MUSTAFAR_OK;
+}
+
+/* Reads and checks one section into host memory. */
+static mustafar_status mustafar__load_section(mustafar_cache *c, mustafar_read_fn read, void *user,
+                                              uint32_t index, mustafar__loaded *out)
+{
+    const int layers = c->desc.num_layers;
+    unsigned char head[8];
+    uint64_t hash = MUSTAFAR__FNV_OFFSET, payload;
+    unsigned char *raw;
+    int l;
+    if (mustafar__read_all(read, user, head, 4) != 4 || memcmp(head, "SEQ1", 4))
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                              "sequence %u: section missing or truncated", index);
+    hash = mustafar__fnv1a(hash, head, 4);
+    raw = (unsigned char *)mustafar__calloc(4 * (size_t)layers);
+    out->lengths = (int32_t *)mustafar__calloc(sizeof(int32_t) * (size_t)layers);
+    if (!raw || !out->lengths) {
+        MUSTAFAR_FREE(raw);
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    }
+    if (mustafar__read_all(read, user, raw, 4 * (size_t)layers) != 4 * (size_t)layers) {
+        MUSTAFAR_FREE(raw);
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                              "sequence %u: truncated", index);
+    }
+    hash = mustafar__fnv1a(hash, raw, 4 * (size_t)layers);
+    for (l = 0; l < layers; l++) {
+        uint32_t len = mustafar__get_u32(raw + 4 * l);
+        if (len > (uint32_t)c->desc.max_sequence_length) {
+            MUSTAFAR_FREE(raw);
+            return mustafar__fail(c->ctx, MUSTAFAR_ERROR_SEQUENCE_TOO_LONG,
+                                  "sequence %u: layer %d holds %u tokens; max_sequence_length is %d",
+                                  index, l, len, c->desc.max_sequence_length);
+        }
+        out->lengths[l] = (int32_t)len;
+    }
+    MUSTAFAR_FREE(raw);
+    if (mustafar__read_all(read, user, head, 8) != 8)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE, "sequence %u: truncated", index);
+    hash = mustafar__fnv1a(hash, head, 8);
+    payload = mustafar__get_u64(head);
+    if (payload != mustafar__stream_payload(c, out->lengths) || payload > (uint64_t)SIZE_MAX / 2)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                              "sequence %u: payload size does not match its lengths", index);
+    out->payload = (unsigned char *)MUSTAFAR_MALLOC(payload ? (size_t)payload : 1);
+    if (!out->payload)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                              "host allocation of %llu bytes failed", (unsigned long long)payload);
+    if (mustafar__read_all(read, user, out->payload, (size_t)payload) != (size_t)payload ||
+        mustafar__read_all(read, user, head, 8) != 8)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE, "sequence %u: truncated", index);
+    hash = mustafar__fnv1a(hash, out->payload, (size_t)payload);
+    if (mustafar__get_u64(head) != hash)
+        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                              "sequence %u: checksum mismatch", index);
+    return MUSTAFAR_OK;
+}
+
+/* Writes a checked sequence into a new row of the cache: whole pages and
+   window rings are assembled on the host and uploaded at once. */
+static mustafar_status mustafar__load_commit(mustafar_cache *c, int id, const mustafar__loaded *s)
+{
+    const mustafar__layout *L = &c->layout;
+    const int layers = c->desc.num_layers, hkv = L->num_kv_heads, ps = L->page_size;
+    const size_t row_elems = (size_t)hkv * L->head_dim, ring = (size_t)L->window * row_elems * 2;
+    const size_t k_page = (size_t)hkv * ps * L->k_record, v_page = (size_t)hkv * ps * L->v_record;
+    size_t scratch_bytes = k_page > v_page ? k_page : v_page;
+    const unsigned char *in = s->payload;
+    int32_t need = 0, page, *row = c->table + (size_t)id * c->pages_per_sequence;
+    unsigned char *scratch;
+    mustafar_status st = MUSTAFAR_OK;
+    int l, kv;
+    if (ring > scratch_bytes) scratch_bytes = ring;
+    for (l = 0; l < layers; l++) {
+        int32_t comp = s->lengths[l] > L->window ? s->lengths[l] - L->window : 0;
+        if ((int32_t)mustafar__pages_for(comp, ps) > need) need = (int32_t)mustafar__pages_for(comp, ps);
+    }
+    scratch = (unsigned char *)mustafar__calloc(scratch_bytes);
+    if (!scratch) return mustafar__fail(c->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    for (page = 0; page < need; page++) row[page] = c->free_pages[--c->free_count];
+    c->pages_held[id] = need;
+    for (l = 0; l < layers && !st; l++) {
+        const int32_t len = s->lengths[l], comp = len > L->window ? len - L->window : 0;
+        for (kv = 0; kv < 2 && !st; kv++) {
+            const size_t rec = kv ? L->v_record : L->k_record, page_bytes = kv ? v_page : k_page;
+            unsigned char *pool = (kv ? c->v_pool : c->k_pool) +
+                                  (kv ? c->v_layer_bytes : c->k_layer_bytes) * l;
+            int32_t p, h;
+            for (page = 0; page < (int32_t)mustafar__pages_for(comp, ps) && !st; page++) {
+                memset(scratch, 0, page_bytes);
+                for (p = page * ps; p < comp && p < (page + 1) * ps; p++)
+                    for (h = 0; h < hkv; h++, in += rec)
+                        memcpy(scratch + ((size_t)h * ps + p % ps) * rec, in, rec);
+                st = mustafar__backend_upload(c->ctx, pool + page_bytes * row[page], scratch,
+                                              page_bytes);
+            }
+        }
+        for (kv = 0; kv < 2 && !st && len > comp; kv++) {
+            uint16_t *win = (kv ? c->v_window : c->k_window) + c->window_layer_elems * l +
+                            (size_t)id * L->window * row_elems;
+            int32_t p;
+            memset(scratch, 0, ring);
+            for (p = comp; p < len; p++, in += row_elems * 2)
+                memcpy(scratch + (size_t)(p % L->window) * row_elems * 2, in, row_elems * 2);
+            st = mustafar__backend_upload(c->ctx, win, scratch, ring);
+        }
+    }
+    if (!st && c->table_device != c->table && need)
+        st = mustafar__backend_upload(c->ctx, c->table_device + (size_t)id * c->pages_per_sequence,
+                                      row, sizeof(int32_t) * (size_t)need);
+    MUSTAFAR_FREE(scratch);
+    if (!st) memcpy(c->length + (size_t)id * layers, s->lengths, sizeof(int32_t) * (size_t)layers);
+    return st;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_load(mustafar_cache *cache, mustafar_read_fn read,
+                                                 void *user, int *seq_ids, int max_ids, int *count)
+{
+    unsigned char header[MUSTAFAR__STREAM_HEADER_BYTES];
+    mustafar__loaded *seqs = NULL;
+    uint32_t n = 0, i, loaded = 0;
+    int64_t pages = 0;
+    mustafar_status st = mustafar__cache_usable(cache, cache);
+    if (st) return st;
+    if (!read) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_NULL_POINTER, "read is NULL");
+    if (count) *count = 0;
+    if (mustafar__read_all(read, user, header, sizeof header) != sizeof header)
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                              "stream shorter than its header");
+    st = mustafar__load_header(cache, header, &n);
+    if (st) return st;
+    if (n > (uint32_t)(cache->desc.max_sequences - cache->live_count))
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_TOO_MANY_SEQUENCES,
+                              "the stream holds %u sequences; %d are free", n,
+                              cache->desc.max_sequences - cache->live_count);
+    if (n > (uint32_t)max_ids || (n && !seq_ids))
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "the stream holds %u sequences; seq_ids has room for %d", n,
+                              seq_ids ? max_ids : 0);
+    seqs = (mustafar__loaded *)mustafar__calloc(sizeof *seqs * (n ? n : 1));
+    if (!seqs) return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    for (i = 0; i < n && !st; i++) {
+        int l;
+        int32_t most = 0;
+        st = mustafar__load_section(cache, read, user, i, &seqs[i]);
+        for (l = 0; !st && l < cache->desc.num_layers; l++)
+            if (seqs[i].lengths[l] > most) most = seqs[i].lengths[l];
+        if (!st) pages += mustafar__pages_for(most > cache->desc.dense_window
+                                                  ? most - cache->desc.dense_window : 0,
+                                              cache->desc.page_size);
+    }
+    if (!st && pages > cache->free_count)
+        st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_POOL_FULL,
+                            "the stream needs %lld pages; %d are free", (long long)pages,
+                            cache->free_count);
+    /* checked: from here on only the backend can fail, and a failure removes
+       what was added */
+    for (i = 0; i < n && !st; i++) {
+        int id;
+        mustafar_cache_add_sequence(cache, &id);
+        seq_ids[i] = id;
+        loaded = i + 1;
+        st = mustafar__load_commit(cache, id, &seqs[i]);
+    }
+    if (st)
+        for (i = 0; i < loaded; i++) mustafar_cache_remove_sequence(cache, seq_ids[i]);
+    else if (count)
+        *count = (int)n;
+    for (i = 0; i < n; i++) {
+        MUSTAFAR_FREE(seqs[i].lengths);
+        MUSTAFAR_FREE(seqs[i].payload);
+    }
+    MUSTAFAR_FREE(seqs);
+    return st;
+}
+
+/* In-memory and file streams on top of the callbacks. */
+typedef struct mustafar__memory_stream {
+    unsigned char *data;
+    size_t size, at;
+} mustafar__memory_stream;
+
+static size_t mustafar__memory_write(void *user, const void *data, size_t bytes)
+{
+    mustafar__memory_stream *m = (mustafar__memory_stream *)user;
+    if (bytes > m->size - m->at) return 0;
+    memcpy(m->data + m->at, data, bytes);
+    m->at += bytes;
+    return bytes;
+}
+static size_t mustafar__memory_read(void *user, void *data, size_t bytes)
+{
+    mustafar__memory_stream *m = (mustafar__memory_stream *)user;
+    if (bytes > m->size - m->at) bytes = m->size - m->at;
+    memcpy(data, m->data + m->at, bytes);
+    m->at += bytes;
+    return bytes;
+}
+static size_t mustafar__file_write(void *user, const void *data, size_t bytes)
+{
+    return fwrite(data, 1, bytes, (FILE *)user);
+}
+static size_t mustafar__file_read(void *user, void *data, size_t bytes)
+{
+    return fread(data, 1, bytes, (FILE *)user);
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_save_memory(mustafar_cache *cache, int seq_id,
+                                                        void *buffer, size_t capacity,
+                                                        size_t *written)
+{
+    mustafar__memory_stream m;
+    size_t need = 0;
+    mustafar_status st = mustafar_cache_save_size(cache, seq_id, &need);
+    if (st) return st;
+    if (!buffer || capacity < need)
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
+                              "the buffer holds %zu bytes; the stream needs %zu", capacity, need);
+    m.data = (unsigned char *)buffer;
+    m.size = capacity;
+    m.at = 0;
+    st = mustafar_cache_save(cache, seq_id, mustafar__memory_write, &m);
+    if (!st && written) *written = m.at;
+    return st;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_load_memory(mustafar_cache *cache, const void *buffer,
+                                                        size_t bytes, int *seq_ids, int max_ids,
+                                                        int *count)
+{
+    mustafar__memory_stream m;
+    mustafar_status st = mustafar__cache_usable(cache, buffer);
+    if (st) return st;
+    int got = 0, i;
+    m.data = (unsigned char *)(uintptr_t)buffer;
+    m.size = bytes;
+    m.at = 0;
+    if (count) *count = 0;
+    st = mustafar_cache_load(cache, mustafar__memory_read, &m, seq_ids, max_ids, &got);
+    if (!st && m.at != bytes) {
+        for (i = 0; i < got; i++) mustafar_cache_remove_sequence(cache, seq_ids[i]);
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                              "%zu bytes after the end of the stream", bytes - m.at);
+    }
+    if (!st && count) *count = got;
+    return st;
+}
+
+/* Written to a temporary name, then renamed over `path`: a crash mid-write
+   never leaves a partial file under the real name. */
+MUSTAFAR_API mustafar_status mustafar_cache_save_file(mustafar_cache *cache, int seq_id,
+                                                      const char *path)
+{
+    char tmp[1100];
+    FILE *f;
+    mustafar_status st = mustafar__cache_usable(cache, path);
+    if (st) return st;
+    if (strlen(path) > 1000)
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "path too long");
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    if (!(f = fopen(tmp, "wb")))
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot create %s", tmp);
+    st = mustafar_cache_save(cache, seq_id, mustafar__file_write, f);
+    if (fclose(f) != 0 && !st) st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "writing %s failed", tmp);
+#ifdef _WIN32
+    if (!st) remove(path);                 /* rename does not replace on Windows */
+#endif
+    if (!st && rename(tmp, path) != 0)
+        st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot rename %s to %s", tmp, path);
+    if (st) remove(tmp);
+    return st;
+}
+
+MUSTAFAR_API mustafar_status mustafar_cache_load_file(mustafar_cache *cache, const char *path,
+                                                      int *seq_ids, int max_ids, int *count)
+{
+    FILE *f;
+    int got = 0, i;
+    mustafar_status st = mustafar__cache_usable(cache, path);
+    if (st) return st;
+    if (count) *count = 0;
+    if (!(f = fopen(path, "rb")))
+        return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot open %s", path);
+    st = mustafar_cache_load(cache, mustafar__file_read, f, seq_ids, max_ids, &got);
+    if (!st && fgetc(f) != EOF) {
+        for (i = 0; i < got; i++) mustafar_cache_remove_sequence(cache, seq_ids[i]);
+        st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_FILE,
+                            "%s: bytes after the end of the stream", path);
+    }
+    fclose(f);
+    if (!st && count) *count = got;
+    return st;
 }
 
 /* ==== >>kernel_source: mustafar_kernels.cuh, embedded ============================ */

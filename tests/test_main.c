@@ -29,6 +29,7 @@
 #include "test_cache.h"
 #include "test_errors.h"
 #include "test_jit.h"
+#include "test_robust.h"
 
 typedef void (*tb_test_fn)(mustafar_context *ctx);
 
@@ -72,6 +73,11 @@ static const tb_test k_tests[] = {
     {"test_errors_cache_calls", test_errors_cache_calls, 1},
     {"test_errors_sequence_too_long", test_errors_sequence_too_long, 1},
     {"test_errors_alignment", test_errors_alignment, 1},
+    /* case 8: save and restore, corrupt input, defects */
+    {"test_save_load_roundtrip", test_save_load_roundtrip, 1},
+    {"test_load_corrupt", test_load_corrupt, 1},
+    {"test_corrupt_records", test_corrupt_records, 1},
+    {"test_robust_defects", test_robust_defects, 1},
 #ifndef MUSTAFAR_NO_CUDA
     /* the on-disk cubin cache */
     {"test_jit_disk_cache", test_jit_disk_cache, 2},
