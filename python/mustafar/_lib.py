@@ -96,9 +96,9 @@ def library_candidates():
     """Where the shared library is looked for, in order."""
     here = os.path.dirname(os.path.abspath(__file__))
     name = _library_name()
+    if os.environ.get("MUSTAFAR_LIBRARY"):     # explicit: only this one
+        return [os.environ["MUSTAFAR_LIBRARY"]]
     out = []
-    if os.environ.get("MUSTAFAR_LIBRARY"):
-        out.append(os.environ["MUSTAFAR_LIBRARY"])
     out.append(os.path.join(here, name))                                   # installed
     out.append(os.path.join(os.path.dirname(os.path.dirname(here)), "build", name))  # in place
     return out
