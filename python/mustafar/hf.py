@@ -211,3 +211,34 @@ def enable(model):
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
+
+
+class StepTimer:
+    """A logits processor that timestamps every generated token (after a device
+    synchronize): pass it in generate(logits_processor=[timer]).  The first
+    stamp ends the prefill; decode_tokens_per_s() counts the steps after it."""
+
+    def __init__(self, batch=1):
+        self.batch, self.stamps = batch, []
+        import time
+        self._clock = time.perf_counter
+
+    def start(self):
+        self._sync()
+        self.stamps = [self._clock()]
+
+    def _sync(self):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def __call__(self, input_ids, scores):
+        self._sync()
+        self.stamps.append(self._clock())
+        return scores
+
+    def prefill_s(self):
+        return self.stamps[1] - self.stamps[0]
+
+    def decode_tokens_per_s(self):
+        steps = len(self.stamps) - 2
+        return self.batch * steps / (self.stamps[-1] - self.stamps[1]) if steps > 0 else float("nan")
