@@ -273,8 +273,10 @@ def _parse_device(device):
     if s == "cpu":
         return "cpu", 0
     if s.startswith("cuda"):
-        return "cuda", int(s.split(":")[1]) if ":" in s else (
-            getattr(device, "index", None) or (_torch().cuda.current_device() if _torch() else 0))
+        if ":" in s:
+            return "cuda", int(s.split(":")[1])
+        torch = _torch()
+        return "cuda", torch.cuda.current_device() if torch is not None else 0
     if s == "auto":
         return "auto", 0
     raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N', got %r" % (device,))
@@ -316,7 +318,7 @@ def _fail(ctx, st, call):
 
 def _float_call(fname, x, sparsity, out, dtype, context, out_kind):
     xa = _arr(x, "x")
-    if x is None or len(xa.shape) < 1:
+    if len(xa.shape) < 1:
         raise ValueError("x must have at least one dimension (head_dim last)")
     dt = _dtype_code(dtype) if dtype is not None else xa.dtype
     if dt is None:

@@ -201,6 +201,19 @@ class TestErrors(unittest.TestCase):
         with self.assertRaises(mustafar.MustafarError):
             self.c.sequence_length(12)
 
+    def test_cuda_context(self):
+        try:
+            ctx = mustafar.Context("cuda", disable_jit_cache=True)
+        except mustafar.MustafarError as e:       # no GPU: the reason, as a status and text
+            self.assertEqual(e.status, "MUSTAFAR_ERROR_BACKEND_UNAVAILABLE")
+            self.assertTrue(e.message)
+            return
+        self.assertEqual(ctx.backend, "cuda")
+        c = mustafar.Cache(1, 2, 64, capacity_tokens=64, context=ctx)
+        s = c.add_sequence()
+        self.assertRaisesNaming(ValueError, "k is on cpu:0 but the context is on cuda",
+                                c.append, 0, s, self.k, self.k)
+
     def test_closed(self):
         self.c.close()
         with self.assertRaises(ValueError):
