@@ -3,6 +3,7 @@
 #   make test       CPU tests, compile matrix, sanitizers, NVRTC compile of every arch
 #   make test-gpu   the test suite on the CUDA backend, plus compute-sanitizer
 #   make bench      decode-attention benchmark on the GPU (with PyTorch SDPA)
+#   make lib        build/libmustafar.so, the shared library the Python package loads
 CUDA_HOME ?= /usr/local/cuda
 BUILD ?= build
 WARN := -Wall -Wextra -Wpedantic -Werror
@@ -15,7 +16,7 @@ LINKED_CFLAGS := -DMUSTAFAR_CUDA_LINKED -isystem $(CUDA_HOME)/include
 LINKED_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lnvrtc -lcudart
 HEADERS := mustafar.h tests/*.h
 
-.PHONY: all run test test-gpu bench check clean
+.PHONY: all run test test-gpu bench check clean lib
 all: $(BUILD)/quickstart $(BUILD)/test_main
 
 $(BUILD):
@@ -49,13 +50,18 @@ $(BUILD)/test_main_san: tests/test_main.c $(HEADERS) | $(BUILD)
 $(BUILD)/test_nvrtc: tests/test_nvrtc.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm -lpthread
 
+$(BUILD)/libmustafar.so: python/libmustafar.c mustafar.h | $(BUILD)
+	$(CC) -std=c99 -O2 -fPIC -shared $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
+
+lib: $(BUILD)/libmustafar.so
+
 $(BUILD)/bench: bench/bench.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(LINKED_CFLAGS) $< -o $@ $(LINKED_LIBS) -lm
 
 run: $(BUILD)/quickstart
 	./$(BUILD)/quickstart
 
-test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_loader
+test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_loader $(BUILD)/libmustafar.so
 	@HAVE_CUDA=$(HAVE_CUDA) CUDA_HOME=$(CUDA_HOME) BUILD=$(BUILD) sh tests/run_all.sh
 
 test-gpu: $(BUILD)/test_main $(BUILD)/test_main_linked

@@ -66,6 +66,14 @@ else
     echo "NVRTC compile skipped: no CUDA toolkit"; skipped=$((skipped + 1))
 fi
 
+if python3 -c 'import numpy' 2>/dev/null; then
+    echo "Python package and Hugging Face tests (a minute on the CPU):"
+    MUSTAFAR_LIBRARY=$BUILD/libmustafar.so PYTHONPATH=python python3 tests/python/run.py > "$out" 2>&1
+    grep -E '^(FAIL|ERROR|skipped)' "$out" | sed 's/^/    /'; count "$out" "Python tests"
+else
+    echo "Python tests skipped: numpy not installed (.ci/run installs it)"; skipped=$((skipped + 1))
+fi
+
 if [ "$skipped" -gt 0 ]; then echo "$passed passed, $failed failed, $skipped skipped"
 else echo "$passed passed, $failed failed"; fi
 [ "$failed" -eq 0 ]
