@@ -508,13 +508,30 @@ struct mustafar_context {
     struct mustafar__cuda *cuda;           /* NULL on the CPU backend */
 };
 
+/* MinGW-w64 programs call msvcrt.dll's printf family unless the program
+   enables __USE_MINGW_ANSI_STDIO, and msvcrt lacks %zu; MinGW's own C99
+   implementation formats the messages the same on every build. (MSVC 2015
+   and newer, UCRT, is C99 already.) */
+#if defined(__MINGW32__)
+#  define MUSTAFAR__VSNPRINTF __mingw_vsnprintf
+#  define MUSTAFAR__PRINTF_LIKE(a, b) __attribute__((format(gnu_printf, a, b)))
+#elif defined(__GNUC__) || defined(__clang__)
+#  define MUSTAFAR__VSNPRINTF vsnprintf
+#  define MUSTAFAR__PRINTF_LIKE(a, b) __attribute__((format(printf, a, b)))
+#else
+#  define MUSTAFAR__VSNPRINTF vsnprintf
+#  define MUSTAFAR__PRINTF_LIKE(a, b)
+#endif
+
+static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
+                                      const char *fmt, ...) MUSTAFAR__PRINTF_LIKE(3, 4);
 static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
                                       const char *fmt, ...)
 {
     if (ctx) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(ctx->message, sizeof ctx->message, fmt, ap);
+        MUSTAFAR__VSNPRINTF(ctx->message, sizeof ctx->message, fmt, ap);
         va_end(ap);
     }
     return status;
