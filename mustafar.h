@@ -373,6 +373,9 @@ MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *
 #else
 #  error "mustafar.h: define both MUSTAFAR_MALLOC and MUSTAFAR_FREE, or neither"
 #endif
+#if defined(_MSC_VER)
+#  include <intrin.h>   /* _BitScanForward */
+#endif
 #ifndef MUSTAFAR_ASSERT
 #  include <assert.h>
 #  define MUSTAFAR_ASSERT(x) assert(x)
@@ -403,6 +406,10 @@ static int mustafar__ctz32(uint32_t x) /* x != 0 */
 {
 #if defined(__GNUC__) || defined(__clang__)
     return __builtin_ctz(x);
+#elif defined(_MSC_VER)
+    unsigned long n;
+    _BitScanForward(&n, x);
+    return (int)n;
 #else
     int n = 0;
     while (!(x & 1u)) { x >>= 1; n++; }
