@@ -438,6 +438,9 @@ MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *
 #else
 #  error "mustafar.h: define both MUSTAFAR_MALLOC and MUSTAFAR_FREE, or neither"
 #endif
+#if defined(_MSC_VER)
+#  include <intrin.h>   /* _BitScanForward */
+#endif
 #ifndef MUSTAFAR_ASSERT
 #  include <assert.h>
 #  define MUSTAFAR_ASSERT(x) assert(x)
@@ -478,6 +481,10 @@ static int mustafar__ctz32(uint32_t x) /* x != 0 */
 {
 #if defined(__GNUC__) || defined(__clang__)
     return __builtin_ctz(x);
+#elif defined(_MSC_VER)
+    unsigned long n;
+    _BitScanForward(&n, x);
+    return (int)n;
 #else
     int n = 0;
     while (!(x & 1u)) { x >>= 1; n++; }
@@ -586,6 +593,24 @@ struct mustafar_context {
     mustafar_cache *caches;                /* live caches, released with the context */
 };
 
+/* MinGW-w64 programs call msvcrt.dll's printf family unless the program
+   enables __USE_MINGW_ANSI_STDIO, and msvcrt lacks %zu; MinGW's own C99
+   implementation formats the messages the same on every build. (MSVC 2015
+   and newer, UCRT, is C99 already.) */
+#if defined(__MINGW32__)
+#  define MUSTAFAR__VSNPRINTF __mingw_vsnprintf
+#  define MUSTAFAR__PRINTF_LIKE(a, b) __attribute__((format(gnu_printf, a, b)))
+#elif defined(__GNUC__) || defined(__clang__)
+#  define MUSTAFAR__VSNPRINTF vsnprintf
+#  define MUSTAFAR__PRINTF_LIKE(a, b) __attribute__((format(printf, a, b)))
+#else
+#  define MUSTAFAR__VSNPRINTF vsnprintf
+#  define MUSTAFAR__PRINTF_LIKE(a, b)
+#endif
+
+static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
+                                      const char *fmt, ...) MUSTAFAR__PRINTF_LIKE(3, 4);
+
 /* Frees a cache's backend memory and detaches it from its context (>>public). */
 static void mustafar__cache_release_backend(mustafar_cache *c);
 
@@ -595,7 +620,7 @@ static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status sta
     if (ctx) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(ctx->message, sizeof ctx->message, fmt, ap);
+        MUSTAFAR__VSNPRINTF(ctx->message, sizeof ctx->message, fmt, ap);
         va_end(ap);
     }
     return status;

@@ -58,6 +58,48 @@ grep -E '^(FAIL|seed)|runtime error|AddressSanitizer' "$out"; count "$out" "test
 
 "$BUILD/test_loader" "$BUILD" > "$out" 2>&1; grep FAIL "$out"; count "$out" "CUDA loader (stand-in libraries)"
 
+# The CPU suite built for other platforms and run under an emulator (--quick:
+# emulation is slower). A missing compiler or emulator counts as skipped,
+# saying so; a build that fails counts as a failure.
+cross() {  # cross NAME COMPILER TARGET RUNNER...: build TARGET with make, run it
+    name=$1 ccx=$2 target=$3; shift 3
+    if ! command -v "$ccx" >/dev/null 2>&1; then
+        echo "$name skipped: no $ccx (see README, Tests)"; skipped=$((skipped + 1)); return
+    fi
+    if ! make --no-print-directory "$target" >>"$log" 2>&1; then
+        failed=$((failed + 1)); echo "FAIL $name: build of $target (see $log)"; return
+    fi
+    if [ -z "$1" ]; then
+        echo "$name: built; run skipped: no emulator (see README, Tests)"; skipped=$((skipped + 1)); return
+    fi
+    t0=$(date +%s)
+    timeout 900 "$@" "$target" --backend cpu --quick > "$out" 2>"$BUILD/emulator_stderr.txt"
+    # the emulator's own messages (wine: ..., fixme: ...) are not the suite's
+    grep -vE '^(wine|fixme|err|warn|qemu)[:-]' "$BUILD/emulator_stderr.txt" >> "$out"
+    grep -E '^(FAIL|seed)' "$out"; count "$out" "$name ($(( $(date +%s) - t0 )) s)"
+}
+
+MINGW_CC=${MINGW_CC:-x86_64-w64-mingw32-gcc}
+ARM64_CC=${ARM64_CC:-aarch64-linux-gnu-gcc}
+if command -v "${MINGW_CC%gcc}g++" >/dev/null 2>&1; then
+    step "compile ${MINGW_CC%gcc}g++ -x c++ -std=c++11 -DMUSTAFAR_NO_CUDA" "${MINGW_CC%gcc}g++" -x c++ -std=c++11 \
+        -Wall -Wextra -Wpedantic -Werror -DMUSTAFAR_NO_CUDA -c tests/test_main.c -o "$BUILD/compile_check.o"
+    step "compile ${MINGW_CC%gcc}g++ example" "${MINGW_CC%gcc}g++" -x c++ -std=c++11 \
+        -Wall -Wextra -Wpedantic -Werror -DMUSTAFAR_NO_CUDA -c examples/quickstart.c -o "$BUILD/compile_check.o"
+fi
+if command -v "$MINGW_CC" >/dev/null 2>&1; then
+    step "compile $MINGW_CC example" "$MINGW_CC" -std=c99 -Wall -Wextra -Wpedantic -Werror -DMUSTAFAR_NO_CUDA \
+        -c examples/quickstart.c -o "$BUILD/compile_check.o"
+fi
+wine=
+for w in wine wine64 /usr/lib/wine/wine64; do command -v "$w" >/dev/null 2>&1 && { wine=$w; break; }; done
+# a prefix of its own under the build folder (created on the first run, ~15 s)
+WINEPREFIX=$(cd "$BUILD" && pwd)/wineprefix; WINEDEBUG=-all; export WINEPREFIX WINEDEBUG
+cross "test suite, Windows (MinGW-w64) build under Wine" "$MINGW_CC" "$BUILD/test_main.exe" $wine
+qemu=
+for q in qemu-aarch64 qemu-aarch64-static; do command -v "$q" >/dev/null 2>&1 && { qemu=$q; break; }; done
+cross "test suite, ARM64 build under qemu-user" "$ARM64_CC" "$BUILD/test_main_arm64" $qemu
+
 if [ "$HAVE_CUDA" = 1 ]; then
     make --no-print-directory "$BUILD/test_nvrtc" >>"$log" 2>&1
     echo "NVRTC compile of every arch (a few minutes; one line per compile):"

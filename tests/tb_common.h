@@ -34,7 +34,10 @@ static int g_cur_failures = 0;     /* failed checks in the running instance */
 
 #define TB_MAX_PRINTED 20          /* FAIL lines printed per test instance */
 
-#if defined(__GNUC__) || defined(__clang__)
+#if defined(__MINGW32__) && defined(__MINGW_PRINTF_FORMAT)
+/* printf is MinGW's C99 one (with %zu) or msvcrt's, as __USE_MINGW_ANSI_STDIO says */
+#define TB_PRINTF_LIKE(a, b) __attribute__((format(__MINGW_PRINTF_FORMAT, a, b)))
+#elif defined(__GNUC__) || defined(__clang__)
 #define TB_PRINTF_LIKE(a, b) __attribute__((format(printf, a, b)))
 #else
 #define TB_PRINTF_LIKE(a, b)

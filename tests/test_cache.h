@@ -202,9 +202,9 @@ static void test_cache_append_paths(mustafar_context *ctx)
     if (idx[0] < 0) { tm_destroy(&m); return; }
     nt[0] = 8;                                     /* a full window ... */
     tm_append(&m, 0, 1, idx, nt);
-    nt[0] = 16400;                                 /* ... then 65600 items, K and V per lane group */
+    nt[0] = g_quick ? 4000 : 16400;                /* ... then 65600 items, K and V per lane group */
     tm_append(&m, 0, 1, idx, nt);
-    tm_check_all(&m, 0.0f, "65600 items in one append");
+    tm_check_all(&m, 0.0f, g_quick ? "16000 items in one append" : "65600 items in one append");
     tm_destroy(&m);
 }
 
@@ -236,8 +236,8 @@ static void decode_step_case(mustafar_context *ctx, tb_rng *r, const mustafar_ca
        its new records before it writes them, were they not waited for; the
        attention calls queued before keep the GPU behind the host, so that
        the step's two kernels run back to back */
-    for (i = 0; i < n; i++) nt[i] = i == 0 ? 3000 : 1;
-    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 40, "decode step of 3000 tokens and of one");
+    for (i = 0; i < n; i++) nt[i] = i == 0 ? (g_quick ? 600 : 3000) : 1;
+    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 40, "decode step of 3000 (quick: 600) tokens and of one");
     /* failed steps append nothing */
     q = TB_NEW(uint16_t, (size_t)n * m.hq * m.D);
     out = TB_NEW(uint16_t, (size_t)n * m.hq * m.D);
@@ -277,11 +277,12 @@ static void test_cache_decode_step(mustafar_context *ctx)
     tb_rng r;
     mustafar_cache_desc d;
     const int lens[5] = {0, 7, 8, 600, 5000}, lens2[3] = {3000, 15, 200};
+    const int lens_q[5] = {0, 7, 8, 300, 900}, lens2_q[3] = {600, 15, 200};  /* --quick */
     tb_rng_for_test(&r, g_cur_test);
     tm_desc(&d, 2, 2, 8, 128, MUSTAFAR_DTYPE_F16, 0.7f, 0.7f, 8, 16, 16384, 5);
-    decode_step_case(ctx, &r, &d, lens, 5, 24);
+    decode_step_case(ctx, &r, &d, g_quick ? lens_q : lens, 5, g_quick ? 8 : 24);
     tm_desc(&d, 2, 2, 32, 64, MUSTAFAR_DTYPE_BF16, 0.5f, 0.7f, 16, 8, 8192, 3);
-    decode_step_case(ctx, &r, &d, lens2, 3, 12);
+    decode_step_case(ctx, &r, &d, g_quick ? lens2_q : lens2, 3, g_quick ? 4 : 12);
 }
 
 /* Sequences of different lengths share one pool; a full pool refuses,
