@@ -30,7 +30,7 @@ BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA = 0, 1, 2
 
 class ContextDesc(Structure):
     _fields_ = [("backend", c_int), ("cuda_device", c_int), ("cuda_stream", c_void_p),
-                ("jit_cache_dir", c_char_p), ("disable_jit_cache", c_int),
+                ("jit_cache_dir", c_char_p), ("cuda_path", c_char_p), ("disable_jit_cache", c_int),
                 ("error_buffer", c_char_p), ("error_buffer_size", c_size_t)]
 
 
@@ -107,6 +107,17 @@ def library_candidates():
 _lib = None
 
 
+def _check_struct_sizes(handle, path):
+    """The ctypes mirrors must have the library's sizes (else fields are misread)."""
+    size = handle.mustafar_binding_struct_size
+    size.restype, size.argtypes = c_size_t, [c_int]
+    for which, cls in enumerate((ContextDesc, CacheDesc, CacheStats, PagedSeq)):
+        if size(which) != ctypes.sizeof(cls):
+            raise OSError("mustafar: %s has a %d-byte %s; these bindings expect %d bytes (rebuild with "
+                          "`make lib` from the same checkout)" % (path, size(which), cls.__name__,
+                                                                  ctypes.sizeof(cls)))
+
+
 def lib():
     """The loaded library (loaded on first use)."""
     global _lib
@@ -126,6 +137,7 @@ def lib():
             f = getattr(handle, fname)
             f.restype = res
             f.argtypes = args
+        _check_struct_sizes(handle, path)
         handle._mustafar_path = path
         _lib = handle
         return _lib

@@ -2,6 +2,7 @@
 prune / compress / decompress against an independent pruning, the Cache
 against float64 attention on the pruned cache, and argument errors."""
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -22,7 +23,10 @@ PYDIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "py
 @unittest.skipIf(np is None, "numpy not installed")
 class TestFormat(unittest.TestCase):
     def test_version_and_library(self):
-        self.assertEqual(mustafar.version(), "0.1.0")
+        header = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                   "mustafar.h")).read()
+        self.assertEqual(mustafar.version(),
+                         re.search(r'#define MUSTAFAR_VERSION_STRING "([^"]+)"', header).group(1))
         self.assertTrue(os.path.exists(mustafar.library_path()))
 
     def test_counts(self):
