@@ -53,7 +53,7 @@ $(BUILD)/test_main_san: tests/test_main.c $(HEADERS) | $(BUILD)
 
 # Windows x86-64 (MinGW-w64), CPU backend; runs under Wine
 $(BUILD)/test_main.exe: tests/test_main.c $(HEADERS) | $(BUILD)
-	$(MINGW_CC) -std=c99 -O2 $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm
+	$(MINGW_CC) -std=c99 -O2 $(WARN) $< -o $@ -lm
 
 # Linux ARM64, CPU backend, static so that qemu-user needs no sysroot
 $(BUILD)/test_main_arm64: tests/test_main.c $(HEADERS) | $(BUILD)

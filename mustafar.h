@@ -611,6 +611,18 @@ struct mustafar_context {
 static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
                                       const char *fmt, ...) MUSTAFAR__PRINTF_LIKE(3, 4);
 
+/* snprintf through the same C99 formatter (%zu, %lld on every platform). */
+static int mustafar__snprintf(char *buf, size_t cap, const char *fmt, ...) MUSTAFAR__PRINTF_LIKE(3, 4);
+static int mustafar__snprintf(char *buf, size_t cap, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+    va_start(ap, fmt);
+    n = MUSTAFAR__VSNPRINTF(buf, cap, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
 /* Frees a cache's backend memory and detaches it from its context (>>public). */
 static void mustafar__cache_release_backend(mustafar_cache *c);
 
@@ -1241,7 +1253,7 @@ static void mustafar__append_text(char *buf, size_t cap, const char *fmt, ...)
     va_list ap;
     if (n + 1 >= cap) return;
     va_start(ap, fmt);
-    vsnprintf(buf + n, cap - n, fmt, ap);
+    MUSTAFAR__VSNPRINTF(buf + n, cap - n, fmt, ap);
     va_end(ap);
 }
 
@@ -1269,12 +1281,16 @@ static void mustafar__cuda_api_unload(mustafar__cuda_api *api) { MUSTAFAR__UNUSE
 static void *mustafar__library_open(const char *path, char *error, size_t cap)
 {
     HMODULE library = LoadLibraryA(path);
-    if (!library) snprintf(error, cap, "LoadLibrary error %lu", (unsigned long)GetLastError());
+    if (!library)
+        mustafar__snprintf(error, cap, "%s: LoadLibrary error %lu", path, (unsigned long)GetLastError());
     return (void *)library;
 }
 static void *mustafar__library_symbol(void *library, const char *name)
 {
-    return (void *)GetProcAddress((HMODULE)library, name);
+    FARPROC f = GetProcAddress((HMODULE)library, name);
+    void *p;
+    memcpy(&p, &f, sizeof p);              /* as POSIX dlsym returns it */
+    return p;
 }
 static void mustafar__library_close(void *library) { FreeLibrary((HMODULE)library); }
 #else
@@ -1283,7 +1299,7 @@ static void *mustafar__library_open(const char *path, char *error, size_t cap)
 {
     void *library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     const char *e;
-    if (!library) snprintf(error, cap, "%s", (e = dlerror()) != NULL ? e : "dlopen failed");
+    if (!library) mustafar__snprintf(error, cap, "%s", (e = dlerror()) != NULL ? e : "dlopen failed");
     return library;
 }
 static void *mustafar__library_symbol(void *library, const char *name) { return dlsym(library, name); }
@@ -1324,8 +1340,8 @@ static void *mustafar__library_load(const char *const *candidates, const char *s
                 void *library;
                 int s;
                 if (len >= 1000) len = 0;
-                if (len) snprintf(path, sizeof path, "%.*s/%s", (int)len, dir, candidates[c]);
-                else snprintf(path, sizeof path, "%s", candidates[c]);
+                if (len) mustafar__snprintf(path, sizeof path, "%.*s/%s", (int)len, dir, candidates[c]);
+                else mustafar__snprintf(path, sizeof path, "%s", candidates[c]);
                 dir = end ? end + 1 : NULL;
                 if (pass == 0 && !len) continue;
                 library = mustafar__library_open(path, error, sizeof error);
@@ -1495,7 +1511,7 @@ static void mustafar__kernel_options(char *buf, size_t cap, int sm, int d, musta
     size_t k_rec = mustafar__record_size(d, k_kept), v_rec = mustafar__record_size(d, v_kept);
     size_t zero;
     mustafar__attention_smem(d, group, k_rec, v_rec, warps, stages, &zero);
-    snprintf(buf, cap,
+    mustafar__snprintf(buf, cap,
              "-DMUSTAFAR_SM=%d -DMUSTAFAR_D=%d -DMUSTAFAR_BF16=%d -DMUSTAFAR_K_KEPT=%d "
              "-DMUSTAFAR_V_KEPT=%d -DMUSTAFAR_K_RECORD=%zu -DMUSTAFAR_V_RECORD=%zu "
              "-DMUSTAFAR_DENSE_RECORD=%zu -DMUSTAFAR_K_STAGED=%zu -DMUSTAFAR_V_STAGED=%zu "
@@ -1531,19 +1547,25 @@ static void mustafar__resolve_cache_dir(mustafar__cuda *cu, const mustafar_conte
     cu->cache_dir[0] = 0;
     if (desc->disable_jit_cache) return;
     if (desc->jit_cache_dir) {
-        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", desc->jit_cache_dir);
+        mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", desc->jit_cache_dir);
         return;
     }
     if (env) {
-        if (strcmp(env, "off") && env[0]) snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", env);
+        if (strcmp(env, "off") && env[0]) mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", env);
         return;
     }
+#if defined(_WIN32)
+    if ((base = getenv("LOCALAPPDATA")) && base[0])
+        mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s\\mustafar", base);
+#elif defined(__APPLE__)
+    if ((base = getenv("HOME")) && base[0])
+        mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/Library/Caches/mustafar", base);
+#else
     if ((base = getenv("XDG_CACHE_HOME")) && base[0])
-        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
+        mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
     else if ((base = getenv("HOME")) && base[0])
-        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/.cache/mustafar", base);
-    else if ((base = getenv("LOCALAPPDATA")) && base[0])
-        snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
+        mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/.cache/mustafar", base);
+#endif
 }
 
 static void mustafar__mkdirs(const char *path)
@@ -1602,7 +1624,7 @@ static void mustafar__disk_write(const char *dir, const char *path, const void *
     FILE *f;
     int ok;
     mustafar__mkdirs(dir);
-    snprintf(tmp, sizeof tmp, "%s.%08lx.tmp",
+    mustafar__snprintf(tmp, sizeof tmp, "%s.%08lx.tmp",
              path, (unsigned long)((uintptr_t)&f ^ (uintptr_t)time(NULL) ^ (uintptr_t)clock()));
     if (!(f = fopen(tmp, "wb"))) return;
     memcpy(head, "MUSTAFAR", 8);
@@ -1675,8 +1697,8 @@ static mustafar_status mustafar__compile_cubin(mustafar_context *ctx, const char
     char opts[512], arch[32], *tok;
     const char *argv[32];
     int argc = 0;
-    snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", sm);
-    snprintf(opts, sizeof opts, "%s", options);
+    mustafar__snprintf(arch, sizeof arch, "--gpu-architecture=sm_%d", sm);
+    mustafar__snprintf(opts, sizeof opts, "%s", options);
     argv[argc++] = MUSTAFAR__SPLIT_COMPILE;
     argv[argc++] = arch;
     argv[argc++] = "-lineinfo";
@@ -1711,7 +1733,7 @@ static mustafar_status mustafar__build_library(mustafar_context *ctx, const char
     key = mustafar__fnv1a(key, &nvrtc_minor, sizeof nvrtc_minor);
     path[0] = 0;
     if (cu->cache_dir[0]) {
-        snprintf(path, sizeof path, "%s/mustafar-%016llx.cubin", cu->cache_dir,
+        mustafar__snprintf(path, sizeof path, "%s/mustafar-%016llx.cubin", cu->cache_dir,
                  (unsigned long long)key);
         cubin = mustafar__disk_read(path, &size);
         if (cubin && mustafar__rt(ctx)->LibraryLoadData(library, cubin, NULL, NULL, 0, NULL, NULL, 0) == MUSTAFAR__cudaSuccess) {
@@ -1881,7 +1903,7 @@ static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar
         return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
                               "the CUDA stream is not usable: %s", mustafar__rt(ctx)->GetErrorName(e));
     }
-    snprintf(ctx->message, sizeof ctx->message, "CUDA backend on device %d (sm_%d%d, kernels for sm_%d)",
+    mustafar__snprintf(ctx->message, sizeof ctx->message, "CUDA backend on device %d (sm_%d%d, kernels for sm_%d)",
              cu->device, major, minor, best);
     return MUSTAFAR_OK;
 }
@@ -2432,7 +2454,7 @@ MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc
             char why[MUSTAFAR__MSG_CAP / 2];
             memcpy(why, ctx->message, sizeof why - 1);
             why[sizeof why - 1] = 0;
-            snprintf(ctx->message, sizeof ctx->message, "using the CPU backend: %s", why);
+            mustafar__snprintf(ctx->message, sizeof ctx->message, "using the CPU backend: %s", why);
             st = MUSTAFAR_OK;
         }
     }
@@ -3654,7 +3676,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_save_file(mustafar_cache *cache, int
     if (st) return st;
     if (strlen(path) > 1000)
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "path too long");
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    mustafar__snprintf(tmp, sizeof tmp, "%s.tmp", path);
     if (!(f = fopen(tmp, "wb")))
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot create %s", tmp);
     st = mustafar_cache_save(cache, seq_id, mustafar__file_write, f);

@@ -84,6 +84,8 @@ ARM64_CC=${ARM64_CC:-aarch64-linux-gnu-gcc}
 if command -v "${MINGW_CC%gcc}g++" >/dev/null 2>&1; then
     step "compile ${MINGW_CC%gcc}g++ -x c++ -std=c++11 -DMUSTAFAR_NO_CUDA" "${MINGW_CC%gcc}g++" -x c++ -std=c++11 \
         -Wall -Wextra -Wpedantic -Werror -DMUSTAFAR_NO_CUDA -c tests/test_main.c -o "$BUILD/compile_check.o"
+    step "compile ${MINGW_CC%gcc}g++ -x c++ -std=c++11 (CUDA loaded at run time)" "${MINGW_CC%gcc}g++" -x c++ \
+        -std=c++11 -Wall -Wextra -Wpedantic -Werror -c tests/test_main.c -o "$BUILD/compile_check.o"
     step "compile ${MINGW_CC%gcc}g++ example" "${MINGW_CC%gcc}g++" -x c++ -std=c++11 \
         -Wall -Wextra -Wpedantic -Werror -DMUSTAFAR_NO_CUDA -c examples/quickstart.c -o "$BUILD/compile_check.o"
 fi
@@ -95,7 +97,11 @@ wine=
 for w in wine wine64 /usr/lib/wine/wine64; do command -v "$w" >/dev/null 2>&1 && { wine=$w; break; }; done
 # a prefix of its own under the build folder (created on the first run, ~15 s)
 WINEPREFIX=$(cd "$BUILD" && pwd)/wineprefix; WINEDEBUG=-all; export WINEPREFIX WINEDEBUG
-cross "test suite, Windows (MinGW-w64) build under Wine" "$MINGW_CC" "$BUILD/test_main.exe" $wine
+cross "test suite, Windows (MinGW-w64, CUDA loader compiled in) build under Wine" "$MINGW_CC" "$BUILD/test_main.exe" $wine
+if command -v "$ARM64_CC" >/dev/null 2>&1; then
+    step "compile $ARM64_CC (CUDA loaded at run time)" "$ARM64_CC" -std=c99 -Wall -Wextra -Wpedantic -Werror \
+        -c tests/test_main.c -o "$BUILD/compile_check.o"
+fi
 qemu=
 for q in qemu-aarch64 qemu-aarch64-static; do command -v "$q" >/dev/null 2>&1 && { qemu=$q; break; }; done
 cross "test suite, ARM64 build under qemu-user" "$ARM64_CC" "$BUILD/test_main_arm64" $qemu
@@ -103,7 +109,8 @@ cross "test suite, ARM64 build under qemu-user" "$ARM64_CC" "$BUILD/test_main_ar
 if [ "$HAVE_CUDA" = 1 ]; then
     make --no-print-directory "$BUILD/test_nvrtc" >>"$log" 2>&1
     echo "NVRTC compile of every arch (a few minutes; one line per compile):"
-    "$BUILD/test_nvrtc" 2>&1 | tee "$out" | sed 's/^/    /'; count "$out" "NVRTC compile of every arch"
+    "$BUILD/test_nvrtc" 2>&1 | tee "$out" | while IFS= read -r line; do echo "    $line"; done
+    count "$out" "NVRTC compile of every arch"
 else
     echo "NVRTC compile skipped: no CUDA toolkit"; skipped=$((skipped + 1))
 fi

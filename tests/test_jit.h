@@ -1,6 +1,6 @@
 /* test_jit.h - the on-disk cubin cache of the CUDA backend (CUDA only). */
 
-#ifndef MUSTAFAR_NO_CUDA
+#if !defined(MUSTAFAR_NO_CUDA) && !defined(_WIN32)   /* POSIX file calls; no GPU under Wine */
 #include <dirent.h>
 #include <unistd.h>
 

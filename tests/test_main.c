@@ -78,7 +78,7 @@ static const tb_test k_tests[] = {
     {"test_load_corrupt", test_load_corrupt, 1},
     {"test_corrupt_records", test_corrupt_records, 1},
     {"test_robust_defects", test_robust_defects, 1},
-#ifndef MUSTAFAR_NO_CUDA
+#if !defined(MUSTAFAR_NO_CUDA) && !defined(_WIN32)
     /* the on-disk cubin cache */
     {"test_jit_disk_cache", test_jit_disk_cache, 2},
 #endif
