@@ -199,6 +199,14 @@ typedef struct mustafar_context_desc {
     int disable_jit_cache;         /* nonzero: never read or write the disk cache */
     char *error_buffer;            /* optional: receives the reason if create fails */
     size_t error_buffer_size;
+    /* CPU backend: threads of one call, the caller's included; 0: the number
+       of cores.  With parallel_for set, the library calls it instead of
+       starting its own pool: it must run task(task_data, i) for every i in
+       [0, count), on any threads, and return when all have finished. */
+    int num_threads;
+    void (*parallel_for)(void (*task)(void *task_data, int index), void *task_data, int count,
+                         void *user_data);
+    void *parallel_for_user_data;
 } mustafar_context_desc;
 
 typedef struct mustafar_cache_desc {
@@ -501,11 +509,13 @@ static uint16_t mustafar__store(mustafar_dtype dt, float f)
 /* ---- context and errors --------------------------------------------------- */
 
 struct mustafar__cuda;                     /* the CUDA backend's state (>>cuda) */
+struct mustafar__cpu;                      /* the CPU backend's state (>>cpu) */
 
 struct mustafar_context {
     mustafar_backend backend;
     char message[MUSTAFAR__MSG_CAP];
     struct mustafar__cuda *cuda;           /* NULL on the CPU backend */
+    struct mustafar__cpu *cpu;             /* NULL on the CUDA backend */
 };
 
 static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
@@ -835,64 +845,503 @@ static mustafar_status mustafar__check_seqs_host(mustafar_context *ctx, const mu
 enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 
 /* ==== >>cpu: the CPU backend ====================================================
-   Host memory; every record is read through the shared record helpers
-   (>>common), which stop at the kept count, so a corrupt bitmap cannot read
-   past its record. */
+   Host memory.  Decode attention reads each K and V record once per KV head
+   and serves every query head of its GQA group from it; work items are
+   (sequence, KV head, token split) with a split-K combine, run on the user's
+   parallel-for callback or a small built-in pool started on first use.  The
+   SIMD path (AVX2+F16C on x86-64, chosen at run time; NEON on ARM64; scalar)
+   is picked at context creation; MUSTAFAR_CPU_SIMD=scalar|avx2|neon forces
+   one (a path the machine lacks falls back to scalar).  A record whose bitmap
+   does not hold exactly its kept count of bits (corrupt) goes through the
+   scalar helpers of >>common, which stop at the kept count, so no path reads
+   past a record. */
 
-static void mustafar__cpu_records(int op, int head_dim, float sparsity, mustafar_dtype dtype,
-                                  const void *in, void *out, size_t count)
+#if defined(__x86_64__) || defined(_M_X64)
+#  define MUSTAFAR__CPU_X86 1
+#  include <immintrin.h>
+#  if defined(_MSC_VER) && !defined(__clang__)
+#    include <intrin.h>
+#  endif
+#endif
+#if defined(__aarch64__) || defined(_M_ARM64)
+#  define MUSTAFAR__CPU_NEON 1
+#  include <arm_neon.h>
+#endif
+#ifdef _WIN32
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  include <windows.h>
+#else
+#  include <pthread.h>
+#  include <unistd.h>
+#endif
+
+/* Per-function target attributes let a generic x86-64 build carry the AVX2
+   path; MSVC compiles intrinsics without them. */
+#if defined(MUSTAFAR__CPU_X86) && (defined(__GNUC__) || defined(__clang__))
+#  define MUSTAFAR__AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+#else
+#  define MUSTAFAR__AVX2
+#endif
+
+enum { MUSTAFAR__SIMD_SCALAR, MUSTAFAR__SIMD_AVX2, MUSTAFAR__SIMD_NEON };
+#define MUSTAFAR__CPU_BLOCK 32          /* tokens per online-softmax step */
+#define MUSTAFAR__CPU_MIN_SPLIT 256     /* fewest tokens of one attention work item */
+#define MUSTAFAR__CPU_RECORDS_PER_TASK 256
+
+static int mustafar__cpu_best_simd(void)
 {
-    const int kept = mustafar_kept_count(head_dim, sparsity);
-    const size_t rec = mustafar_record_bytes(head_dim, sparsity, dtype);
-    size_t i;
-    for (i = 0; i < count; i++) {
-        const uint16_t *x = (const uint16_t *)in + i * head_dim;
-        uint16_t *y = (uint16_t *)out + i * head_dim;
-        if (op == MUSTAFAR__OP_PRUNE) {
+#if defined(MUSTAFAR__CPU_X86)
+    unsigned int r1[4] = {0, 0, 0, 0}, r7[4] = {0, 0, 0, 0};
+    unsigned long long xcr0 = 0;
+#  if defined(_MSC_VER) && !defined(__clang__)
+    int a[4];
+    __cpuid(a, 0);
+    if (a[0] < 7) return MUSTAFAR__SIMD_SCALAR;
+    __cpuid(a, 1);
+    memcpy(r1, a, sizeof r1);
+    __cpuidex(a, 7, 0);
+    memcpy(r7, a, sizeof r7);
+    if (r1[2] & (1u << 27)) xcr0 = _xgetbv(0);
+#  else
+    unsigned int lo, hi;
+    __asm__("cpuid" : "=a"(r1[0]), "=b"(r1[1]), "=c"(r1[2]), "=d"(r1[3]) : "a"(0), "c"(0));
+    if (r1[0] < 7) return MUSTAFAR__SIMD_SCALAR;
+    __asm__("cpuid" : "=a"(r1[0]), "=b"(r1[1]), "=c"(r1[2]), "=d"(r1[3]) : "a"(1), "c"(0));
+    __asm__("cpuid" : "=a"(r7[0]), "=b"(r7[1]), "=c"(r7[2]), "=d"(r7[3]) : "a"(7), "c"(0));
+    if (r1[2] & (1u << 27)) {
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        xcr0 = ((unsigned long long)hi << 32) | lo;
+    }
+#  endif
+    /* FMA, POPCNT, AVX, F16C; AVX2; the OS saves the YMM state */
+    if ((r1[2] & 0x38801000u) == 0x38801000u && (r7[1] & (1u << 5)) && (xcr0 & 6u) == 6u)
+        return MUSTAFAR__SIMD_AVX2;
+    return MUSTAFAR__SIMD_SCALAR;
+#elif defined(MUSTAFAR__CPU_NEON)
+    return MUSTAFAR__SIMD_NEON;
+#else
+    return MUSTAFAR__SIMD_SCALAR;
+#endif
+}
+
+/* The best path, or the one MUSTAFAR_CPU_SIMD names when the machine has it. */
+static int mustafar__cpu_choose_simd(void)
+{
+    const char *force = getenv("MUSTAFAR_CPU_SIMD");
+    int best = mustafar__cpu_best_simd();
+    if (!force || !force[0]) return best;
+    if (!strcmp(force, "avx2") && best == MUSTAFAR__SIMD_AVX2) return best;
+    if (!strcmp(force, "neon") && best == MUSTAFAR__SIMD_NEON) return best;
+    return MUSTAFAR__SIMD_SCALAR;
+}
+
+static int mustafar__cpu_core_count(void)
+{
+#ifdef _WIN32
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    return si.dwNumberOfProcessors > 0 ? (int)si.dwNumberOfProcessors : 1;
+#else
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)(n < 256 ? n : 256) : 1;
+#endif
+}
+
+/* ---- threads: the user's parallel-for, or the built-in pool -------------------
+   The pool's workers take task indices under one lock: tasks are coarse (a few
+   hundred tokens or records), so the lock is not contended.  The calling
+   thread works too, so a pool of N threads starts N - 1 workers. */
+
+typedef void (*mustafar__cpu_task)(void *task_data, int index);
+
+#ifdef _WIN32
+typedef SRWLOCK mustafar__mutex;
+typedef CONDITION_VARIABLE mustafar__cond;
+typedef HANDLE mustafar__thread;
+#define mustafar__mutex_init(m) InitializeSRWLock(m)
+#define mustafar__mutex_destroy(m) ((void)(m))
+#define mustafar__lock(m) AcquireSRWLockExclusive(m)
+#define mustafar__unlock(m) ReleaseSRWLockExclusive(m)
+#define mustafar__cond_init(c) InitializeConditionVariable(c)
+#define mustafar__cond_destroy(c) ((void)(c))
+#define mustafar__cond_wait(c, m) SleepConditionVariableSRW(c, m, INFINITE, 0)
+#define mustafar__cond_broadcast(c) WakeAllConditionVariable(c)
+#else
+typedef pthread_mutex_t mustafar__mutex;
+typedef pthread_cond_t mustafar__cond;
+typedef pthread_t mustafar__thread;
+#define mustafar__mutex_init(m) pthread_mutex_init(m, NULL)
+#define mustafar__mutex_destroy(m) pthread_mutex_destroy(m)
+#define mustafar__lock(m) pthread_mutex_lock(m)
+#define mustafar__unlock(m) pthread_mutex_unlock(m)
+#define mustafar__cond_init(c) pthread_cond_init(c, NULL)
+#define mustafar__cond_destroy(c) pthread_cond_destroy(c)
+#define mustafar__cond_wait(c, m) pthread_cond_wait(c, m)
+#define mustafar__cond_broadcast(c) pthread_cond_broadcast(c)
+#endif
+
+struct mustafar__cpu {
+    int simd;                      /* MUSTAFAR__SIMD_* */
+    int num_threads;               /* threads of a parallel-for, the caller's included */
+    void (*parallel_for)(void (*task)(void *task_data, int index), void *task_data, int count,
+                         void *user_data);
+    void *parallel_for_user_data;
+    /* the built-in pool, started on first use */
+    int workers;                   /* started worker threads */
+    mustafar__thread *threads;
+    mustafar__mutex lock;
+    mustafar__cond wake, done;
+    mustafar__cpu_task task;       /* NULL: no parallel-for running */
+    void *task_data;
+    int count, next, finished, stop;
+};
+
+/* Runs tasks under the lock until none is left to take; returns with the lock held. */
+static void mustafar__cpu_pool_drain(struct mustafar__cpu *cpu)
+{
+    while (cpu->task && cpu->next < cpu->count) {
+        mustafar__cpu_task task = cpu->task;
+        void *data = cpu->task_data;
+        int index = cpu->next++;
+        mustafar__unlock(&cpu->lock);
+        task(data, index);
+        mustafar__lock(&cpu->lock);
+        if (++cpu->finished == cpu->count) mustafar__cond_broadcast(&cpu->done);
+    }
+}
+
+#ifdef _WIN32
+static DWORD WINAPI mustafar__cpu_worker(LPVOID arg)
+#else
+static void *mustafar__cpu_worker(void *arg)
+#endif
+{
+    struct mustafar__cpu *cpu = (struct mustafar__cpu *)arg;
+    mustafar__lock(&cpu->lock);
+    while (!cpu->stop) {
+        mustafar__cpu_pool_drain(cpu);
+        if (!cpu->stop) mustafar__cond_wait(&cpu->wake, &cpu->lock);
+    }
+    mustafar__unlock(&cpu->lock);
+    return 0;
+}
+
+/* Starts the workers; returns how many started (fewer on failure: the pool
+   then runs on the ones it has). */
+static void mustafar__cpu_pool_start(struct mustafar__cpu *cpu)
+{
+    int want = cpu->num_threads - 1;
+    cpu->threads = (mustafar__thread *)mustafar__calloc(sizeof(mustafar__thread) * (size_t)want);
+    if (!cpu->threads) return;
+    for (cpu->workers = 0; cpu->workers < want; cpu->workers++) {
+#ifdef _WIN32
+        HANDLE h = CreateThread(NULL, 0, mustafar__cpu_worker, cpu, 0, NULL);
+        if (!h) break;
+        cpu->threads[cpu->workers] = h;
+#else
+        if (pthread_create(&cpu->threads[cpu->workers], NULL, mustafar__cpu_worker, cpu)) break;
+#endif
+    }
+}
+
+static void mustafar__cpu_parallel_for(struct mustafar__cpu *cpu, mustafar__cpu_task task,
+                                       void *data, int count)
+{
+    int i;
+    if (count <= 0) return;
+    if (!cpu || count == 1 || cpu->num_threads <= 1) {
+        for (i = 0; i < count; i++) task(data, i);
+        return;
+    }
+    if (cpu->parallel_for) {
+        cpu->parallel_for(task, data, count, cpu->parallel_for_user_data);
+        return;
+    }
+    if (!cpu->threads) mustafar__cpu_pool_start(cpu);
+    mustafar__lock(&cpu->lock);
+    cpu->task = task;
+    cpu->task_data = data;
+    cpu->count = count;
+    cpu->next = cpu->finished = 0;
+    mustafar__cond_broadcast(&cpu->wake);
+    mustafar__cpu_pool_drain(cpu);
+    while (cpu->finished < cpu->count) mustafar__cond_wait(&cpu->done, &cpu->lock);
+    cpu->task = NULL;
+    mustafar__unlock(&cpu->lock);
+}
+
+static struct mustafar__cpu *mustafar__cpu_create(const mustafar_context_desc *desc)
+{
+    struct mustafar__cpu *cpu = (struct mustafar__cpu *)mustafar__calloc(sizeof *cpu);
+    if (!cpu) return NULL;
+    cpu->simd = mustafar__cpu_choose_simd();
+    cpu->num_threads = desc->num_threads > 0 ? desc->num_threads : mustafar__cpu_core_count();
+    cpu->parallel_for = desc->parallel_for;
+    cpu->parallel_for_user_data = desc->parallel_for_user_data;
+    mustafar__mutex_init(&cpu->lock);
+    mustafar__cond_init(&cpu->wake);
+    mustafar__cond_init(&cpu->done);
+    return cpu;
+}
+
+static void mustafar__cpu_destroy(struct mustafar__cpu *cpu)
+{
+    int i;
+    if (!cpu) return;
+    mustafar__lock(&cpu->lock);
+    cpu->stop = 1;
+    mustafar__cond_broadcast(&cpu->wake);
+    mustafar__unlock(&cpu->lock);
+    for (i = 0; i < cpu->workers; i++) {
+#ifdef _WIN32
+        WaitForSingleObject(cpu->threads[i], INFINITE);
+        CloseHandle(cpu->threads[i]);
+#else
+        pthread_join(cpu->threads[i], NULL);
+#endif
+    }
+    MUSTAFAR_FREE(cpu->threads);
+    mustafar__cond_destroy(&cpu->done);
+    mustafar__cond_destroy(&cpu->wake);
+    mustafar__mutex_destroy(&cpu->lock);
+    MUSTAFAR_FREE(cpu);
+}
+
+static struct mustafar__cpu *mustafar__cpu_of(mustafar_context *ctx)
+{
+    return ctx ? ctx->cpu : NULL;
+}
+
+static int mustafar__cpu_simd_of(mustafar_context *ctx)
+{
+    return ctx && ctx->cpu ? ctx->cpu->simd : mustafar__cpu_choose_simd();
+}
+
+static int mustafar__cpu_threads_of(mustafar_context *ctx)
+{
+    return ctx && ctx->cpu ? ctx->cpu->num_threads : 1;
+}
+
+/* ---- pruning and compression ------------------------------------------------ */
+
+#if defined(MUSTAFAR__CPU_X86)
+/* 32 lanes of 16-bit compare masks to 32 bits, lane order kept. */
+MUSTAFAR__AVX2 static uint32_t mustafar__avx2_bits32(__m256i m0, __m256i m1)
+{
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi16(m0, m1), 0xD8);
+    return (uint32_t)_mm256_movemask_epi8(packed);
+}
+
+/* mustafar__select_kept with 16 keys per compare; the same bisection, so the
+   same bitmap. */
+MUSTAFAR__AVX2 static void mustafar__avx2_select_kept(const uint16_t *x, int d, int kept,
+                                                      uint32_t *bitmap)
+{
+    __m256i key[16];
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF), ones = _mm256_set1_epi16(1);
+    const int nv = d / 16;
+    int lo = 0, hi = 0x7FFF, i, greater = 0, ties;
+    for (i = 0; i < nv; i++)
+        key[i] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(const void *)(x + 16 * i)),
+                                  magnitude);
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2, count;
+        const __m256i below = _mm256_set1_epi16((short)(mid - 1));
+        __m256i n = _mm256_setzero_si256();
+        __m128i s;
+        for (i = 0; i < nv; i++) n = _mm256_sub_epi16(n, _mm256_cmpgt_epi16(key[i], below));
+        n = _mm256_madd_epi16(n, ones);
+        s = _mm_add_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        count = _mm_cvtsi128_si32(s);
+        if (count >= kept) lo = mid; else hi = mid - 1;
+    }
+    {
+        const __m256i t = _mm256_set1_epi16((short)lo);
+        for (i = 0; i < nv; i += 2) {
+            bitmap[i / 2] = mustafar__avx2_bits32(_mm256_cmpgt_epi16(key[i], t),
+                                                  _mm256_cmpgt_epi16(key[i + 1], t));
+            greater += _mm_popcnt_u32(bitmap[i / 2]);
+        }
+        ties = kept - greater;
+        for (i = 0; i < nv && ties > 0; i += 2) {
+            uint32_t eq = mustafar__avx2_bits32(_mm256_cmpeq_epi16(key[i], t),
+                                                _mm256_cmpeq_epi16(key[i + 1], t));
+            while (eq && ties > 0) {
+                bitmap[i / 2] |= eq & (0u - eq);
+                eq &= eq - 1u;
+                ties--;
+            }
+        }
+    }
+}
+#endif
+
+/* mustafar__encode_record with the path's selection (the same bisection, so
+   the same bitmap); values gathered by walking the set bits. */
+static void mustafar__cpu_encode(int simd, const uint16_t *x, int d, int kept, size_t rec_bytes,
+                                 unsigned char *rec)
+{
+#if defined(MUSTAFAR__CPU_X86)
+    if (simd == MUSTAFAR__SIMD_AVX2) {
+        uint32_t bitmap[8];
+        uint16_t *vals = (uint16_t *)(void *)(rec + d / 8);
+        int w, j = 0;
+        mustafar__avx2_select_kept(x, d, kept, bitmap);
+        memcpy(rec, bitmap, (size_t)d / 8);
+        for (w = 0; w < d / 32; w++) {
+            uint32_t word = bitmap[w];
+            while (word) {
+                vals[j++] = x[32 * w + mustafar__ctz32(word)];
+                word &= word - 1u;
+            }
+        }
+        memset(vals + j, 0, rec_bytes - (size_t)d / 8 - 2 * (size_t)j);
+        return;
+    }
+#endif
+    MUSTAFAR__UNUSED(simd);
+    mustafar__encode_record(x, d, kept, rec_bytes, rec);
+}
+
+static void mustafar__cpu_select_kept(int simd, const uint16_t *x, int d, int kept,
+                                      uint32_t *bitmap)
+{
+#if defined(MUSTAFAR__CPU_X86)
+    if (simd == MUSTAFAR__SIMD_AVX2) {
+        mustafar__avx2_select_kept(x, d, kept, bitmap);
+        return;
+    }
+#endif
+    MUSTAFAR__UNUSED(simd);
+    mustafar__select_kept(x, d, kept, bitmap);
+}
+
+typedef struct mustafar__cpu_records_work {
+    int op, head_dim, kept, simd;
+    size_t rec, count;
+    const void *in;
+    void *out;
+} mustafar__cpu_records_work;
+
+static void mustafar__cpu_records_task(void *data, int index)
+{
+    const mustafar__cpu_records_work *W = (const mustafar__cpu_records_work *)data;
+    const int d = W->head_dim;
+    size_t i = (size_t)index * MUSTAFAR__CPU_RECORDS_PER_TASK;
+    size_t end = i + MUSTAFAR__CPU_RECORDS_PER_TASK < W->count ? i + MUSTAFAR__CPU_RECORDS_PER_TASK
+                                                               : W->count;
+    for (; i < end; i++) {
+        const uint16_t *x = (const uint16_t *)W->in + i * d;
+        uint16_t *y = (uint16_t *)W->out + i * d;
+        if (W->op == MUSTAFAR__OP_PRUNE) {
             uint32_t bitmap[8];
             int c;
-            mustafar__select_kept(x, head_dim, kept, bitmap);
-            for (c = 0; c < head_dim; c++)
-                y[c] = (bitmap[c >> 5] >> (c & 31) & 1u) ? x[c] : 0;
-        } else if (op == MUSTAFAR__OP_COMPRESS) {
-            mustafar__encode_record(x, head_dim, kept, rec, (unsigned char *)out + i * rec);
+            mustafar__cpu_select_kept(W->simd, x, d, W->kept, bitmap);
+            for (c = 0; c < d; c++) y[c] = (bitmap[c >> 5] >> (c & 31) & 1u) ? x[c] : 0;
+        } else if (W->op == MUSTAFAR__OP_COMPRESS) {
+            mustafar__cpu_encode(W->simd, x, d, W->kept, W->rec, (unsigned char *)W->out + i * W->rec);
         } else {
-            mustafar__decode_record((const unsigned char *)in + i * rec, head_dim, kept, y);
+            mustafar__decode_record((const unsigned char *)W->in + i * W->rec, d, W->kept, y);
         }
     }
 }
 
-static void mustafar__cpu_append(const mustafar__layout *L, const mustafar_paged_kv *kv,
-                                 const mustafar__append_job *jobs, int njobs,
-                                 const uint16_t *k, const uint16_t *v)
+static void mustafar__cpu_records(mustafar_context *ctx, int op, int head_dim, float sparsity,
+                                  mustafar_dtype dtype, const void *in, void *out, size_t count)
+{
+    mustafar__cpu_records_work W;
+    W.op = op;
+    W.head_dim = head_dim;
+    W.kept = mustafar_kept_count(head_dim, sparsity);
+    W.simd = mustafar__cpu_simd_of(ctx);
+    W.rec = mustafar_record_bytes(head_dim, sparsity, dtype);
+    W.count = count;
+    W.in = in;
+    W.out = out;
+    mustafar__cpu_parallel_for(mustafar__cpu_of(ctx), mustafar__cpu_records_task, &W,
+                               (int)((count + MUSTAFAR__CPU_RECORDS_PER_TASK - 1) /
+                                     MUSTAFAR__CPU_RECORDS_PER_TASK));
+}
+
+/* An append compresses in tasks of up to 64 positions of one job (all KV
+   heads), then copies the window inputs; jobs touch different rows. */
+#define MUSTAFAR__CPU_APPEND_POSITIONS 64
+
+typedef struct mustafar__cpu_append_work {
+    const mustafar__layout *L;
+    const mustafar_paged_kv *kv;
+    const mustafar__append_job *jobs;
+    int njobs, simd;
+    const uint16_t *k, *v;
+} mustafar__cpu_append_work;
+
+static int mustafar__cpu_append_tasks(const mustafar__append_job *j)
+{
+    return (j->new_compressed - j->old_compressed + MUSTAFAR__CPU_APPEND_POSITIONS - 1) /
+           MUSTAFAR__CPU_APPEND_POSITIONS;
+}
+
+static void mustafar__cpu_append_task(void *data, int index)
+{
+    const mustafar__cpu_append_work *W = (const mustafar__cpu_append_work *)data;
+    const mustafar__layout *L = W->L;
+    const mustafar_paged_kv *kv = W->kv;
+    const int d = L->head_dim, hkv = L->num_kv_heads;
+    const mustafar__append_job *j = W->jobs;
+    const int32_t *table;
+    int32_t p, end;
+    int h;
+    while (index >= mustafar__cpu_append_tasks(j)) index -= mustafar__cpu_append_tasks(j++);
+    table = kv->page_table + (size_t)j->row * kv->page_table_stride;
+    p = j->old_compressed + index * MUSTAFAR__CPU_APPEND_POSITIONS;
+    end = p + MUSTAFAR__CPU_APPEND_POSITIONS < j->new_compressed ? p + MUSTAFAR__CPU_APPEND_POSITIONS
+                                                                 : j->new_compressed;
+    for (; p < end; p++) {
+        int32_t page = table[p / L->page_size];
+        for (h = 0; h < hkv; h++) {
+            const uint16_t *ks, *vs;
+            if (p < j->old_length) {
+                size_t w = mustafar__window_offset(L, j->row, p, h);
+                ks = (const uint16_t *)kv->k_window + w;
+                vs = (const uint16_t *)kv->v_window + w;
+            } else {
+                size_t in = ((size_t)(j->input_offset + p - j->old_length) * hkv + h) * d;
+                ks = W->k + in;
+                vs = W->v + in;
+            }
+            mustafar__cpu_encode(W->simd, ks, d, L->k_kept, L->k_record,
+                                 (unsigned char *)kv->k_pages +
+                                     mustafar__record_offset(L, page, p, h, L->k_record));
+            mustafar__cpu_encode(W->simd, vs, d, L->v_kept, L->v_record,
+                                 (unsigned char *)kv->v_pages +
+                                     mustafar__record_offset(L, page, p, h, L->v_record));
+        }
+    }
+}
+
+static void mustafar__cpu_append(mustafar_context *ctx, const mustafar__layout *L,
+                                 const mustafar_paged_kv *kv, const mustafar__append_job *jobs,
+                                 int njobs, const uint16_t *k, const uint16_t *v)
 {
     const int d = L->head_dim, hkv = L->num_kv_heads;
-    int i, h;
+    mustafar__cpu_append_work W;
+    int i, tasks = 0;
     int32_t p;
+    W.L = L;
+    W.kv = kv;
+    W.jobs = jobs;
+    W.njobs = njobs;
+    W.simd = mustafar__cpu_simd_of(ctx);
+    W.k = k;
+    W.v = v;
+    for (i = 0; i < njobs; i++) tasks += mustafar__cpu_append_tasks(&jobs[i]);
+    mustafar__cpu_parallel_for(mustafar__cpu_of(ctx), mustafar__cpu_append_task, &W, tasks);
     for (i = 0; i < njobs; i++) {
         const mustafar__append_job *j = &jobs[i];
-        const int32_t *table = kv->page_table + (size_t)j->row * kv->page_table_stride;
-        for (p = j->old_compressed; p < j->new_compressed; p++) {
-            int32_t page = table[p / L->page_size];
-            for (h = 0; h < hkv; h++) {
-                const uint16_t *ks, *vs;
-                if (p < j->old_length) {
-                    size_t w = mustafar__window_offset(L, j->row, p, h);
-                    ks = (const uint16_t *)kv->k_window + w;
-                    vs = (const uint16_t *)kv->v_window + w;
-                } else {
-                    size_t in = ((size_t)(j->input_offset + p - j->old_length) * hkv + h) * d;
-                    ks = k + in;
-                    vs = v + in;
-                }
-                mustafar__encode_record(ks, d, L->k_kept, L->k_record,
-                                        (unsigned char *)kv->k_pages +
-                                            mustafar__record_offset(L, page, p, h, L->k_record));
-                mustafar__encode_record(vs, d, L->v_kept, L->v_record,
-                                        (unsigned char *)kv->v_pages +
-                                            mustafar__record_offset(L, page, p, h, L->v_record));
-            }
-        }
         for (p = mustafar__job_window_first(j); p < j->old_length + j->new_tokens; p++) {
             size_t in = (size_t)(j->input_offset + p - j->old_length) * hkv * d;
             size_t w = mustafar__window_offset(L, j->row, p, 0);
@@ -902,63 +1351,433 @@ static void mustafar__cpu_append(const mustafar__layout *L, const mustafar_paged
     }
 }
 
-/* Two-pass softmax per (sequence, query head) in float: scores, max, then the
-   weighted sum of values.  max_len: the longest sequence. */
+/* ---- decode attention ----------------------------------------------------------
+   A work item is (sequence, KV head, split of `chunk` tokens).  It loads the
+   group's G query heads (scaled) and walks its tokens in blocks: the scores of
+   a block for all G heads from each K record read once, an online-softmax
+   update, then each V record read once and added to the G accumulators.  The
+   item leaves its accumulators, running max and sum for the combine. */
+
+/* A token of the attention: a record with `kept` values, or (kept < 0) a
+   dense window vector.  limit: the 16-bit value slots that may be loaded past
+   the bitmap (a record not last in its page may over-read into the next one). */
+typedef struct mustafar__cpu_token {
+    const unsigned char *p;
+    int kept, limit;
+} mustafar__cpu_token;
+
+typedef struct mustafar__cpu_item {
+    int32_t seq, kv_head, first, end;  /* token range [first, end) */
+} mustafar__cpu_item;
+
+typedef struct mustafar__cpu_attn mustafar__cpu_attn;
+struct mustafar__cpu_attn {
+    const mustafar__layout *L;
+    const mustafar_paged_kv *kv;
+    const mustafar_paged_seq *seqs;
+    const uint16_t *q;
+    float scale;
+    int d, group, bf16;
+    const mustafar__cpu_item *items;
+    float *scratch;                /* per item: item_floats floats */
+    size_t item_floats;
+    /* scores[g * BLOCK + t] of one token for every head of the group */
+    void (*dot)(const mustafar__cpu_attn *A, mustafar__cpu_token tok, const float *qf,
+                float *scores);
+    /* acc[g][:] += weights[g * BLOCK] * token; dummy: D floats to write unused lanes */
+    void (*axpy)(const mustafar__cpu_attn *A, mustafar__cpu_token tok, const float *weights,
+                 float *acc, float *dummy);
+    void (*exp_block)(float *x);   /* x[0, BLOCK) = exp(x) */
+    unsigned char expand[256][16]; /* pshufb/tbl control: bitmap byte -> 8 lanes */
+};
+
+/* The bitmap popcount of a record; differs from kept only if it is corrupt. */
+static int mustafar__cpu_bits(const unsigned char *rec, int d)
+{
+    int w, n = 0;
+    for (w = 0; w < d / 32; w++) {
+        uint32_t word;
+        memcpy(&word, rec + 4 * w, 4);
+        word = word - ((word >> 1) & 0x55555555u);
+        word = (word & 0x33333333u) + ((word >> 2) & 0x33333333u);
+        n += (int)((((word + (word >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+    }
+    return n;
+}
+
+/* Scalar path: decode a token to floats (walking the set bits, at most kept). */
+static void mustafar__scalar_token(const mustafar__cpu_attn *A, mustafar__cpu_token tok, float *x)
+{
+    const mustafar_dtype dt = A->bf16 ? MUSTAFAR_DTYPE_BF16 : MUSTAFAR_DTYPE_F16;
+    int c;
+    if (tok.kept < 0) {
+        const uint16_t *v = (const uint16_t *)(const void *)tok.p;
+        for (c = 0; c < A->d; c++) x[c] = mustafar__load(dt, v[c]);
+        return;
+    }
+    for (c = 0; c < A->d; c++) x[c] = 0.0f;
+    mustafar__record_axpy(tok.p, A->d, tok.kept, dt, 1.0f, x);
+}
+
+/* Records by their set bits (cost in the kept count), dense tokens by channel. */
+static void mustafar__scalar_dot(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+                                 const float *qf, float *scores)
+{
+    float x[256];
+    int g, c;
+    if (tok.kept >= 0) {
+        const mustafar_dtype dt = A->bf16 ? MUSTAFAR_DTYPE_BF16 : MUSTAFAR_DTYPE_F16;
+        for (g = 0; g < A->group; g++)
+            scores[g * MUSTAFAR__CPU_BLOCK] =
+                mustafar__record_dot(tok.p, A->d, tok.kept, dt, qf + (size_t)g * A->d);
+        return;
+    }
+    mustafar__scalar_token(A, tok, x);
+    for (g = 0; g < A->group; g++) {
+        const float *qg = qf + (size_t)g * A->d;
+        float s = 0.0f;
+        for (c = 0; c < A->d; c++) s += qg[c] * x[c];
+        scores[g * MUSTAFAR__CPU_BLOCK] = s;
+    }
+}
+
+static void mustafar__scalar_axpy(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+                                  const float *weights, float *acc, float *dummy)
+{
+    float x[256];
+    int g, c;
+    MUSTAFAR__UNUSED(dummy);
+    mustafar__scalar_token(A, tok, x);
+    for (g = 0; g < A->group; g++) {
+        float *ag = acc + (size_t)g * A->d, w = weights[g * MUSTAFAR__CPU_BLOCK];
+        for (c = 0; c < A->d; c++) ag[c] += w * x[c];
+    }
+}
+
+static void mustafar__scalar_exp_block(float *x)
+{
+    int t;
+    for (t = 0; t < MUSTAFAR__CPU_BLOCK; t++) x[t] = expf(x[t]);
+}
+
+#if defined(MUSTAFAR__CPU_X86)
+/* Eight fp16/bf16 values to floats. */
+MUSTAFAR__AVX2 static __m256 mustafar__avx2_widen(__m128i h, int bf16)
+{
+    if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* Channels [8j, 8j+8) of a token; *off: values of the record used so far. */
+MUSTAFAR__AVX2 static __m256 mustafar__avx2_chunk(const mustafar__cpu_attn *A,
+                                                  mustafar__cpu_token tok, int j, int *off)
+{
+    const unsigned char *vals = tok.p + A->d / 8;
+    unsigned int byte;
+    __m128i raw;
+    if (tok.kept < 0)
+        return mustafar__avx2_widen(_mm_loadu_si128((const __m128i *)(const void *)(tok.p + 16 * j)),
+                                    A->bf16);
+    byte = tok.p[j];
+    if (*off + 8 <= tok.limit) {
+        raw = _mm_loadu_si128((const __m128i *)(const void *)(vals + 2 * *off));
+    } else {
+        uint16_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        memcpy(tail, vals + 2 * *off, 2 * (size_t)(tok.limit - *off));
+        raw = _mm_loadu_si128((const __m128i *)(const void *)tail);
+    }
+    *off += _mm_popcnt_u32(byte);
+    raw = _mm_shuffle_epi8(raw, _mm_loadu_si128((const __m128i *)(const void *)A->expand[byte]));
+    return mustafar__avx2_widen(raw, A->bf16);
+}
+
+MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+                                              const float *qf, float *scores)
+{
+    const int d = A->d, G = A->group;
+    int g0, j;
+    if (tok.kept >= 0 && mustafar__cpu_bits(tok.p, d) != tok.kept) {
+        mustafar__scalar_dot(A, tok, qf, scores);
+        return;
+    }
+    for (g0 = 0; g0 < G; g0 += 4) {
+        /* four heads at a time; past the group's end, repeat its last head */
+        const float *q0 = qf + (size_t)g0 * d;
+        const float *q1 = g0 + 1 < G ? q0 + d : q0;
+        const float *q2 = g0 + 2 < G ? q0 + 2 * d : q0;
+        const float *q3 = g0 + 3 < G ? q0 + 3 * d : q0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, h;
+        __m128 s;
+        float out[4];
+        int off = 0, n = G - g0 < 4 ? G - g0 : 4;
+        for (j = 0; j < d / 8; j++) {
+            __m256 x = mustafar__avx2_chunk(A, tok, j, &off);
+            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q0 + 8 * j), a0);
+            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q1 + 8 * j), a1);
+            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q2 + 8 * j), a2);
+            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q3 + 8 * j), a3);
+        }
+        h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(out, s);
+        for (j = 0; j < n; j++) scores[(g0 + j) * MUSTAFAR__CPU_BLOCK] = out[j];
+    }
+}
+
+MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+                                               const float *weights, float *acc, float *dummy)
+{
+    const int d = A->d, G = A->group;
+    int g0, j;
+    if (tok.kept >= 0 && mustafar__cpu_bits(tok.p, d) != tok.kept) {
+        mustafar__scalar_axpy(A, tok, weights, acc, dummy);
+        return;
+    }
+    for (g0 = 0; g0 < G; g0 += 4) {
+        /* four heads at a time; past the group's end, weight 0 into `dummy` */
+        const float *w = weights + g0 * MUSTAFAR__CPU_BLOCK;
+        float *c0 = acc + (size_t)g0 * d;
+        float *c1 = g0 + 1 < G ? c0 + d : dummy;
+        float *c2 = g0 + 2 < G ? c0 + 2 * d : dummy;
+        float *c3 = g0 + 3 < G ? c0 + 3 * d : dummy;
+        const __m256 w0 = _mm256_set1_ps(w[0]);
+        const __m256 w1 = _mm256_set1_ps(g0 + 1 < G ? w[MUSTAFAR__CPU_BLOCK] : 0.0f);
+        const __m256 w2 = _mm256_set1_ps(g0 + 2 < G ? w[2 * MUSTAFAR__CPU_BLOCK] : 0.0f);
+        const __m256 w3 = _mm256_set1_ps(g0 + 3 < G ? w[3 * MUSTAFAR__CPU_BLOCK] : 0.0f);
+        int off = 0;
+        for (j = 0; j < d / 8; j++) {
+            __m256 x = mustafar__avx2_chunk(A, tok, j, &off);
+            _mm256_storeu_ps(c0 + 8 * j, _mm256_fmadd_ps(w0, x, _mm256_loadu_ps(c0 + 8 * j)));
+            _mm256_storeu_ps(c1 + 8 * j, _mm256_fmadd_ps(w1, x, _mm256_loadu_ps(c1 + 8 * j)));
+            _mm256_storeu_ps(c2 + 8 * j, _mm256_fmadd_ps(w2, x, _mm256_loadu_ps(c2 + 8 * j)));
+            _mm256_storeu_ps(c3 + 8 * j, _mm256_fmadd_ps(w3, x, _mm256_loadu_ps(c3 + 8 * j)));
+        }
+    }
+}
+
+/* exp for x <= 0 (scores minus their running max): 2^n * p(r), relative error
+   about 2e-7; below -87 it flushes to 2^-126 * p, which the sum cannot see. */
+MUSTAFAR__AVX2 static void mustafar__avx2_exp_block(float *x)
+{
+    int t;
+    for (t = 0; t < MUSTAFAR__CPU_BLOCK; t += 8) {
+        __m256 v = _mm256_max_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(-87.0f));
+        __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+        __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+        __m256i e;
+        r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+        e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        _mm256_storeu_ps(x + t, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    }
+}
+#endif
+
+static mustafar__cpu_token mustafar__cpu_token_at(const mustafar__cpu_attn *A,
+                                                  const mustafar_paged_seq *s,
+                                                  const int32_t *table, int32_t p, int kv_head,
+                                                  int value)
+{
+    const mustafar__layout *L = A->L;
+    mustafar__cpu_token tok;
+    if (p < s->num_compressed) {
+        size_t rec = value ? L->v_record : L->k_record;
+        const unsigned char *pages = (const unsigned char *)(value ? A->kv->v_pages : A->kv->k_pages);
+        tok.p = pages + mustafar__record_offset(L, table[p / L->page_size], p, kv_head, rec);
+        tok.kept = value ? L->v_kept : L->k_kept;
+        /* a record is followed by the next one of its page, at least 16 bytes */
+        tok.limit = (int)((rec - (size_t)A->d / 8) / 2) + (p % L->page_size != L->page_size - 1 ? 8 : 0);
+    } else {
+        const uint16_t *w = (const uint16_t *)(value ? A->kv->v_window : A->kv->k_window);
+        tok.p = (const unsigned char *)(const void *)(w + mustafar__window_offset(L, s->row, p, kv_head));
+        tok.kept = -1;
+        tok.limit = A->d;
+    }
+    return tok;
+}
+
+/* The scratch of a work item: acc[G][D], max[G], sum[G], then the work
+   space: q[G][D], scores[G][BLOCK], dummy[D]. */
+static size_t mustafar__cpu_item_floats(int group, int d)
+{
+    return (size_t)group * (2 * (size_t)d + 2 + MUSTAFAR__CPU_BLOCK) + (size_t)d;
+}
+
+static void mustafar__cpu_attention_task(void *data, int index)
+{
+    const mustafar__cpu_attn *A = (const mustafar__cpu_attn *)data;
+    const mustafar__cpu_item *it = &A->items[index];
+    const mustafar_paged_seq *s = &A->seqs[it->seq];
+    const int32_t *table = A->kv->page_table + (size_t)s->row * A->kv->page_table_stride;
+    const int d = A->d, G = A->group, hq = A->L->num_q_heads;
+    const mustafar_dtype dt = A->bf16 ? MUSTAFAR_DTYPE_BF16 : MUSTAFAR_DTYPE_F16;
+    float *acc = A->scratch + (size_t)index * A->item_floats;
+    float *mx = acc + (size_t)G * d, *sum = mx + G, *qf = sum + G;
+    float *scores = qf + (size_t)G * d, *dummy = scores + (size_t)G * MUSTAFAR__CPU_BLOCK;
+    int32_t b;
+    int g, c, t;
+    for (g = 0; g < G; g++) {
+        const uint16_t *qh = A->q + ((size_t)it->seq * hq + (size_t)it->kv_head * G + g) * d;
+        for (c = 0; c < d; c++) qf[(size_t)g * d + c] = mustafar__load(dt, qh[c]) * A->scale;
+        mx[g] = -INFINITY;
+        sum[g] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)G * d);
+    for (b = it->first; b < it->end; b += MUSTAFAR__CPU_BLOCK) {
+        const int nb = it->end - b < MUSTAFAR__CPU_BLOCK ? (int)(it->end - b) : MUSTAFAR__CPU_BLOCK;
+        for (t = 0; t < nb; t++)
+            A->dot(A, mustafar__cpu_token_at(A, s, table, b + t, it->kv_head, 0), qf, scores + t);
+        for (g = 0; g < G; g++) {
+            float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = -INFINITY, m;
+            for (t = 0; t < nb; t++) if (row[t] > block_max) block_max = row[t];
+            m = block_max > mx[g] ? block_max : mx[g];
+            if (m != mx[g]) {
+                float correction = expf(mx[g] - m);
+                float *ag = acc + (size_t)g * d;
+                for (c = 0; c < d; c++) ag[c] *= correction;
+                sum[g] *= correction;
+                mx[g] = m;
+            }
+            for (t = 0; t < nb; t++) row[t] -= m;
+            for (; t < MUSTAFAR__CPU_BLOCK; t++) row[t] = -INFINITY;
+            A->exp_block(row);
+            for (t = 0; t < nb; t++) sum[g] += row[t];
+        }
+        for (t = 0; t < nb; t++)
+            A->axpy(A, mustafar__cpu_token_at(A, s, table, b + t, it->kv_head, 1), scores + t, acc,
+                    dummy);
+    }
+}
+
+/* softmax(q K^T scale) V per (sequence, query head); max_len unused here. */
 static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const mustafar__layout *L,
                                                const mustafar_paged_kv *kv, int nseq,
                                                const mustafar_paged_seq *seqs, int32_t max_len,
                                                const uint16_t *q, uint16_t *out, float scale)
 {
-    const int d = L->head_dim, hq = L->num_q_heads;
-    float qf[256], acc[256];
-    float *scores = (float *)MUSTAFAR_MALLOC(sizeof(float) * (size_t)(max_len ? max_len : 1));
-    int i, h, c;
-    if (!scores)
+    const int d = L->head_dim, G = L->group, hkv = L->num_kv_heads, threads =
+        mustafar__cpu_threads_of(ctx);
+    const int simd = mustafar__cpu_simd_of(ctx);
+    mustafar__cpu_attn *A = (mustafar__cpu_attn *)mustafar__calloc(sizeof *A);
+    mustafar__cpu_item *items = NULL;
+    int32_t *first_item = (int32_t *)MUSTAFAR_MALLOC(sizeof(int32_t) * ((size_t)nseq + 1));
+    int64_t total = 0, chunk;
+    int i, h, g, c, n = 0, bits;
+    MUSTAFAR__UNUSED(max_len);
+    if (!A || !first_item) {
+        MUSTAFAR_FREE(A);
+        MUSTAFAR_FREE(first_item);
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                              "host allocation of %d scores failed", max_len);
+                              "host allocation of the attention work space failed");
+    }
+    /* splits: about four work items per thread, at least MIN_SPLIT tokens each */
+    for (i = 0; i < nseq; i++) total += (int64_t)(seqs[i].num_compressed + seqs[i].num_window) * hkv;
+    chunk = threads > 1 ? (total + 4 * threads - 1) / (4 * threads) : INT32_MAX;
+    if (chunk < MUSTAFAR__CPU_MIN_SPLIT) chunk = MUSTAFAR__CPU_MIN_SPLIT;
+    chunk = (chunk + MUSTAFAR__CPU_BLOCK - 1) / MUSTAFAR__CPU_BLOCK * MUSTAFAR__CPU_BLOCK;
     for (i = 0; i < nseq; i++) {
-        const mustafar_paged_seq *s = &seqs[i];
-        const int32_t *table = kv->page_table + (size_t)s->row * kv->page_table_stride;
-        const int32_t len = s->num_compressed + s->num_window;
-        for (h = 0; h < hq; h++) {
-            const int kvh = h / L->group;
-            const uint16_t *qh = q + ((size_t)i * hq + h) * d;
-            uint16_t *oh = out + ((size_t)i * hq + h) * d;
-            float mx = -INFINITY, sum = 0.0f;
-            int32_t p;
-            for (c = 0; c < d; c++) { qf[c] = mustafar__load(L->dtype, qh[c]); acc[c] = 0.0f; }
-            for (p = 0; p < len; p++) {
-                float sc = 0.0f;
-                if (p < s->num_compressed) {
-                    const unsigned char *rec = (const unsigned char *)kv->k_pages +
-                        mustafar__record_offset(L, table[p / L->page_size], p, kvh, L->k_record);
-                    sc = mustafar__record_dot(rec, d, L->k_kept, L->dtype, qf);
-                } else {
-                    const uint16_t *kw = (const uint16_t *)kv->k_window +
-                                         mustafar__window_offset(L, s->row, p, kvh);
-                    for (c = 0; c < d; c++) sc += qf[c] * mustafar__load(L->dtype, kw[c]);
-                }
-                scores[p] = sc * scale;
-                if (scores[p] > mx) mx = scores[p];
+        first_item[i] = n;
+        n += (int)((seqs[i].num_compressed + seqs[i].num_window + chunk - 1) / chunk) * hkv;
+    }
+    first_item[nseq] = n;
+    items = (mustafar__cpu_item *)MUSTAFAR_MALLOC(sizeof *items * (size_t)(n ? n : 1));
+    A->item_floats = mustafar__cpu_item_floats(G, d);
+    A->scratch = (float *)MUSTAFAR_MALLOC(sizeof(float) * A->item_floats * (size_t)(n ? n : 1));
+    if (!items || !A->scratch) {
+        MUSTAFAR_FREE(A->scratch);
+        MUSTAFAR_FREE(items);
+        MUSTAFAR_FREE(first_item);
+        MUSTAFAR_FREE(A);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                              "host allocation of the attention work space failed");
+    }
+    for (i = 0; i < nseq; i++) {
+        const int32_t len = seqs[i].num_compressed + seqs[i].num_window;
+        const int splits = (first_item[i + 1] - first_item[i]) / hkv;
+        for (h = 0; h < hkv; h++) {
+            int sp;
+            for (sp = 0; sp < splits; sp++) {
+                mustafar__cpu_item *it = &items[first_item[i] + h * splits + sp];
+                it->seq = i;
+                it->kv_head = h;
+                it->first = (int32_t)(sp * chunk);
+                it->end = (int32_t)((sp + 1) * chunk < len ? (sp + 1) * chunk : len);
             }
-            for (p = 0; p < len; p++) {
-                float w = expf(scores[p] - mx);
-                sum += w;
-                if (p < s->num_compressed) {
-                    const unsigned char *rec = (const unsigned char *)kv->v_pages +
-                        mustafar__record_offset(L, table[p / L->page_size], p, kvh, L->v_record);
-                    mustafar__record_axpy(rec, d, L->v_kept, L->dtype, w, acc);
-                } else {
-                    const uint16_t *vw = (const uint16_t *)kv->v_window +
-                                         mustafar__window_offset(L, s->row, p, kvh);
-                    for (c = 0; c < d; c++) acc[c] += w * mustafar__load(L->dtype, vw[c]);
-                }
-            }
-            for (c = 0; c < d; c++)
-                oh[c] = mustafar__store(L->dtype, len ? acc[c] / sum : 0.0f);
         }
     }
-    MUSTAFAR_FREE(scores);
+    A->L = L;
+    A->kv = kv;
+    A->seqs = seqs;
+    A->q = q;
+    A->scale = scale;
+    A->d = d;
+    A->group = G;
+    A->bf16 = L->dtype == MUSTAFAR_DTYPE_BF16;
+    A->items = items;
+    A->dot = mustafar__scalar_dot;
+    A->axpy = mustafar__scalar_axpy;
+    A->exp_block = mustafar__scalar_exp_block;
+#if defined(MUSTAFAR__CPU_X86)
+    if (simd == MUSTAFAR__SIMD_AVX2) {
+        A->dot = mustafar__avx2_dot;
+        A->axpy = mustafar__avx2_axpy;
+        A->exp_block = mustafar__avx2_exp_block;
+    }
+#endif
+#if defined(MUSTAFAR__CPU_NEON)
+    if (simd == MUSTAFAR__SIMD_NEON) {
+        A->dot = mustafar__neon_dot;
+        A->axpy = mustafar__neon_axpy;
+        A->exp_block = mustafar__neon_exp_block;
+    }
+#endif
+    MUSTAFAR__UNUSED(simd);
+    for (bits = 0; bits < 256; bits++) {
+        int lane, k = 0;
+        for (lane = 0; lane < 8; lane++) {
+            int set = bits >> lane & 1;
+            A->expand[bits][2 * lane] = (unsigned char)(set ? 2 * k : 0x80);
+            A->expand[bits][2 * lane + 1] = (unsigned char)(set ? 2 * k + 1 : 0x80);
+            k += set;
+        }
+    }
+    mustafar__cpu_parallel_for(mustafar__cpu_of(ctx), mustafar__cpu_attention_task, A, n);
+    /* combine the splits of each (sequence, KV head) */
+    for (i = 0; i < nseq; i++) {
+        const int splits = (first_item[i + 1] - first_item[i]) / hkv;
+        for (h = 0; h < hkv; h++) {
+            const float *part = A->scratch + (size_t)(first_item[i] + h * splits) * A->item_floats;
+            for (g = 0; g < G; g++) {
+                uint16_t *o = out + ((size_t)i * L->num_q_heads + (size_t)h * G + g) * d;
+                float m = -INFINITY, total_sum = 0.0f, result[256];
+                int sp;
+                for (sp = 0; sp < splits; sp++) {
+                    float ms = part[sp * A->item_floats + (size_t)G * d + g];
+                    if (ms > m) m = ms;
+                }
+                for (c = 0; c < d; c++) result[c] = 0.0f;
+                for (sp = 0; sp < splits; sp++) {
+                    const float *ps = part + sp * A->item_floats;
+                    float w = ps[(size_t)G * d + g] == m ? 1.0f : expf(ps[(size_t)G * d + g] - m);
+                    total_sum += ps[(size_t)G * d + G + g] * w;
+                    for (c = 0; c < d; c++) result[c] += ps[(size_t)g * d + c] * w;
+                }
+                for (c = 0; c < d; c++)
+                    o[c] = mustafar__store(L->dtype, splits ? result[c] / total_sum : 0.0f);
+            }
+        }
+    }
+    MUSTAFAR_FREE(A->scratch);
+    MUSTAFAR_FREE(items);
+    MUSTAFAR_FREE(first_item);
+    MUSTAFAR_FREE(A);
     return MUSTAFAR_OK;
 }
 
@@ -1884,7 +2703,7 @@ static mustafar_status mustafar__backend_records(mustafar_context *ctx, int op, 
 {
     MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_records(ctx, op, head_dim, sparsity, dtype, in,
                                                         out, count));
-    mustafar__cpu_records(op, head_dim, sparsity, dtype, in, out, count);
+    mustafar__cpu_records(ctx, op, head_dim, sparsity, dtype, in, out, count);
     return MUSTAFAR_OK;
 }
 
@@ -1900,7 +2719,7 @@ static mustafar_status mustafar__backend_append(mustafar_context *ctx, const mus
                                                        k, v));
     MUSTAFAR__UNUSED(patches);
     MUSTAFAR__UNUSED(npatches);
-    mustafar__cpu_append(L, kv, jobs, njobs, (const uint16_t *)k, (const uint16_t *)v);
+    mustafar__cpu_append(ctx, L, kv, jobs, njobs, (const uint16_t *)k, (const uint16_t *)v);
     return MUSTAFAR_OK;
 }
 
@@ -1979,6 +2798,8 @@ MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc
             st = MUSTAFAR_OK;
         }
     }
+    if (!st && ctx->backend == MUSTAFAR_BACKEND_CPU && !(ctx->cpu = mustafar__cpu_create(desc)))
+        st = mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
     if (st) {
         mustafar__copy_error(desc, ctx->message);
         MUSTAFAR_FREE(ctx);
@@ -1992,6 +2813,7 @@ MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx)
 {
     if (!ctx) return;
     mustafar__backend_shutdown(ctx);
+    mustafar__cpu_destroy(ctx->cpu);
     MUSTAFAR_FREE(ctx);
 }
 
