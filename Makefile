@@ -3,6 +3,7 @@
 #   make test       CPU tests, compile matrix, sanitizers, NVRTC compile of every arch
 #   make test-gpu   the test suite on the CUDA backend, plus compute-sanitizer
 #   make bench      decode-attention benchmark on the GPU (with PyTorch SDPA)
+#   make bench-cpu  decode attention and prefill compression on the CPU backend
 CUDA_HOME ?= /usr/local/cuda
 BUILD ?= build
 WARN := -Wall -Wextra -Wpedantic -Werror
@@ -16,7 +17,7 @@ CUDA_LIBS :=
 endif
 HEADERS := mustafar.h tests/*.h
 
-.PHONY: all run test test-gpu bench check clean
+.PHONY: all run test test-gpu bench bench-cpu check clean
 all: $(BUILD)/quickstart $(BUILD)/test_main
 
 $(BUILD):
@@ -45,6 +46,10 @@ $(BUILD)/test_nvrtc: tests/test_nvrtc.c mustafar.h | $(BUILD)
 $(BUILD)/bench: bench/bench.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
 
+# A generic x86-64 build (no -march): the AVX2 path is chosen at run time.
+$(BUILD)/bench_cpu: bench/bench_cpu.c mustafar.h | $(BUILD)
+	$(CC) -std=c99 -O2 $(WARN) -DMUSTAFAR_NO_CUDA -pthread $< -o $@ -lm
+
 run: $(BUILD)/quickstart
 	./$(BUILD)/quickstart
 
@@ -56,6 +61,9 @@ test-gpu: $(BUILD)/test_main
 
 bench: $(BUILD)/bench
 	@BUILD=$(BUILD) sh bench/run.sh
+
+bench-cpu: $(BUILD)/bench_cpu
+	./$(BUILD)/bench_cpu
 
 clean:
 	rm -rf $(BUILD)

@@ -881,8 +881,13 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
    path; MSVC compiles intrinsics without them. */
 #if defined(MUSTAFAR__CPU_X86) && (defined(__GNUC__) || defined(__clang__))
 #  define MUSTAFAR__AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+#  define MUSTAFAR__AVX2_INLINE static inline __attribute__((target("avx2,fma,f16c,popcnt"), always_inline))
+#elif defined(_MSC_VER)
+#  define MUSTAFAR__AVX2
+#  define MUSTAFAR__AVX2_INLINE static __forceinline
 #else
 #  define MUSTAFAR__AVX2
+#  define MUSTAFAR__AVX2_INLINE static
 #endif
 
 enum { MUSTAFAR__SIMD_SCALAR, MUSTAFAR__SIMD_AVX2, MUSTAFAR__SIMD_NEON };
@@ -1381,29 +1386,16 @@ struct mustafar__cpu_attn {
     const mustafar__cpu_item *items;
     float *scratch;                /* per item: item_floats floats */
     size_t item_floats;
-    /* scores[g * BLOCK + t] of one token for every head of the group */
-    void (*dot)(const mustafar__cpu_attn *A, mustafar__cpu_token tok, const float *qf,
-                float *scores);
-    /* acc[g][:] += weights[g * BLOCK] * token; dummy: D floats to write unused lanes */
-    void (*axpy)(const mustafar__cpu_attn *A, mustafar__cpu_token tok, const float *weights,
-                 float *acc, float *dummy);
+    /* scores[g * BLOCK + t] = q_g . token t, for the n tokens of a block */
+    void (*dot)(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+                const float *qf, float *scores);
+    /* acc[g][:] += weights[g * BLOCK + t] * token t; dummy: D floats for unused lanes */
+    void (*axpy)(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+                 const float *weights, float *acc, float *dummy);
     void (*exp_block)(float *x);   /* x[0, BLOCK) = exp(x) */
     unsigned char expand[256][16]; /* pshufb/tbl control: bitmap byte -> 8 lanes */
 };
 
-/* The bitmap popcount of a record; differs from kept only if it is corrupt. */
-static int mustafar__cpu_bits(const unsigned char *rec, int d)
-{
-    int w, n = 0;
-    for (w = 0; w < d / 32; w++) {
-        uint32_t word;
-        memcpy(&word, rec + 4 * w, 4);
-        word = word - ((word >> 1) & 0x55555555u);
-        word = (word & 0x33333333u) + ((word >> 2) & 0x33333333u);
-        n += (int)((((word + (word >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
-    }
-    return n;
-}
 
 /* Scalar path: decode a token to floats (walking the set bits, at most kept). */
 static void mustafar__scalar_token(const mustafar__cpu_attn *A, mustafar__cpu_token tok, float *x)
@@ -1454,6 +1446,20 @@ static void mustafar__scalar_axpy(const mustafar__cpu_attn *A, mustafar__cpu_tok
     }
 }
 
+static void mustafar__scalar_dot_block(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks,
+                                       int n, const float *qf, float *scores)
+{
+    int t;
+    for (t = 0; t < n; t++) mustafar__scalar_dot(A, toks[t], qf, scores + t);
+}
+
+static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks,
+                                        int n, const float *weights, float *acc, float *dummy)
+{
+    int t;
+    for (t = 0; t < n; t++) mustafar__scalar_axpy(A, toks[t], weights + t, acc, dummy);
+}
+
 static void mustafar__scalar_exp_block(float *x)
 {
     int t;
@@ -1462,96 +1468,188 @@ static void mustafar__scalar_exp_block(float *x)
 
 #if defined(MUSTAFAR__CPU_X86)
 /* Eight fp16/bf16 values to floats. */
-MUSTAFAR__AVX2 static __m256 mustafar__avx2_widen(__m128i h, int bf16)
+MUSTAFAR__AVX2_INLINE __m256 mustafar__avx2_widen(__m128i h, int bf16)
 {
     if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
 }
 
-/* Channels [8j, 8j+8) of a token; *off: values of the record used so far. */
-MUSTAFAR__AVX2 static __m256 mustafar__avx2_chunk(const mustafar__cpu_attn *A,
-                                                  mustafar__cpu_token tok, int j, int *off)
+/* off[j]: the values of a record before channel 8j (exclusive prefix sum of
+   the bitmap bytes' popcounts); returns the bitmap's popcount. */
+MUSTAFAR__AVX2_INLINE int mustafar__avx2_offsets(const unsigned char *bitmap, int d,
+                                                 unsigned char *off)
 {
-    const unsigned char *vals = tok.p + A->d / 8;
-    unsigned int byte;
-    __m128i raw;
-    if (tok.kept < 0)
-        return mustafar__avx2_widen(_mm_loadu_si128((const __m128i *)(const void *)(tok.p + 16 * j)),
-                                    A->bf16);
-    byte = tok.p[j];
-    if (*off + 8 <= tok.limit) {
-        raw = _mm_loadu_si128((const __m128i *)(const void *)(vals + 2 * *off));
-    } else {
-        uint16_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        memcpy(tail, vals + 2 * *off, 2 * (size_t)(tok.limit - *off));
-        raw = _mm_loadu_si128((const __m128i *)(const void *)tail);
+    const __m128i nibble_bits = _mm_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m128i low = _mm_set1_epi8(0x0F);
+    int half, total = 0;
+    for (half = 0; half < d / 128 || half == 0; half++) {
+        __m128i b = d == 64 ? _mm_loadl_epi64((const __m128i *)(const void *)bitmap)
+                            : _mm_loadu_si128((const __m128i *)(const void *)(bitmap + 16 * half));
+        __m128i n = _mm_add_epi8(_mm_shuffle_epi8(nibble_bits, _mm_and_si128(b, low)),
+                                 _mm_shuffle_epi8(nibble_bits,
+                                                  _mm_and_si128(_mm_srli_epi16(b, 4), low)));
+        n = _mm_add_epi8(n, _mm_slli_si128(n, 1));
+        n = _mm_add_epi8(n, _mm_slli_si128(n, 2));
+        n = _mm_add_epi8(n, _mm_slli_si128(n, 4));
+        n = _mm_add_epi8(n, _mm_slli_si128(n, 8));
+        /* exclusive prefix, plus the values of the first half */
+        _mm_storeu_si128((__m128i *)(void *)(off + 16 * half),
+                         _mm_add_epi8(_mm_slli_si128(n, 1), _mm_set1_epi8((char)total)));
+        total += _mm_extract_epi8(n, 15);
     }
-    *off += _mm_popcnt_u32(byte);
-    raw = _mm_shuffle_epi8(raw, _mm_loadu_si128((const __m128i *)(const void *)A->expand[byte]));
-    return mustafar__avx2_widen(raw, A->bf16);
+    return total;
 }
 
-MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+/* Channels [8j, 8j+8) of a token, its values starting at slot o.  bf16 and
+   dense are constants where it is inlined. */
+MUSTAFAR__AVX2_INLINE __m256 mustafar__avx2_chunk(const mustafar__cpu_attn *A,
+                                                  mustafar__cpu_token tok, int j, int o,
+                                                  int bf16, int dense)
+{
+    const unsigned char *vals = tok.p + A->d / 8;
+    __m128i raw;
+    if (dense)
+        return mustafar__avx2_widen(_mm_loadu_si128((const __m128i *)(const void *)(tok.p + 16 * j)),
+                                    bf16);
+    if (o + 8 <= tok.limit) {
+        raw = _mm_loadu_si128((const __m128i *)(const void *)(vals + 2 * o));
+    } else {
+        uint16_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        memcpy(tail, vals + 2 * o, 2 * (size_t)(tok.limit - o));
+        raw = _mm_loadu_si128((const __m128i *)(const void *)tail);
+    }
+    raw = _mm_shuffle_epi8(raw, _mm_loadu_si128((const __m128i *)(const void *)A->expand[tok.p[j]]));
+    return mustafar__avx2_widen(raw, bf16);
+}
+
+/* The dot products of a token with four query heads. */
+MUSTAFAR__AVX2_INLINE __m128 mustafar__avx2_dot4(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+                                                 const unsigned char *off, const float *q0,
+                                                 const float *q1, const float *q2, const float *q3,
+                                                 int bf16, int dense)
+{
+    const int chunks = A->d / 8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, h;
+    int j;
+    for (j = 0; j < chunks; j++) {
+        __m256 x = mustafar__avx2_chunk(A, tok, j, off[j], bf16, dense);
+        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q0 + 8 * j), a0);
+        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q1 + 8 * j), a1);
+        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q2 + 8 * j), a2);
+        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q3 + 8 * j), a3);
+    }
+    h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
+                                              const mustafar__cpu_token *toks, int n,
                                               const float *qf, float *scores)
 {
     const int d = A->d, G = A->group;
-    int g0, j;
-    if (tok.kept >= 0 && mustafar__cpu_bits(tok.p, d) != tok.kept) {
-        mustafar__scalar_dot(A, tok, qf, scores);
-        return;
-    }
-    for (g0 = 0; g0 < G; g0 += 4) {
-        /* four heads at a time; past the group's end, repeat its last head */
-        const float *q0 = qf + (size_t)g0 * d;
-        const float *q1 = g0 + 1 < G ? q0 + d : q0;
-        const float *q2 = g0 + 2 < G ? q0 + 2 * d : q0;
-        const float *q3 = g0 + 3 < G ? q0 + 3 * d : q0;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, h;
-        __m128 s;
-        float out[4];
-        int off = 0, n = G - g0 < 4 ? G - g0 : 4;
-        for (j = 0; j < d / 8; j++) {
-            __m256 x = mustafar__avx2_chunk(A, tok, j, &off);
-            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q0 + 8 * j), a0);
-            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q1 + 8 * j), a1);
-            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q2 + 8 * j), a2);
-            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q3 + 8 * j), a3);
+    unsigned char off[32];
+    int t, g0, j;
+    for (t = 0; t < n; t++) {
+        const mustafar__cpu_token tok = toks[t];
+        const int dense = tok.kept < 0;
+        if (!dense && mustafar__avx2_offsets(tok.p, d, off) != tok.kept) {
+            mustafar__scalar_dot(A, tok, qf, scores + t);
+            continue;
         }
-        h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        _mm_storeu_ps(out, s);
-        for (j = 0; j < n; j++) scores[(g0 + j) * MUSTAFAR__CPU_BLOCK] = out[j];
+        for (g0 = 0; g0 < G; g0 += 4) {
+            /* four heads at a time; past the group's end, repeat its last head */
+            const float *q0 = qf + (size_t)g0 * d;
+            const float *q1 = g0 + 1 < G ? q0 + d : q0;
+            const float *q2 = g0 + 2 < G ? q0 + 2 * d : q0;
+            const float *q3 = g0 + 3 < G ? q0 + 3 * d : q0;
+            float out[4];
+            __m128 s;
+            if (A->bf16)
+                s = dense ? mustafar__avx2_dot4(A, tok, off, q0, q1, q2, q3, 1, 1)
+                          : mustafar__avx2_dot4(A, tok, off, q0, q1, q2, q3, 1, 0);
+            else
+                s = dense ? mustafar__avx2_dot4(A, tok, off, q0, q1, q2, q3, 0, 1)
+                          : mustafar__avx2_dot4(A, tok, off, q0, q1, q2, q3, 0, 0);
+            _mm_storeu_ps(out, s);
+            for (j = 0; j < 4 && g0 + j < G; j++)
+                scores[(g0 + j) * MUSTAFAR__CPU_BLOCK + t] = out[j];
+        }
     }
 }
 
-MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+/* c_h[:] += w_h * x + u_h * y for four heads and two tokens x, y (the same
+   token with u = 0 for a single one): half the accumulator traffic of one
+   token at a time. */
+MUSTAFAR__AVX2_INLINE void mustafar__avx2_axpy4(const mustafar__cpu_attn *A, mustafar__cpu_token x,
+                                                const unsigned char *xoff, mustafar__cpu_token y,
+                                                const unsigned char *yoff, float **c,
+                                                const __m256 *w, const __m256 *u, int bf16,
+                                                int dense_x, int dense_y)
+{
+    const int chunks = A->d / 8;
+    float *c0 = c[0], *c1 = c[1], *c2 = c[2], *c3 = c[3];
+    int j;
+    for (j = 0; j < chunks; j++) {
+        __m256 vx = mustafar__avx2_chunk(A, x, j, xoff[j], bf16, dense_x);
+        __m256 vy = mustafar__avx2_chunk(A, y, j, yoff[j], bf16, dense_y);
+        _mm256_storeu_ps(c0 + 8 * j, _mm256_fmadd_ps(u[0], vy, _mm256_fmadd_ps(w[0], vx, _mm256_loadu_ps(c0 + 8 * j))));
+        _mm256_storeu_ps(c1 + 8 * j, _mm256_fmadd_ps(u[1], vy, _mm256_fmadd_ps(w[1], vx, _mm256_loadu_ps(c1 + 8 * j))));
+        _mm256_storeu_ps(c2 + 8 * j, _mm256_fmadd_ps(u[2], vy, _mm256_fmadd_ps(w[2], vx, _mm256_loadu_ps(c2 + 8 * j))));
+        _mm256_storeu_ps(c3 + 8 * j, _mm256_fmadd_ps(u[3], vy, _mm256_fmadd_ps(w[3], vx, _mm256_loadu_ps(c3 + 8 * j))));
+    }
+}
+
+MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
+                                               const mustafar__cpu_token *toks, int n,
                                                const float *weights, float *acc, float *dummy)
 {
     const int d = A->d, G = A->group;
-    int g0, j;
-    if (tok.kept >= 0 && mustafar__cpu_bits(tok.p, d) != tok.kept) {
-        mustafar__scalar_axpy(A, tok, weights, acc, dummy);
-        return;
-    }
-    for (g0 = 0; g0 < G; g0 += 4) {
-        /* four heads at a time; past the group's end, weight 0 into `dummy` */
-        const float *w = weights + g0 * MUSTAFAR__CPU_BLOCK;
-        float *c0 = acc + (size_t)g0 * d;
-        float *c1 = g0 + 1 < G ? c0 + d : dummy;
-        float *c2 = g0 + 2 < G ? c0 + 2 * d : dummy;
-        float *c3 = g0 + 3 < G ? c0 + 3 * d : dummy;
-        const __m256 w0 = _mm256_set1_ps(w[0]);
-        const __m256 w1 = _mm256_set1_ps(g0 + 1 < G ? w[MUSTAFAR__CPU_BLOCK] : 0.0f);
-        const __m256 w2 = _mm256_set1_ps(g0 + 2 < G ? w[2 * MUSTAFAR__CPU_BLOCK] : 0.0f);
-        const __m256 w3 = _mm256_set1_ps(g0 + 3 < G ? w[3 * MUSTAFAR__CPU_BLOCK] : 0.0f);
-        int off = 0;
-        for (j = 0; j < d / 8; j++) {
-            __m256 x = mustafar__avx2_chunk(A, tok, j, &off);
-            _mm256_storeu_ps(c0 + 8 * j, _mm256_fmadd_ps(w0, x, _mm256_loadu_ps(c0 + 8 * j)));
-            _mm256_storeu_ps(c1 + 8 * j, _mm256_fmadd_ps(w1, x, _mm256_loadu_ps(c1 + 8 * j)));
-            _mm256_storeu_ps(c2 + 8 * j, _mm256_fmadd_ps(w2, x, _mm256_loadu_ps(c2 + 8 * j)));
-            _mm256_storeu_ps(c3 + 8 * j, _mm256_fmadd_ps(w3, x, _mm256_loadu_ps(c3 + 8 * j)));
+    unsigned char xoff[32], yoff[32];
+    int t = 0, g0, h;
+    while (t < n) {
+        /* a pair of valid tokens, or one token; a corrupt record goes alone
+           through the scalar path */
+        mustafar__cpu_token x = toks[t], y;
+        const int dense_x = x.kept < 0;
+        int dense_y, pair;
+        if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
+            mustafar__scalar_axpy(A, x, weights + t, acc, dummy);
+            t++;
+            continue;
         }
+        pair = t + 1 < n;
+        y = pair ? toks[t + 1] : x;
+        dense_y = y.kept < 0;
+        if (pair && !dense_y && mustafar__avx2_offsets(y.p, d, yoff) != y.kept) pair = 0;
+        if (!pair) {
+            y = x;
+            dense_y = dense_x;
+            memcpy(yoff, xoff, sizeof yoff);
+        }
+        for (g0 = 0; g0 < G; g0 += 4) {
+            /* four heads at a time; past the group's end, weight 0 into `dummy` */
+            float *c[4];
+            __m256 w[4], u[4];
+            for (h = 0; h < 4; h++) {
+                const int live = g0 + h < G;
+                const float *wh = weights + (g0 + h) * MUSTAFAR__CPU_BLOCK + t;
+                c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
+                w[h] = _mm256_set1_ps(live ? wh[0] : 0.0f);
+                u[h] = _mm256_set1_ps(live && pair ? wh[1] : 0.0f);
+            }
+            if (A->bf16) {
+                if (dense_x && dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 1, 1);
+                else if (!dense_x && !dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 0, 0);
+                else if (dense_x) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 1, 0);
+                else mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 0, 1);
+            } else {
+                if (dense_x && dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 1, 1);
+                else if (!dense_x && !dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 0, 0);
+                else if (dense_x) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 1, 0);
+                else mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 0, 1);
+            }
+        }
+        t += pair ? 2 : 1;
     }
 }
 
@@ -1603,6 +1701,25 @@ static mustafar__cpu_token mustafar__cpu_token_at(const mustafar__cpu_attn *A,
     return tok;
 }
 
+/* Records of a (page, KV head) are short runs a page apart, which hardware
+   prefetchers pick up late: the attention asks for each token's lines a block
+   ahead. */
+static void mustafar__cpu_prefetch(const mustafar__cpu_attn *A, mustafar__cpu_token tok)
+{
+    const size_t bytes = tok.kept < 0 ? 2 * (size_t)A->d
+                                      : (size_t)A->d / 8 + 2 * (size_t)tok.limit;
+    size_t line;
+    for (line = 0; line < bytes; line += 64) {
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch(tok.p + line);
+#elif defined(MUSTAFAR__CPU_X86)
+        _mm_prefetch((const char *)tok.p + line, _MM_HINT_T0);
+#else
+        MUSTAFAR__UNUSED(tok);
+#endif
+    }
+}
+
 /* The scratch of a work item: acc[G][D], max[G], sum[G], then the work
    space: q[G][D], scores[G][BLOCK], dummy[D]. */
 static size_t mustafar__cpu_item_floats(int group, int d)
@@ -1621,6 +1738,7 @@ static void mustafar__cpu_attention_task(void *data, int index)
     float *acc = A->scratch + (size_t)index * A->item_floats;
     float *mx = acc + (size_t)G * d, *sum = mx + G, *qf = sum + G;
     float *scores = qf + (size_t)G * d, *dummy = scores + (size_t)G * MUSTAFAR__CPU_BLOCK;
+    mustafar__cpu_token toks[MUSTAFAR__CPU_BLOCK];
     int32_t b;
     int g, c, t;
     for (g = 0; g < G; g++) {
@@ -1632,8 +1750,13 @@ static void mustafar__cpu_attention_task(void *data, int index)
     memset(acc, 0, sizeof(float) * (size_t)G * d);
     for (b = it->first; b < it->end; b += MUSTAFAR__CPU_BLOCK) {
         const int nb = it->end - b < MUSTAFAR__CPU_BLOCK ? (int)(it->end - b) : MUSTAFAR__CPU_BLOCK;
-        for (t = 0; t < nb; t++)
-            A->dot(A, mustafar__cpu_token_at(A, s, table, b + t, it->kv_head, 0), qf, scores + t);
+        for (t = 0; t < nb; t++) {
+            toks[t] = mustafar__cpu_token_at(A, s, table, b + t, it->kv_head, 0);
+            if (b + t + MUSTAFAR__CPU_BLOCK < it->end)
+                mustafar__cpu_prefetch(A, mustafar__cpu_token_at(A, s, table, b + t + MUSTAFAR__CPU_BLOCK,
+                                                                 it->kv_head, 0));
+        }
+        A->dot(A, toks, nb, qf, scores);
         for (g = 0; g < G; g++) {
             float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = -INFINITY, m;
             for (t = 0; t < nb; t++) if (row[t] > block_max) block_max = row[t];
@@ -1650,9 +1773,13 @@ static void mustafar__cpu_attention_task(void *data, int index)
             A->exp_block(row);
             for (t = 0; t < nb; t++) sum[g] += row[t];
         }
-        for (t = 0; t < nb; t++)
-            A->axpy(A, mustafar__cpu_token_at(A, s, table, b + t, it->kv_head, 1), scores + t, acc,
-                    dummy);
+        for (t = 0; t < nb; t++) {
+            toks[t] = mustafar__cpu_token_at(A, s, table, b + t, it->kv_head, 1);
+            if (b + t + MUSTAFAR__CPU_BLOCK < it->end)
+                mustafar__cpu_prefetch(A, mustafar__cpu_token_at(A, s, table, b + t + MUSTAFAR__CPU_BLOCK,
+                                                                 it->kv_head, 1));
+        }
+        A->axpy(A, toks, nb, scores, acc, dummy);
     }
 }
 
@@ -1721,8 +1848,8 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
     A->group = G;
     A->bf16 = L->dtype == MUSTAFAR_DTYPE_BF16;
     A->items = items;
-    A->dot = mustafar__scalar_dot;
-    A->axpy = mustafar__scalar_axpy;
+    A->dot = mustafar__scalar_dot_block;
+    A->axpy = mustafar__scalar_axpy_block;
     A->exp_block = mustafar__scalar_exp_block;
 #if defined(MUSTAFAR__CPU_X86)
     if (simd == MUSTAFAR__SIMD_AVX2) {
