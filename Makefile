@@ -34,11 +34,15 @@ $(BUILD)/quickstart: examples/quickstart.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
 
 $(BUILD)/test_main: tests/test_main.c $(HEADERS) | $(BUILD)
-	$(CC) -std=c99 -O2 -g $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
+	$(CC) -std=c99 -O2 -g $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm -pthread
 
 $(BUILD)/test_main_san: tests/test_main.c $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all \
-	    -fno-omit-frame-pointer $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm
+	    -fno-omit-frame-pointer $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm -pthread
+
+# The CPU backend's threads (built-in pool and user callback) under ThreadSanitizer.
+$(BUILD)/test_main_tsan: tests/test_main.c $(HEADERS) | $(BUILD)
+	$(CC) -std=c99 -O1 -g -fsanitize=thread $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm -pthread
 
 $(BUILD)/test_nvrtc: tests/test_nvrtc.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm -lpthread
@@ -53,7 +57,7 @@ $(BUILD)/bench_cpu: bench/bench_cpu.c mustafar.h | $(BUILD)
 run: $(BUILD)/quickstart
 	./$(BUILD)/quickstart
 
-test: $(BUILD)/test_main $(BUILD)/test_main_san
+test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_main_tsan
 	@HAVE_CUDA=$(HAVE_CUDA) CUDA_HOME=$(CUDA_HOME) BUILD=$(BUILD) sh tests/run_all.sh
 
 test-gpu: $(BUILD)/test_main

@@ -931,11 +931,34 @@ static int mustafar__cpu_best_simd(void)
 #endif
 }
 
+/* cpuid traps to the hypervisor in a VM (tens of microseconds): detect once. */
+static int mustafar__cpu_detected;
+#ifdef _WIN32
+static INIT_ONCE mustafar__cpu_once = INIT_ONCE_STATIC_INIT;
+static BOOL CALLBACK mustafar__cpu_detect(PINIT_ONCE once, PVOID param, PVOID *context)
+{
+    MUSTAFAR__UNUSED(once);
+    MUSTAFAR__UNUSED(param);
+    MUSTAFAR__UNUSED(context);
+    mustafar__cpu_detected = mustafar__cpu_best_simd();
+    return TRUE;
+}
+#else
+static pthread_once_t mustafar__cpu_once = PTHREAD_ONCE_INIT;
+static void mustafar__cpu_detect(void) { mustafar__cpu_detected = mustafar__cpu_best_simd(); }
+#endif
+
 /* The best path, or the one MUSTAFAR_CPU_SIMD names when the machine has it. */
 static int mustafar__cpu_choose_simd(void)
 {
     const char *force = getenv("MUSTAFAR_CPU_SIMD");
-    int best = mustafar__cpu_best_simd();
+    int best;
+#ifdef _WIN32
+    InitOnceExecuteOnce(&mustafar__cpu_once, mustafar__cpu_detect, NULL, NULL);
+#else
+    pthread_once(&mustafar__cpu_once, mustafar__cpu_detect);
+#endif
+    best = mustafar__cpu_detected;
     if (!force || !force[0]) return best;
     if (!strcmp(force, "avx2") && best == MUSTAFAR__SIMD_AVX2) return best;
     if (!strcmp(force, "neon") && best == MUSTAFAR__SIMD_NEON) return best;
@@ -1145,23 +1168,19 @@ MUSTAFAR__AVX2 static void mustafar__avx2_select_kept(const uint16_t *x, int d, 
                                                       uint32_t *bitmap)
 {
     __m256i key[16];
-    const __m256i magnitude = _mm256_set1_epi16(0x7FFF), ones = _mm256_set1_epi16(1);
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
     const int nv = d / 16;
     int lo = 0, hi = 0x7FFF, i, greater = 0, ties;
     for (i = 0; i < nv; i++)
         key[i] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(const void *)(x + 16 * i)),
                                   magnitude);
     while (lo < hi) {
-        int mid = (lo + hi + 1) / 2, count;
+        /* count by byte masks and popcount: a short dependency chain per step */
+        int mid = (lo + hi + 1) / 2, count = 0;
         const __m256i below = _mm256_set1_epi16((short)(mid - 1));
-        __m256i n = _mm256_setzero_si256();
-        __m128i s;
-        for (i = 0; i < nv; i++) n = _mm256_sub_epi16(n, _mm256_cmpgt_epi16(key[i], below));
-        n = _mm256_madd_epi16(n, ones);
-        s = _mm_add_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-        count = _mm_cvtsi128_si32(s);
+        for (i = 0; i < nv; i += 2)
+            count += _mm_popcnt_u32((unsigned int)_mm256_movemask_epi8(_mm256_packs_epi16(
+                _mm256_cmpgt_epi16(key[i], below), _mm256_cmpgt_epi16(key[i + 1], below))));
         if (count >= kept) lo = mid; else hi = mid - 1;
     }
     {
@@ -1522,24 +1541,36 @@ MUSTAFAR__AVX2_INLINE __m256 mustafar__avx2_chunk(const mustafar__cpu_attn *A,
     return mustafar__avx2_widen(raw, bf16);
 }
 
-/* The dot products of a token with four query heads. */
-MUSTAFAR__AVX2_INLINE __m128 mustafar__avx2_dot4(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
-                                                 const unsigned char *off, const float *q0,
-                                                 const float *q1, const float *q2, const float *q3,
-                                                 int bf16, int dense)
+/* The dot products of two tokens x, y (or one twice) with four query heads:
+   each query load serves both. */
+MUSTAFAR__AVX2_INLINE void mustafar__avx2_dot4(const mustafar__cpu_attn *A, mustafar__cpu_token x,
+                                               const unsigned char *xoff, mustafar__cpu_token y,
+                                               const unsigned char *yoff, const float *const *q,
+                                               int bf16, int dense_x, int dense_y, float *out)
 {
     const int chunks = A->d / 8;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, h;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int j;
     for (j = 0; j < chunks; j++) {
-        __m256 x = mustafar__avx2_chunk(A, tok, j, off[j], bf16, dense);
-        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q0 + 8 * j), a0);
-        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q1 + 8 * j), a1);
-        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q2 + 8 * j), a2);
-        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(q3 + 8 * j), a3);
+        __m256 vx = mustafar__avx2_chunk(A, x, j, xoff[j], bf16, dense_x);
+        __m256 vy = mustafar__avx2_chunk(A, y, j, yoff[j], bf16, dense_y);
+        __m256 qj = _mm256_loadu_ps(q[0] + 8 * j);
+        a0 = _mm256_fmadd_ps(vx, qj, a0);
+        b0 = _mm256_fmadd_ps(vy, qj, b0);
+        qj = _mm256_loadu_ps(q[1] + 8 * j);
+        a1 = _mm256_fmadd_ps(vx, qj, a1);
+        b1 = _mm256_fmadd_ps(vy, qj, b1);
+        qj = _mm256_loadu_ps(q[2] + 8 * j);
+        a2 = _mm256_fmadd_ps(vx, qj, a2);
+        b2 = _mm256_fmadd_ps(vy, qj, b2);
+        qj = _mm256_loadu_ps(q[3] + 8 * j);
+        a3 = _mm256_fmadd_ps(vx, qj, a3);
+        b3 = _mm256_fmadd_ps(vy, qj, b3);
     }
-    h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    a0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    b0 = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1)));
+    _mm_storeu_ps(out + 4, _mm_add_ps(_mm256_castps256_ps128(b0), _mm256_extractf128_ps(b0, 1)));
 }
 
 MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
@@ -1547,33 +1578,50 @@ MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
                                               const float *qf, float *scores)
 {
     const int d = A->d, G = A->group;
-    unsigned char off[32];
-    int t, g0, j;
-    for (t = 0; t < n; t++) {
-        const mustafar__cpu_token tok = toks[t];
-        const int dense = tok.kept < 0;
-        if (!dense && mustafar__avx2_offsets(tok.p, d, off) != tok.kept) {
-            mustafar__scalar_dot(A, tok, qf, scores + t);
+    unsigned char xoff[32], yoff[32];
+    int t = 0, g0, h;
+    while (t < n) {
+        /* a pair of valid tokens, or one token; a corrupt record goes alone
+           through the scalar path */
+        mustafar__cpu_token x = toks[t], y;
+        const int dense_x = x.kept < 0;
+        int dense_y, pair;
+        if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
+            mustafar__scalar_dot(A, x, qf, scores + t);
+            t++;
             continue;
+        }
+        pair = t + 1 < n;
+        y = pair ? toks[t + 1] : x;
+        dense_y = y.kept < 0;
+        if (pair && !dense_y && mustafar__avx2_offsets(y.p, d, yoff) != y.kept) pair = 0;
+        if (!pair) {
+            y = x;
+            dense_y = dense_x;
+            memcpy(yoff, xoff, sizeof yoff);
         }
         for (g0 = 0; g0 < G; g0 += 4) {
             /* four heads at a time; past the group's end, repeat its last head */
-            const float *q0 = qf + (size_t)g0 * d;
-            const float *q1 = g0 + 1 < G ? q0 + d : q0;
-            const float *q2 = g0 + 2 < G ? q0 + 2 * d : q0;
-            const float *q3 = g0 + 3 < G ? q0 + 3 * d : q0;
-            float out[4];
-            __m128 s;
-            if (A->bf16)
-                s = dense ? mustafar__avx2_dot4(A, tok, off, q0, q1, q2, q3, 1, 1)
-                          : mustafar__avx2_dot4(A, tok, off, q0, q1, q2, q3, 1, 0);
-            else
-                s = dense ? mustafar__avx2_dot4(A, tok, off, q0, q1, q2, q3, 0, 1)
-                          : mustafar__avx2_dot4(A, tok, off, q0, q1, q2, q3, 0, 0);
-            _mm_storeu_ps(out, s);
-            for (j = 0; j < 4 && g0 + j < G; j++)
-                scores[(g0 + j) * MUSTAFAR__CPU_BLOCK + t] = out[j];
+            const float *q[4];
+            float out[8];
+            for (h = 0; h < 4; h++) q[h] = qf + (size_t)(g0 + h < G ? g0 + h : G - 1) * d;
+            if (A->bf16) {
+                if (dense_x && dense_y) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 1, 1, 1, out);
+                else if (!dense_x && !dense_y) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 1, 0, 0, out);
+                else if (dense_x) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 1, 1, 0, out);
+                else mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 1, 0, 1, out);
+            } else {
+                if (dense_x && dense_y) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 0, 1, 1, out);
+                else if (!dense_x && !dense_y) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 0, 0, 0, out);
+                else if (dense_x) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 0, 1, 0, out);
+                else mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 0, 0, 1, out);
+            }
+            for (h = 0; h < 4 && g0 + h < G; h++) {
+                scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] = out[h];
+                if (pair) scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t + 1] = out[4 + h];
+            }
         }
+        t += pair ? 2 : 1;
     }
 }
 

@@ -29,6 +29,7 @@
 #include "test_cache.h"
 #include "test_errors.h"
 #include "test_jit.h"
+#include "test_cpu.h"
 
 typedef void (*tb_test_fn)(mustafar_context *ctx);
 
@@ -72,6 +73,9 @@ static const tb_test k_tests[] = {
     {"test_errors_cache_calls", test_errors_cache_calls, 1},
     {"test_errors_sequence_too_long", test_errors_sequence_too_long, 1},
     {"test_errors_alignment", test_errors_alignment, 1},
+    /* the CPU backend's SIMD paths and thread configurations */
+    {"test_cpu_paths", test_cpu_paths, 0},
+    {"test_cpu_corrupt_records", test_cpu_corrupt_records, 0},
 #ifndef MUSTAFAR_NO_CUDA
     /* the on-disk cubin cache */
     {"test_jit_disk_cache", test_jit_disk_cache, 2},
