@@ -68,6 +68,17 @@
        MUSTAFAR_CACHE_DIR      where compiled kernels are cached on disk
                                (default $XDG_CACHE_HOME/mustafar, else
                                $HOME/.cache/mustafar); "off" disables the cache.
+       MUSTAFAR_CPU_SIMD       scalar, avx2 or neon: the CPU backend's SIMD path
+                               (read at context creation; default: the best the
+                               CPU has, found with cpuid on x86-64; a path the
+                               CPU lacks falls back to scalar).
+
+   CPU THREADS
+
+   A CPU context runs each call on mustafar_context_desc.num_threads threads
+   (0: the number of cores), its own pool started on first use and joined by
+   mustafar_context_destroy, or on the desc's parallel_for callback (a job
+   system's).  Stateless calls with ctx == NULL run on the calling thread.
 
    CONCEPTS
 
@@ -1726,6 +1737,115 @@ MUSTAFAR__AVX2 static void mustafar__avx2_exp_block(float *x)
 }
 #endif
 
+#if defined(MUSTAFAR__CPU_NEON)
+/* NEON: the same decode as AVX2 with tbl for the expansion, one token at a
+   time, four heads per pass. */
+static int mustafar__neon_offsets(const unsigned char *bitmap, int d, unsigned char *off)
+{
+    unsigned char counts[32];
+    int j, total = 0;
+    vst1q_u8(counts, vcntq_u8(vld1q_u8(bitmap)));
+    if (d == 256) vst1q_u8(counts + 16, vcntq_u8(vld1q_u8(bitmap + 16)));
+    for (j = 0; j < d / 8; j++) {
+        off[j] = (unsigned char)total;
+        total += counts[j];
+    }
+    return total;
+}
+
+/* Channels [8j, 8j+8) of a token as two float vectors. */
+static void mustafar__neon_chunk(const mustafar__cpu_attn *A, mustafar__cpu_token tok, int j, int o,
+                                 float32x4_t *lo, float32x4_t *hi)
+{
+    uint16x8_t h;
+    if (tok.kept < 0) {
+        h = vld1q_u16((const uint16_t *)(const void *)(tok.p + 16 * j));
+    } else {
+        const unsigned char *vals = tok.p + A->d / 8;
+        uint8x16_t raw;
+        if (o + 8 <= tok.limit) {
+            raw = vld1q_u8(vals + 2 * o);
+        } else {
+            unsigned char tail[16] = {0};
+            memcpy(tail, vals + 2 * o, 2 * (size_t)(tok.limit - o));
+            raw = vld1q_u8(tail);
+        }
+        h = vreinterpretq_u16_u8(vqtbl1q_u8(raw, vld1q_u8(A->expand[tok.p[j]])));
+    }
+    if (A->bf16) {
+        *lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16));
+        *hi = vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(h), 16));
+    } else {
+        *lo = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h)));
+        *hi = vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)));
+    }
+}
+
+static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+                               const float *qf, float *scores)
+{
+    const int d = A->d, G = A->group;
+    unsigned char off[32];
+    int t, g0, h, j;
+    for (t = 0; t < n; t++) {
+        const mustafar__cpu_token tok = toks[t];
+        if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
+            mustafar__scalar_dot(A, tok, qf, scores + t);
+            continue;
+        }
+        for (g0 = 0; g0 < G; g0 += 4) {
+            float32x4_t acc[4];
+            const float *q[4];
+            for (h = 0; h < 4; h++) {
+                q[h] = qf + (size_t)(g0 + h < G ? g0 + h : G - 1) * d;
+                acc[h] = vdupq_n_f32(0.0f);
+            }
+            for (j = 0; j < d / 8; j++) {
+                float32x4_t lo, hi;
+                mustafar__neon_chunk(A, tok, j, tok.kept < 0 ? 0 : off[j], &lo, &hi);
+                for (h = 0; h < 4; h++) {
+                    acc[h] = vfmaq_f32(acc[h], lo, vld1q_f32(q[h] + 8 * j));
+                    acc[h] = vfmaq_f32(acc[h], hi, vld1q_f32(q[h] + 8 * j + 4));
+                }
+            }
+            for (h = 0; h < 4 && g0 + h < G; h++)
+                scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] = vaddvq_f32(acc[h]);
+        }
+    }
+}
+
+static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+                                const float *weights, float *acc, float *dummy)
+{
+    const int d = A->d, G = A->group;
+    unsigned char off[32];
+    int t, g0, h, j;
+    for (t = 0; t < n; t++) {
+        const mustafar__cpu_token tok = toks[t];
+        if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
+            mustafar__scalar_axpy(A, tok, weights + t, acc, dummy);
+            continue;
+        }
+        for (g0 = 0; g0 < G; g0 += 4) {
+            float *c[4];
+            float w[4];
+            for (h = 0; h < 4; h++) {
+                c[h] = g0 + h < G ? acc + (size_t)(g0 + h) * d : dummy;
+                w[h] = g0 + h < G ? weights[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] : 0.0f;
+            }
+            for (j = 0; j < d / 8; j++) {
+                float32x4_t lo, hi;
+                mustafar__neon_chunk(A, tok, j, tok.kept < 0 ? 0 : off[j], &lo, &hi);
+                for (h = 0; h < 4; h++) {
+                    vst1q_f32(c[h] + 8 * j, vfmaq_n_f32(vld1q_f32(c[h] + 8 * j), lo, w[h]));
+                    vst1q_f32(c[h] + 8 * j + 4, vfmaq_n_f32(vld1q_f32(c[h] + 8 * j + 4), hi, w[h]));
+                }
+            }
+        }
+    }
+}
+#endif
+
 static mustafar__cpu_token mustafar__cpu_token_at(const mustafar__cpu_attn *A,
                                                   const mustafar_paged_seq *s,
                                                   const int32_t *table, int32_t p, int kv_head,
@@ -1910,7 +2030,6 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
     if (simd == MUSTAFAR__SIMD_NEON) {
         A->dot = mustafar__neon_dot;
         A->axpy = mustafar__neon_axpy;
-        A->exp_block = mustafar__neon_exp_block;
     }
 #endif
     MUSTAFAR__UNUSED(simd);
