@@ -1846,27 +1846,33 @@ static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu
 }
 #endif
 
-static mustafar__cpu_token mustafar__cpu_token_at(const mustafar__cpu_attn *A,
-                                                  const mustafar_paged_seq *s,
-                                                  const int32_t *table, int32_t p, int kv_head,
-                                                  int value)
+/* The tokens [first, first + n) of a sequence for one KV head, K (value 0)
+   or V: page and slot counters instead of a division per token. */
+static void mustafar__cpu_tokens(const mustafar__cpu_attn *A, const mustafar_paged_seq *s,
+                                 const int32_t *table, int32_t first, int n, int kv_head,
+                                 int value, mustafar__cpu_token *toks)
 {
     const mustafar__layout *L = A->L;
-    mustafar__cpu_token tok;
-    if (p < s->num_compressed) {
-        size_t rec = value ? L->v_record : L->k_record;
-        const unsigned char *pages = (const unsigned char *)(value ? A->kv->v_pages : A->kv->k_pages);
-        tok.p = pages + mustafar__record_offset(L, table[p / L->page_size], p, kv_head, rec);
-        tok.kept = value ? L->v_kept : L->k_kept;
+    const size_t rec = value ? L->v_record : L->k_record;
+    const unsigned char *pages = (const unsigned char *)(value ? A->kv->v_pages : A->kv->k_pages);
+    const uint16_t *window = (const uint16_t *)(value ? A->kv->v_window : A->kv->k_window);
+    const int kept = value ? L->v_kept : L->k_kept, slots = (int)((rec - (size_t)A->d / 8) / 2);
+    int32_t p = first, page = first / L->page_size, slot = first % L->page_size;
+    int t;
+    for (t = 0; t < n && p < s->num_compressed; t++, p++) {
+        toks[t].p = pages + (((size_t)table[page] * L->num_kv_heads + kv_head) * L->page_size +
+                             (size_t)slot) * rec;
+        toks[t].kept = kept;
         /* a record is followed by the next one of its page, at least 16 bytes */
-        tok.limit = (int)((rec - (size_t)A->d / 8) / 2) + (p % L->page_size != L->page_size - 1 ? 8 : 0);
-    } else {
-        const uint16_t *w = (const uint16_t *)(value ? A->kv->v_window : A->kv->k_window);
-        tok.p = (const unsigned char *)(const void *)(w + mustafar__window_offset(L, s->row, p, kv_head));
-        tok.kept = -1;
-        tok.limit = A->d;
+        toks[t].limit = slots + (slot != L->page_size - 1 ? 8 : 0);
+        if (++slot == L->page_size) { slot = 0; page++; }
     }
-    return tok;
+    for (; t < n; t++, p++) {
+        toks[t].p = (const unsigned char *)(const void *)(window +
+                                                          mustafar__window_offset(L, s->row, p, kv_head));
+        toks[t].kept = -1;
+        toks[t].limit = A->d;
+    }
 }
 
 /* Records of a (page, KV head) are short runs a page apart, which hardware
@@ -1886,6 +1892,18 @@ static void mustafar__cpu_prefetch(const mustafar__cpu_attn *A, mustafar__cpu_to
         MUSTAFAR__UNUSED(tok);
 #endif
     }
+}
+
+/* Prefetches the block of tokens that starts at `first` (up to `end`). */
+static void mustafar__cpu_prefetch_block(const mustafar__cpu_attn *A, const mustafar_paged_seq *s,
+                                         const int32_t *table, int32_t first, int32_t end,
+                                         int kv_head, int value)
+{
+    mustafar__cpu_token toks[MUSTAFAR__CPU_BLOCK];
+    int n = end - first < MUSTAFAR__CPU_BLOCK ? (int)(end - first) : MUSTAFAR__CPU_BLOCK, t;
+    if (n <= 0) return;
+    mustafar__cpu_tokens(A, s, table, first, n, kv_head, value, toks);
+    for (t = 0; t < n; t++) mustafar__cpu_prefetch(A, toks[t]);
 }
 
 /* The scratch of a work item: acc[G][D], max[G], sum[G], then the work
@@ -1918,12 +1936,8 @@ static void mustafar__cpu_attention_task(void *data, int index)
     memset(acc, 0, sizeof(float) * (size_t)G * d);
     for (b = it->first; b < it->end; b += MUSTAFAR__CPU_BLOCK) {
         const int nb = it->end - b < MUSTAFAR__CPU_BLOCK ? (int)(it->end - b) : MUSTAFAR__CPU_BLOCK;
-        for (t = 0; t < nb; t++) {
-            toks[t] = mustafar__cpu_token_at(A, s, table, b + t, it->kv_head, 0);
-            if (b + t + MUSTAFAR__CPU_BLOCK < it->end)
-                mustafar__cpu_prefetch(A, mustafar__cpu_token_at(A, s, table, b + t + MUSTAFAR__CPU_BLOCK,
-                                                                 it->kv_head, 0));
-        }
+        mustafar__cpu_tokens(A, s, table, b, nb, it->kv_head, 0, toks);
+        mustafar__cpu_prefetch_block(A, s, table, b + nb, it->end, it->kv_head, 0);
         A->dot(A, toks, nb, qf, scores);
         for (g = 0; g < G; g++) {
             float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = -INFINITY, m;
@@ -1941,12 +1955,8 @@ static void mustafar__cpu_attention_task(void *data, int index)
             A->exp_block(row);
             for (t = 0; t < nb; t++) sum[g] += row[t];
         }
-        for (t = 0; t < nb; t++) {
-            toks[t] = mustafar__cpu_token_at(A, s, table, b + t, it->kv_head, 1);
-            if (b + t + MUSTAFAR__CPU_BLOCK < it->end)
-                mustafar__cpu_prefetch(A, mustafar__cpu_token_at(A, s, table, b + t + MUSTAFAR__CPU_BLOCK,
-                                                                 it->kv_head, 1));
-        }
+        mustafar__cpu_tokens(A, s, table, b, nb, it->kv_head, 1, toks);
+        mustafar__cpu_prefetch_block(A, s, table, b + nb, it->end, it->kv_head, 1);
         A->axpy(A, toks, nb, scores, acc, dummy);
     }
 }
