@@ -1067,8 +1067,8 @@ static void *mustafar__cpu_worker(void *arg)
     return 0;
 }
 
-/* Starts the workers; returns how many started (fewer on failure: the pool
-   then runs on the ones it has). */
+/* Starts the workers; should some fail to start, the pool runs on those that
+   did (the calling thread always works). */
 static void mustafar__cpu_pool_start(struct mustafar__cpu *cpu)
 {
     int want = cpu->num_threads - 1;

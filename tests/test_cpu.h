@@ -10,7 +10,6 @@
 
 #ifndef _WIN32
 #include <pthread.h>
-#endif
 
 typedef struct tc_pool_arg {
     void (*task)(void *, int);
@@ -25,6 +24,7 @@ static void *tc_run_strided(void *p)
     for (i = a->first; i < a->count; i += a->stride) a->task(a->data, i);
     return NULL;
 }
+#endif
 
 static int g_tc_parallel_calls;
 
