@@ -5,6 +5,7 @@
 #   make test-gpu   the test suite on the CUDA backend, plus compute-sanitizer
 #   make bench      decode-attention benchmark on the GPU (with PyTorch SDPA)
 #   make lib        build/libmustafar.so, the shared library the Python package loads
+#   make bench-cpu  decode attention and prefill compression on the CPU backend
 CUDA_HOME ?= /usr/local/cuda
 BUILD ?= build
 WARN := -Wall -Wextra -Wpedantic -Werror
@@ -20,7 +21,7 @@ HEADERS := mustafar.h tests/*.h
 MINGW_CC ?= x86_64-w64-mingw32-gcc
 ARM64_CC ?= aarch64-linux-gnu-gcc
 
-.PHONY: all run test test-gpu bench check clean lib
+.PHONY: all run test test-gpu bench bench-cpu check clean lib
 all: $(BUILD)/quickstart $(BUILD)/test_main
 
 $(BUILD):
@@ -34,7 +35,7 @@ $(BUILD)/quickstart: examples/quickstart.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
 
 $(BUILD)/test_main: tests/test_main.c $(HEADERS) | $(BUILD)
-	$(CC) -std=c99 -O2 -g $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm
+	$(CC) -std=c99 -O2 -g $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm -pthread
 
 $(BUILD)/test_main_linked: tests/test_main.c $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -O2 -g $(WARN) $(LINKED_CFLAGS) $< -o $@ $(LINKED_LIBS) -lm
@@ -49,7 +50,11 @@ $(BUILD)/test_loader: tests/test_loader.c tests/fake_cuda.c mustafar.h | $(BUILD
 
 $(BUILD)/test_main_san: tests/test_main.c $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all \
-	    -fno-omit-frame-pointer $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm
+	    -fno-omit-frame-pointer $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm -pthread
+
+# The CPU backend's threads (built-in pool and user callback) under ThreadSanitizer.
+$(BUILD)/test_main_tsan: tests/test_main.c $(HEADERS) | $(BUILD)
+	$(CC) -std=c99 -O1 -g -fsanitize=thread $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm -pthread
 
 # Windows x86-64 (MinGW-w64), CPU backend; runs under Wine
 $(BUILD)/test_main.exe: tests/test_main.c $(HEADERS) | $(BUILD)
@@ -70,10 +75,15 @@ lib: $(BUILD)/libmustafar.so
 $(BUILD)/bench: bench/bench.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(LINKED_CFLAGS) $< -o $@ $(LINKED_LIBS) -lm
 
+# A generic x86-64 build (no -march): the AVX2 path is chosen at run time.
+$(BUILD)/bench_cpu: bench/bench_cpu.c mustafar.h | $(BUILD)
+	$(CC) -std=c99 -O2 $(WARN) -DMUSTAFAR_NO_CUDA -pthread $< -o $@ -lm
+
 run: $(BUILD)/quickstart
 	./$(BUILD)/quickstart
 
-test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_loader $(BUILD)/libmustafar.so
+test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_main_tsan $(BUILD)/test_loader \
+      $(BUILD)/libmustafar.so
 	@HAVE_CUDA=$(HAVE_CUDA) CUDA_HOME=$(CUDA_HOME) BUILD=$(BUILD) MINGW_CC=$(MINGW_CC) ARM64_CC=$(ARM64_CC) \
 	    sh tests/run_all.sh
 
@@ -82,6 +92,9 @@ test-gpu: $(BUILD)/test_main $(BUILD)/test_main_linked
 
 bench: $(BUILD)/bench
 	@BUILD=$(BUILD) sh bench/run.sh
+
+bench-cpu: $(BUILD)/bench_cpu
+	./$(BUILD)/bench_cpu
 
 clean:
 	rm -rf $(BUILD)

@@ -76,6 +76,17 @@
        MUSTAFAR_CACHE_DIR      where compiled kernels are cached on disk
                                (default $XDG_CACHE_HOME/mustafar, else
                                $HOME/.cache/mustafar); "off" disables the cache.
+       MUSTAFAR_CPU_SIMD       scalar, avx2 or neon: the CPU backend's SIMD path
+                               (read at context creation; default: the best the
+                               CPU has, found with cpuid on x86-64; a path the
+                               CPU lacks falls back to scalar).
+
+   CPU THREADS
+
+   A CPU context runs each call on mustafar_context_desc.num_threads threads
+   (0: the number of cores), its own pool started on first use and joined by
+   mustafar_context_destroy, or on the desc's parallel_for callback (a job
+   system's).  Stateless calls with ctx == NULL run on the calling thread.
 
    CONCEPTS
 
@@ -215,6 +226,14 @@ typedef struct mustafar_context_desc {
     int disable_jit_cache;         /* nonzero: never read or write the disk cache */
     char *error_buffer;            /* optional: receives the reason if create fails */
     size_t error_buffer_size;
+    /* CPU backend: threads of one call, the caller's included; 0: the number
+       of cores.  With parallel_for set, the library calls it instead of
+       starting its own pool: it must run task(task_data, i) for every i in
+       [0, count), on any threads, and return when all have finished. */
+    int num_threads;
+    void (*parallel_for)(void (*task)(void *task_data, int index), void *task_data, int count,
+                         void *user_data);
+    void *parallel_for_user_data;
 } mustafar_context_desc;
 
 typedef struct mustafar_cache_desc {
@@ -585,11 +604,13 @@ static uint16_t mustafar__store(mustafar_dtype dt, float f)
 /* ---- context and errors --------------------------------------------------- */
 
 struct mustafar__cuda;                     /* the CUDA backend's state (>>cuda) */
+struct mustafar__cpu;                      /* the CPU backend's state (>>cpu) */
 
 struct mustafar_context {
     mustafar_backend backend;
     char message[MUSTAFAR__MSG_CAP];
     struct mustafar__cuda *cuda;           /* NULL on the CPU backend */
+    struct mustafar__cpu *cpu;             /* NULL on the CUDA backend */
     mustafar_cache *caches;                /* live caches, released with the context */
 };
 
@@ -957,64 +978,527 @@ static mustafar_status mustafar__check_seqs_host(mustafar_context *ctx, const mu
 enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 
 /* ==== >>cpu: the CPU backend ====================================================
-   Host memory; every record is read through the shared record helpers
-   (>>common), which stop at the kept count, so a corrupt bitmap cannot read
-   past its record. */
+   Host memory.  Decode attention reads each K and V record once per KV head
+   and serves every query head of its GQA group from it; work items are
+   (sequence, KV head, token split) with a split-K combine, run on the user's
+   parallel-for callback or a small built-in pool started on first use.  The
+   SIMD path (AVX2+F16C on x86-64, chosen at run time; NEON on ARM64; scalar)
+   is picked at context creation; MUSTAFAR_CPU_SIMD=scalar|avx2|neon forces
+   one (a path the machine lacks falls back to scalar).  A record whose bitmap
+   does not hold exactly its kept count of bits (corrupt) goes through the
+   scalar helpers of >>common, which stop at the kept count, so no path reads
+   past a record. */
 
-static void mustafar__cpu_records(int op, int head_dim, float sparsity, mustafar_dtype dtype,
-                                  const void *in, void *out, size_t count)
+#if defined(__x86_64__) || defined(_M_X64)
+#  define MUSTAFAR__CPU_X86 1
+#  include <immintrin.h>
+#  if defined(_MSC_VER) && !defined(__clang__)
+#    include <intrin.h>
+#  endif
+#endif
+#if defined(__aarch64__) || defined(_M_ARM64)
+#  define MUSTAFAR__CPU_NEON 1
+#  include <arm_neon.h>
+#endif
+#ifdef _WIN32
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  include <windows.h>
+#else
+#  include <pthread.h>
+#  include <unistd.h>
+#endif
+
+/* Per-function target attributes let a generic x86-64 build carry the AVX2
+   path; MSVC compiles intrinsics without them. */
+#if defined(MUSTAFAR__CPU_X86) && (defined(__GNUC__) || defined(__clang__))
+#  define MUSTAFAR__AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+#  define MUSTAFAR__AVX2_INLINE static inline __attribute__((target("avx2,fma,f16c,popcnt"), always_inline))
+#elif defined(_MSC_VER)
+#  define MUSTAFAR__AVX2
+#  define MUSTAFAR__AVX2_INLINE static __forceinline
+#else
+#  define MUSTAFAR__AVX2
+#  define MUSTAFAR__AVX2_INLINE static
+#endif
+
+enum { MUSTAFAR__SIMD_SCALAR, MUSTAFAR__SIMD_AVX2, MUSTAFAR__SIMD_NEON };
+#define MUSTAFAR__CPU_BLOCK 32          /* tokens per online-softmax step */
+#define MUSTAFAR__CPU_MIN_SPLIT 256     /* fewest tokens of one attention work item */
+#define MUSTAFAR__CPU_RECORDS_PER_TASK 256
+
+static int mustafar__cpu_best_simd(void)
 {
-    const int kept = mustafar_kept_count(head_dim, sparsity);
-    const size_t rec = mustafar_record_bytes(head_dim, sparsity, dtype);
-    size_t i;
-    for (i = 0; i < count; i++) {
-        const uint16_t *x = (const uint16_t *)in + i * head_dim;
-        uint16_t *y = (uint16_t *)out + i * head_dim;
-        if (op == MUSTAFAR__OP_PRUNE) {
+#if defined(MUSTAFAR__CPU_X86)
+    unsigned int r1[4] = {0, 0, 0, 0}, r7[4] = {0, 0, 0, 0};
+    unsigned long long xcr0 = 0;
+#  if defined(_MSC_VER) && !defined(__clang__)
+    int a[4];
+    __cpuid(a, 0);
+    if (a[0] < 7) return MUSTAFAR__SIMD_SCALAR;
+    __cpuid(a, 1);
+    memcpy(r1, a, sizeof r1);
+    __cpuidex(a, 7, 0);
+    memcpy(r7, a, sizeof r7);
+    if (r1[2] & (1u << 27)) xcr0 = _xgetbv(0);
+#  else
+    unsigned int lo, hi;
+    __asm__("cpuid" : "=a"(r1[0]), "=b"(r1[1]), "=c"(r1[2]), "=d"(r1[3]) : "a"(0), "c"(0));
+    if (r1[0] < 7) return MUSTAFAR__SIMD_SCALAR;
+    __asm__("cpuid" : "=a"(r1[0]), "=b"(r1[1]), "=c"(r1[2]), "=d"(r1[3]) : "a"(1), "c"(0));
+    __asm__("cpuid" : "=a"(r7[0]), "=b"(r7[1]), "=c"(r7[2]), "=d"(r7[3]) : "a"(7), "c"(0));
+    if (r1[2] & (1u << 27)) {
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        xcr0 = ((unsigned long long)hi << 32) | lo;
+    }
+#  endif
+    /* FMA, POPCNT, AVX, F16C; AVX2; the OS saves the YMM state */
+    if ((r1[2] & 0x38801000u) == 0x38801000u && (r7[1] & (1u << 5)) && (xcr0 & 6u) == 6u)
+        return MUSTAFAR__SIMD_AVX2;
+    return MUSTAFAR__SIMD_SCALAR;
+#elif defined(MUSTAFAR__CPU_NEON)
+    return MUSTAFAR__SIMD_NEON;
+#else
+    return MUSTAFAR__SIMD_SCALAR;
+#endif
+}
+
+/* cpuid traps to the hypervisor in a VM (tens of microseconds): detect once. */
+static int mustafar__cpu_detected;
+#ifdef _WIN32
+static INIT_ONCE mustafar__cpu_once = INIT_ONCE_STATIC_INIT;
+static BOOL CALLBACK mustafar__cpu_detect(PINIT_ONCE once, PVOID param, PVOID *context)
+{
+    MUSTAFAR__UNUSED(once);
+    MUSTAFAR__UNUSED(param);
+    MUSTAFAR__UNUSED(context);
+    mustafar__cpu_detected = mustafar__cpu_best_simd();
+    return TRUE;
+}
+#else
+static pthread_once_t mustafar__cpu_once = PTHREAD_ONCE_INIT;
+static void mustafar__cpu_detect(void) { mustafar__cpu_detected = mustafar__cpu_best_simd(); }
+#endif
+
+/* The best path, or the one MUSTAFAR_CPU_SIMD names when the machine has it. */
+static int mustafar__cpu_choose_simd(void)
+{
+    const char *force = getenv("MUSTAFAR_CPU_SIMD");
+    int best;
+#ifdef _WIN32
+    InitOnceExecuteOnce(&mustafar__cpu_once, mustafar__cpu_detect, NULL, NULL);
+#else
+    pthread_once(&mustafar__cpu_once, mustafar__cpu_detect);
+#endif
+    best = mustafar__cpu_detected;
+    if (!force || !force[0]) return best;
+    if (!strcmp(force, "avx2") && best == MUSTAFAR__SIMD_AVX2) return best;
+    if (!strcmp(force, "neon") && best == MUSTAFAR__SIMD_NEON) return best;
+    return MUSTAFAR__SIMD_SCALAR;
+}
+
+static int mustafar__cpu_core_count(void)
+{
+#ifdef _WIN32
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    return si.dwNumberOfProcessors > 0 ? (int)si.dwNumberOfProcessors : 1;
+#else
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)(n < 256 ? n : 256) : 1;
+#endif
+}
+
+/* ---- threads: the user's parallel-for, or the built-in pool -------------------
+   The pool's workers take task indices under one lock: tasks are coarse (a few
+   hundred tokens or records), so the lock is not contended.  The calling
+   thread works too, so a pool of N threads starts N - 1 workers. */
+
+typedef void (*mustafar__cpu_task)(void *task_data, int index);
+
+#ifdef _WIN32
+typedef SRWLOCK mustafar__mutex;
+typedef CONDITION_VARIABLE mustafar__cond;
+typedef HANDLE mustafar__thread;
+#define mustafar__mutex_init(m) InitializeSRWLock(m)
+#define mustafar__mutex_destroy(m) ((void)(m))
+#define mustafar__lock(m) AcquireSRWLockExclusive(m)
+#define mustafar__unlock(m) ReleaseSRWLockExclusive(m)
+#define mustafar__cond_init(c) InitializeConditionVariable(c)
+#define mustafar__cond_destroy(c) ((void)(c))
+#define mustafar__cond_wait(c, m) SleepConditionVariableSRW(c, m, INFINITE, 0)
+#define mustafar__cond_broadcast(c) WakeAllConditionVariable(c)
+#else
+typedef pthread_mutex_t mustafar__mutex;
+typedef pthread_cond_t mustafar__cond;
+typedef pthread_t mustafar__thread;
+#define mustafar__mutex_init(m) pthread_mutex_init(m, NULL)
+#define mustafar__mutex_destroy(m) pthread_mutex_destroy(m)
+#define mustafar__lock(m) pthread_mutex_lock(m)
+#define mustafar__unlock(m) pthread_mutex_unlock(m)
+#define mustafar__cond_init(c) pthread_cond_init(c, NULL)
+#define mustafar__cond_destroy(c) pthread_cond_destroy(c)
+#define mustafar__cond_wait(c, m) pthread_cond_wait(c, m)
+#define mustafar__cond_broadcast(c) pthread_cond_broadcast(c)
+#endif
+
+struct mustafar__cpu {
+    int simd;                      /* MUSTAFAR__SIMD_* */
+    int num_threads;               /* threads of a parallel-for, the caller's included */
+    void (*parallel_for)(void (*task)(void *task_data, int index), void *task_data, int count,
+                         void *user_data);
+    void *parallel_for_user_data;
+    /* the built-in pool, started on first use */
+    int workers;                   /* started worker threads */
+    mustafar__thread *threads;
+    mustafar__mutex lock;
+    mustafar__cond wake, done;
+    mustafar__cpu_task task;       /* NULL: no parallel-for running */
+    void *task_data;
+    int count, next, finished, stop;
+};
+
+/* Runs tasks under the lock until none is left to take; returns with the lock held. */
+static void mustafar__cpu_pool_drain(struct mustafar__cpu *cpu)
+{
+    while (cpu->task && cpu->next < cpu->count) {
+        mustafar__cpu_task task = cpu->task;
+        void *data = cpu->task_data;
+        int index = cpu->next++;
+        mustafar__unlock(&cpu->lock);
+        task(data, index);
+        mustafar__lock(&cpu->lock);
+        if (++cpu->finished == cpu->count) mustafar__cond_broadcast(&cpu->done);
+    }
+}
+
+#ifdef _WIN32
+static DWORD WINAPI mustafar__cpu_worker(LPVOID arg)
+#else
+static void *mustafar__cpu_worker(void *arg)
+#endif
+{
+    struct mustafar__cpu *cpu = (struct mustafar__cpu *)arg;
+    mustafar__lock(&cpu->lock);
+    while (!cpu->stop) {
+        mustafar__cpu_pool_drain(cpu);
+        if (!cpu->stop) mustafar__cond_wait(&cpu->wake, &cpu->lock);
+    }
+    mustafar__unlock(&cpu->lock);
+    return 0;
+}
+
+/* Starts the workers; should some fail to start, the pool runs on those that
+   did (the calling thread always works). */
+static void mustafar__cpu_pool_start(struct mustafar__cpu *cpu)
+{
+    int want = cpu->num_threads - 1;
+    cpu->threads = (mustafar__thread *)mustafar__calloc(sizeof(mustafar__thread) * (size_t)want);
+    if (!cpu->threads) return;
+    for (cpu->workers = 0; cpu->workers < want; cpu->workers++) {
+#ifdef _WIN32
+        HANDLE h = CreateThread(NULL, 0, mustafar__cpu_worker, cpu, 0, NULL);
+        if (!h) break;
+        cpu->threads[cpu->workers] = h;
+#else
+        if (pthread_create(&cpu->threads[cpu->workers], NULL, mustafar__cpu_worker, cpu)) break;
+#endif
+    }
+}
+
+static void mustafar__cpu_parallel_for(struct mustafar__cpu *cpu, mustafar__cpu_task task,
+                                       void *data, int count)
+{
+    int i;
+    if (count <= 0) return;
+    if (!cpu || count == 1 || cpu->num_threads <= 1) {
+        for (i = 0; i < count; i++) task(data, i);
+        return;
+    }
+    if (cpu->parallel_for) {
+        cpu->parallel_for(task, data, count, cpu->parallel_for_user_data);
+        return;
+    }
+    if (!cpu->threads) mustafar__cpu_pool_start(cpu);
+    mustafar__lock(&cpu->lock);
+    cpu->task = task;
+    cpu->task_data = data;
+    cpu->count = count;
+    cpu->next = cpu->finished = 0;
+    mustafar__cond_broadcast(&cpu->wake);
+    mustafar__cpu_pool_drain(cpu);
+    while (cpu->finished < cpu->count) mustafar__cond_wait(&cpu->done, &cpu->lock);
+    cpu->task = NULL;
+    mustafar__unlock(&cpu->lock);
+}
+
+static struct mustafar__cpu *mustafar__cpu_create(const mustafar_context_desc *desc)
+{
+    struct mustafar__cpu *cpu = (struct mustafar__cpu *)mustafar__calloc(sizeof *cpu);
+    if (!cpu) return NULL;
+    cpu->simd = mustafar__cpu_choose_simd();
+    cpu->num_threads = desc->num_threads > 0 ? desc->num_threads : mustafar__cpu_core_count();
+    cpu->parallel_for = desc->parallel_for;
+    cpu->parallel_for_user_data = desc->parallel_for_user_data;
+    mustafar__mutex_init(&cpu->lock);
+    mustafar__cond_init(&cpu->wake);
+    mustafar__cond_init(&cpu->done);
+    return cpu;
+}
+
+static void mustafar__cpu_destroy(struct mustafar__cpu *cpu)
+{
+    int i;
+    if (!cpu) return;
+    mustafar__lock(&cpu->lock);
+    cpu->stop = 1;
+    mustafar__cond_broadcast(&cpu->wake);
+    mustafar__unlock(&cpu->lock);
+    for (i = 0; i < cpu->workers; i++) {
+#ifdef _WIN32
+        WaitForSingleObject(cpu->threads[i], INFINITE);
+        CloseHandle(cpu->threads[i]);
+#else
+        pthread_join(cpu->threads[i], NULL);
+#endif
+    }
+    MUSTAFAR_FREE(cpu->threads);
+    mustafar__cond_destroy(&cpu->done);
+    mustafar__cond_destroy(&cpu->wake);
+    mustafar__mutex_destroy(&cpu->lock);
+    MUSTAFAR_FREE(cpu);
+}
+
+static struct mustafar__cpu *mustafar__cpu_of(mustafar_context *ctx)
+{
+    return ctx ? ctx->cpu : NULL;
+}
+
+static int mustafar__cpu_simd_of(mustafar_context *ctx)
+{
+    return ctx && ctx->cpu ? ctx->cpu->simd : mustafar__cpu_choose_simd();
+}
+
+static int mustafar__cpu_threads_of(mustafar_context *ctx)
+{
+    return ctx && ctx->cpu ? ctx->cpu->num_threads : 1;
+}
+
+/* ---- pruning and compression ------------------------------------------------ */
+
+#if defined(MUSTAFAR__CPU_X86)
+/* 32 lanes of 16-bit compare masks to 32 bits, lane order kept. */
+MUSTAFAR__AVX2 static uint32_t mustafar__avx2_bits32(__m256i m0, __m256i m1)
+{
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi16(m0, m1), 0xD8);
+    return (uint32_t)_mm256_movemask_epi8(packed);
+}
+
+/* mustafar__select_kept with 16 keys per compare; the same bisection, so the
+   same bitmap. */
+MUSTAFAR__AVX2 static void mustafar__avx2_select_kept(const uint16_t *x, int d, int kept,
+                                                      uint32_t *bitmap)
+{
+    __m256i key[16];
+    const __m256i magnitude = _mm256_set1_epi16(0x7FFF);
+    const int nv = d / 16;
+    int lo = 0, hi = 0x7FFF, i, greater = 0, ties;
+    for (i = 0; i < nv; i++)
+        key[i] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(const void *)(x + 16 * i)),
+                                  magnitude);
+    while (lo < hi) {
+        /* count by byte masks and popcount: a short dependency chain per step */
+        int mid = (lo + hi + 1) / 2, count = 0;
+        const __m256i below = _mm256_set1_epi16((short)(mid - 1));
+        for (i = 0; i < nv; i += 2)
+            count += _mm_popcnt_u32((unsigned int)_mm256_movemask_epi8(_mm256_packs_epi16(
+                _mm256_cmpgt_epi16(key[i], below), _mm256_cmpgt_epi16(key[i + 1], below))));
+        if (count >= kept) lo = mid; else hi = mid - 1;
+    }
+    {
+        const __m256i t = _mm256_set1_epi16((short)lo);
+        for (i = 0; i < nv; i += 2) {
+            bitmap[i / 2] = mustafar__avx2_bits32(_mm256_cmpgt_epi16(key[i], t),
+                                                  _mm256_cmpgt_epi16(key[i + 1], t));
+            greater += _mm_popcnt_u32(bitmap[i / 2]);
+        }
+        ties = kept - greater;
+        for (i = 0; i < nv && ties > 0; i += 2) {
+            uint32_t eq = mustafar__avx2_bits32(_mm256_cmpeq_epi16(key[i], t),
+                                                _mm256_cmpeq_epi16(key[i + 1], t));
+            while (eq && ties > 0) {
+                bitmap[i / 2] |= eq & (0u - eq);
+                eq &= eq - 1u;
+                ties--;
+            }
+        }
+    }
+}
+#endif
+
+/* mustafar__encode_record with the path's selection (the same bisection, so
+   the same bitmap); values gathered by walking the set bits. */
+static void mustafar__cpu_encode(int simd, const uint16_t *x, int d, int kept, size_t rec_bytes,
+                                 unsigned char *rec)
+{
+#if defined(MUSTAFAR__CPU_X86)
+    if (simd == MUSTAFAR__SIMD_AVX2) {
+        uint32_t bitmap[8];
+        uint16_t *vals = (uint16_t *)(void *)(rec + d / 8);
+        int w, j = 0;
+        mustafar__avx2_select_kept(x, d, kept, bitmap);
+        memcpy(rec, bitmap, (size_t)d / 8);
+        for (w = 0; w < d / 32; w++) {
+            uint32_t word = bitmap[w];
+            while (word) {
+                vals[j++] = x[32 * w + mustafar__ctz32(word)];
+                word &= word - 1u;
+            }
+        }
+        memset(vals + j, 0, rec_bytes - (size_t)d / 8 - 2 * (size_t)j);
+        return;
+    }
+#endif
+    MUSTAFAR__UNUSED(simd);
+    mustafar__encode_record(x, d, kept, rec_bytes, rec);
+}
+
+static void mustafar__cpu_select_kept(int simd, const uint16_t *x, int d, int kept,
+                                      uint32_t *bitmap)
+{
+#if defined(MUSTAFAR__CPU_X86)
+    if (simd == MUSTAFAR__SIMD_AVX2) {
+        mustafar__avx2_select_kept(x, d, kept, bitmap);
+        return;
+    }
+#endif
+    MUSTAFAR__UNUSED(simd);
+    mustafar__select_kept(x, d, kept, bitmap);
+}
+
+typedef struct mustafar__cpu_records_work {
+    int op, head_dim, kept, simd;
+    size_t rec, count;
+    const void *in;
+    void *out;
+} mustafar__cpu_records_work;
+
+static void mustafar__cpu_records_task(void *data, int index)
+{
+    const mustafar__cpu_records_work *W = (const mustafar__cpu_records_work *)data;
+    const int d = W->head_dim;
+    size_t i = (size_t)index * MUSTAFAR__CPU_RECORDS_PER_TASK;
+    size_t end = i + MUSTAFAR__CPU_RECORDS_PER_TASK < W->count ? i + MUSTAFAR__CPU_RECORDS_PER_TASK
+                                                               : W->count;
+    for (; i < end; i++) {
+        const uint16_t *x = (const uint16_t *)W->in + i * d;
+        uint16_t *y = (uint16_t *)W->out + i * d;
+        if (W->op == MUSTAFAR__OP_PRUNE) {
             uint32_t bitmap[8];
             int c;
-            mustafar__select_kept(x, head_dim, kept, bitmap);
-            for (c = 0; c < head_dim; c++)
-                y[c] = (bitmap[c >> 5] >> (c & 31) & 1u) ? x[c] : 0;
-        } else if (op == MUSTAFAR__OP_COMPRESS) {
-            mustafar__encode_record(x, head_dim, kept, rec, (unsigned char *)out + i * rec);
+            mustafar__cpu_select_kept(W->simd, x, d, W->kept, bitmap);
+            for (c = 0; c < d; c++) y[c] = (bitmap[c >> 5] >> (c & 31) & 1u) ? x[c] : 0;
+        } else if (W->op == MUSTAFAR__OP_COMPRESS) {
+            mustafar__cpu_encode(W->simd, x, d, W->kept, W->rec, (unsigned char *)W->out + i * W->rec);
         } else {
-            mustafar__decode_record((const unsigned char *)in + i * rec, head_dim, kept, y);
+            mustafar__decode_record((const unsigned char *)W->in + i * W->rec, d, W->kept, y);
         }
     }
 }
 
-static void mustafar__cpu_append(const mustafar__layout *L, const mustafar_paged_kv *kv,
-                                 const mustafar__append_job *jobs, int njobs,
-                                 const uint16_t *k, const uint16_t *v)
+static void mustafar__cpu_records(mustafar_context *ctx, int op, int head_dim, float sparsity,
+                                  mustafar_dtype dtype, const void *in, void *out, size_t count)
+{
+    mustafar__cpu_records_work W;
+    W.op = op;
+    W.head_dim = head_dim;
+    W.kept = mustafar_kept_count(head_dim, sparsity);
+    W.simd = mustafar__cpu_simd_of(ctx);
+    W.rec = mustafar_record_bytes(head_dim, sparsity, dtype);
+    W.count = count;
+    W.in = in;
+    W.out = out;
+    mustafar__cpu_parallel_for(mustafar__cpu_of(ctx), mustafar__cpu_records_task, &W,
+                               (int)((count + MUSTAFAR__CPU_RECORDS_PER_TASK - 1) /
+                                     MUSTAFAR__CPU_RECORDS_PER_TASK));
+}
+
+/* An append compresses in tasks of up to 64 positions of one job (all KV
+   heads), then copies the window inputs; jobs touch different rows. */
+#define MUSTAFAR__CPU_APPEND_POSITIONS 64
+
+typedef struct mustafar__cpu_append_work {
+    const mustafar__layout *L;
+    const mustafar_paged_kv *kv;
+    const mustafar__append_job *jobs;
+    int njobs, simd;
+    const uint16_t *k, *v;
+} mustafar__cpu_append_work;
+
+static int mustafar__cpu_append_tasks(const mustafar__append_job *j)
+{
+    return (j->new_compressed - j->old_compressed + MUSTAFAR__CPU_APPEND_POSITIONS - 1) /
+           MUSTAFAR__CPU_APPEND_POSITIONS;
+}
+
+static void mustafar__cpu_append_task(void *data, int index)
+{
+    const mustafar__cpu_append_work *W = (const mustafar__cpu_append_work *)data;
+    const mustafar__layout *L = W->L;
+    const mustafar_paged_kv *kv = W->kv;
+    const int d = L->head_dim, hkv = L->num_kv_heads;
+    const mustafar__append_job *j = W->jobs;
+    const int32_t *table;
+    int32_t p, end;
+    int h;
+    while (index >= mustafar__cpu_append_tasks(j)) index -= mustafar__cpu_append_tasks(j++);
+    table = kv->page_table + (size_t)j->row * kv->page_table_stride;
+    p = j->old_compressed + index * MUSTAFAR__CPU_APPEND_POSITIONS;
+    end = p + MUSTAFAR__CPU_APPEND_POSITIONS < j->new_compressed ? p + MUSTAFAR__CPU_APPEND_POSITIONS
+                                                                 : j->new_compressed;
+    for (; p < end; p++) {
+        int32_t page = table[p / L->page_size];
+        for (h = 0; h < hkv; h++) {
+            const uint16_t *ks, *vs;
+            if (p < j->old_length) {
+                size_t w = mustafar__window_offset(L, j->row, p, h);
+                ks = (const uint16_t *)kv->k_window + w;
+                vs = (const uint16_t *)kv->v_window + w;
+            } else {
+                size_t in = ((size_t)(j->input_offset + p - j->old_length) * hkv + h) * d;
+                ks = W->k + in;
+                vs = W->v + in;
+            }
+            mustafar__cpu_encode(W->simd, ks, d, L->k_kept, L->k_record,
+                                 (unsigned char *)kv->k_pages +
+                                     mustafar__record_offset(L, page, p, h, L->k_record));
+            mustafar__cpu_encode(W->simd, vs, d, L->v_kept, L->v_record,
+                                 (unsigned char *)kv->v_pages +
+                                     mustafar__record_offset(L, page, p, h, L->v_record));
+        }
+    }
+}
+
+static void mustafar__cpu_append(mustafar_context *ctx, const mustafar__layout *L,
+                                 const mustafar_paged_kv *kv, const mustafar__append_job *jobs,
+                                 int njobs, const uint16_t *k, const uint16_t *v)
 {
     const int d = L->head_dim, hkv = L->num_kv_heads;
-    int i, h;
+    mustafar__cpu_append_work W;
+    int i, tasks = 0;
     int32_t p;
+    W.L = L;
+    W.kv = kv;
+    W.jobs = jobs;
+    W.njobs = njobs;
+    W.simd = mustafar__cpu_simd_of(ctx);
+    W.k = k;
+    W.v = v;
+    for (i = 0; i < njobs; i++) tasks += mustafar__cpu_append_tasks(&jobs[i]);
+    mustafar__cpu_parallel_for(mustafar__cpu_of(ctx), mustafar__cpu_append_task, &W, tasks);
     for (i = 0; i < njobs; i++) {
         const mustafar__append_job *j = &jobs[i];
-        const int32_t *table = kv->page_table + (size_t)j->row * kv->page_table_stride;
-        for (p = j->old_compressed; p < j->new_compressed; p++) {
-            int32_t page = table[p / L->page_size];
-            for (h = 0; h < hkv; h++) {
-                const uint16_t *ks, *vs;
-                if (p < j->old_length) {
-                    size_t w = mustafar__window_offset(L, j->row, p, h);
-                    ks = (const uint16_t *)kv->k_window + w;
-                    vs = (const uint16_t *)kv->v_window + w;
-                } else {
-                    size_t in = ((size_t)(j->input_offset + p - j->old_length) * hkv + h) * d;
-                    ks = k + in;
-                    vs = v + in;
-                }
-                mustafar__encode_record(ks, d, L->k_kept, L->k_record,
-                                        (unsigned char *)kv->k_pages +
-                                            mustafar__record_offset(L, page, p, h, L->k_record));
-                mustafar__encode_record(vs, d, L->v_kept, L->v_record,
-                                        (unsigned char *)kv->v_pages +
-                                            mustafar__record_offset(L, page, p, h, L->v_record));
-            }
-        }
         for (p = mustafar__job_window_first(j); p < j->old_length + j->new_tokens; p++) {
             size_t in = (size_t)(j->input_offset + p - j->old_length) * hkv * d;
             size_t w = mustafar__window_offset(L, j->row, p, 0);
@@ -1024,63 +1508,702 @@ static void mustafar__cpu_append(const mustafar__layout *L, const mustafar_paged
     }
 }
 
-/* Two-pass softmax per (sequence, query head) in float: scores, max, then the
-   weighted sum of values.  max_len: the longest sequence. */
+/* ---- decode attention ----------------------------------------------------------
+   A work item is (sequence, KV head, split of `chunk` tokens).  It loads the
+   group's G query heads (scaled) and walks its tokens in blocks: the scores of
+   a block for all G heads from each K record read once, an online-softmax
+   update, then each V record read once and added to the G accumulators.  The
+   item leaves its accumulators, running max and sum for the combine. */
+
+/* A token of the attention: a record with `kept` values, or (kept < 0) a
+   dense window vector.  limit: the 16-bit value slots that may be loaded past
+   the bitmap (a record not last in its page may over-read into the next one). */
+typedef struct mustafar__cpu_token {
+    const unsigned char *p;
+    int kept, limit;
+} mustafar__cpu_token;
+
+typedef struct mustafar__cpu_item {
+    int32_t seq, kv_head, first, end;  /* token range [first, end) */
+} mustafar__cpu_item;
+
+typedef struct mustafar__cpu_attn mustafar__cpu_attn;
+struct mustafar__cpu_attn {
+    const mustafar__layout *L;
+    const mustafar_paged_kv *kv;
+    const mustafar_paged_seq *seqs;
+    const uint16_t *q;
+    float scale;
+    int d, group, bf16;
+    const mustafar__cpu_item *items;
+    float *scratch;                /* per item: item_floats floats */
+    size_t item_floats;
+    /* scores[g * BLOCK + t] = q_g . token t, for the n tokens of a block */
+    void (*dot)(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+                const float *qf, float *scores);
+    /* acc[g][:] += weights[g * BLOCK + t] * token t; dummy: D floats for unused lanes */
+    void (*axpy)(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+                 const float *weights, float *acc, float *dummy);
+    void (*exp_block)(float *x);   /* x[0, BLOCK) = exp(x) */
+    unsigned char expand[256][16]; /* pshufb/tbl control: bitmap byte -> 8 lanes */
+};
+
+
+/* Scalar path: decode a token to floats (walking the set bits, at most kept). */
+static void mustafar__scalar_token(const mustafar__cpu_attn *A, mustafar__cpu_token tok, float *x)
+{
+    const mustafar_dtype dt = A->bf16 ? MUSTAFAR_DTYPE_BF16 : MUSTAFAR_DTYPE_F16;
+    int c;
+    if (tok.kept < 0) {
+        const uint16_t *v = (const uint16_t *)(const void *)tok.p;
+        for (c = 0; c < A->d; c++) x[c] = mustafar__load(dt, v[c]);
+        return;
+    }
+    for (c = 0; c < A->d; c++) x[c] = 0.0f;
+    mustafar__record_axpy(tok.p, A->d, tok.kept, dt, 1.0f, x);
+}
+
+/* Records by their set bits (cost in the kept count), dense tokens by channel. */
+static void mustafar__scalar_dot(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+                                 const float *qf, float *scores)
+{
+    float x[256];
+    int g, c;
+    if (tok.kept >= 0) {
+        const mustafar_dtype dt = A->bf16 ? MUSTAFAR_DTYPE_BF16 : MUSTAFAR_DTYPE_F16;
+        for (g = 0; g < A->group; g++)
+            scores[g * MUSTAFAR__CPU_BLOCK] =
+                mustafar__record_dot(tok.p, A->d, tok.kept, dt, qf + (size_t)g * A->d);
+        return;
+    }
+    mustafar__scalar_token(A, tok, x);
+    for (g = 0; g < A->group; g++) {
+        const float *qg = qf + (size_t)g * A->d;
+        float s = 0.0f;
+        for (c = 0; c < A->d; c++) s += qg[c] * x[c];
+        scores[g * MUSTAFAR__CPU_BLOCK] = s;
+    }
+}
+
+static void mustafar__scalar_axpy(const mustafar__cpu_attn *A, mustafar__cpu_token tok,
+                                  const float *weights, float *acc, float *dummy)
+{
+    float x[256];
+    int g, c;
+    MUSTAFAR__UNUSED(dummy);
+    mustafar__scalar_token(A, tok, x);
+    for (g = 0; g < A->group; g++) {
+        float *ag = acc + (size_t)g * A->d, w = weights[g * MUSTAFAR__CPU_BLOCK];
+        for (c = 0; c < A->d; c++) ag[c] += w * x[c];
+    }
+}
+
+static void mustafar__scalar_dot_block(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks,
+                                       int n, const float *qf, float *scores)
+{
+    int t;
+    for (t = 0; t < n; t++) mustafar__scalar_dot(A, toks[t], qf, scores + t);
+}
+
+static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks,
+                                        int n, const float *weights, float *acc, float *dummy)
+{
+    int t;
+    for (t = 0; t < n; t++) mustafar__scalar_axpy(A, toks[t], weights + t, acc, dummy);
+}
+
+static void mustafar__scalar_exp_block(float *x)
+{
+    int t;
+    for (t = 0; t < MUSTAFAR__CPU_BLOCK; t++) x[t] = expf(x[t]);
+}
+
+#if defined(MUSTAFAR__CPU_X86)
+/* Eight fp16/bf16 values to floats. */
+MUSTAFAR__AVX2_INLINE __m256 mustafar__avx2_widen(__m128i h, int bf16)
+{
+    if (bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* off[j]: the values of a record before channel 8j (exclusive prefix sum of
+   the bitmap bytes' popcounts); returns the bitmap's popcount. */
+MUSTAFAR__AVX2_INLINE int mustafar__avx2_offsets(const unsigned char *bitmap, int d,
+                                                 unsigned char *off)
+{
+    const __m128i nibble_bits = _mm_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m128i low = _mm_set1_epi8(0x0F);
+    int half, total = 0;
+    for (half = 0; half < d / 128 || half == 0; half++) {
+        __m128i b = d == 64 ? _mm_loadl_epi64((const __m128i *)(const void *)bitmap)
+                            : _mm_loadu_si128((const __m128i *)(const void *)(bitmap + 16 * half));
+        __m128i n = _mm_add_epi8(_mm_shuffle_epi8(nibble_bits, _mm_and_si128(b, low)),
+                                 _mm_shuffle_epi8(nibble_bits,
+                                                  _mm_and_si128(_mm_srli_epi16(b, 4), low)));
+        n = _mm_add_epi8(n, _mm_slli_si128(n, 1));
+        n = _mm_add_epi8(n, _mm_slli_si128(n, 2));
+        n = _mm_add_epi8(n, _mm_slli_si128(n, 4));
+        n = _mm_add_epi8(n, _mm_slli_si128(n, 8));
+        /* exclusive prefix, plus the values of the first half */
+        _mm_storeu_si128((__m128i *)(void *)(off + 16 * half),
+                         _mm_add_epi8(_mm_slli_si128(n, 1), _mm_set1_epi8((char)total)));
+        total += _mm_extract_epi8(n, 15);
+    }
+    return total;
+}
+
+/* Channels [8j, 8j+8) of a token, its values starting at slot o.  bf16 and
+   dense are constants where it is inlined. */
+MUSTAFAR__AVX2_INLINE __m256 mustafar__avx2_chunk(const mustafar__cpu_attn *A,
+                                                  mustafar__cpu_token tok, int j, int o,
+                                                  int bf16, int dense)
+{
+    const unsigned char *vals = tok.p + A->d / 8;
+    __m128i raw;
+    if (dense)
+        return mustafar__avx2_widen(_mm_loadu_si128((const __m128i *)(const void *)(tok.p + 16 * j)),
+                                    bf16);
+    if (o + 8 <= tok.limit) {
+        raw = _mm_loadu_si128((const __m128i *)(const void *)(vals + 2 * o));
+    } else {
+        uint16_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        memcpy(tail, vals + 2 * o, 2 * (size_t)(tok.limit - o));
+        raw = _mm_loadu_si128((const __m128i *)(const void *)tail);
+    }
+    raw = _mm_shuffle_epi8(raw, _mm_loadu_si128((const __m128i *)(const void *)A->expand[tok.p[j]]));
+    return mustafar__avx2_widen(raw, bf16);
+}
+
+/* The dot products of two tokens x, y (or one twice) with four query heads:
+   each query load serves both. */
+MUSTAFAR__AVX2_INLINE void mustafar__avx2_dot4(const mustafar__cpu_attn *A, mustafar__cpu_token x,
+                                               const unsigned char *xoff, mustafar__cpu_token y,
+                                               const unsigned char *yoff, const float *const *q,
+                                               int bf16, int dense_x, int dense_y, float *out)
+{
+    const int chunks = A->d / 8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int j;
+    for (j = 0; j < chunks; j++) {
+        __m256 vx = mustafar__avx2_chunk(A, x, j, xoff[j], bf16, dense_x);
+        __m256 vy = mustafar__avx2_chunk(A, y, j, yoff[j], bf16, dense_y);
+        __m256 qj = _mm256_loadu_ps(q[0] + 8 * j);
+        a0 = _mm256_fmadd_ps(vx, qj, a0);
+        b0 = _mm256_fmadd_ps(vy, qj, b0);
+        qj = _mm256_loadu_ps(q[1] + 8 * j);
+        a1 = _mm256_fmadd_ps(vx, qj, a1);
+        b1 = _mm256_fmadd_ps(vy, qj, b1);
+        qj = _mm256_loadu_ps(q[2] + 8 * j);
+        a2 = _mm256_fmadd_ps(vx, qj, a2);
+        b2 = _mm256_fmadd_ps(vy, qj, b2);
+        qj = _mm256_loadu_ps(q[3] + 8 * j);
+        a3 = _mm256_fmadd_ps(vx, qj, a3);
+        b3 = _mm256_fmadd_ps(vy, qj, b3);
+    }
+    a0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    b0 = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1)));
+    _mm_storeu_ps(out + 4, _mm_add_ps(_mm256_castps256_ps128(b0), _mm256_extractf128_ps(b0, 1)));
+}
+
+MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
+                                              const mustafar__cpu_token *toks, int n,
+                                              const float *qf, float *scores)
+{
+    const int d = A->d, G = A->group;
+    unsigned char xoff[32], yoff[32];
+    int t = 0, g0, h;
+    while (t < n) {
+        /* a pair of valid tokens, or one token; a corrupt record goes alone
+           through the scalar path */
+        mustafar__cpu_token x = toks[t], y;
+        const int dense_x = x.kept < 0;
+        int dense_y, pair;
+        if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
+            mustafar__scalar_dot(A, x, qf, scores + t);
+            t++;
+            continue;
+        }
+        pair = t + 1 < n;
+        y = pair ? toks[t + 1] : x;
+        dense_y = y.kept < 0;
+        if (pair && !dense_y && mustafar__avx2_offsets(y.p, d, yoff) != y.kept) pair = 0;
+        if (!pair) {
+            y = x;
+            dense_y = dense_x;
+            memcpy(yoff, xoff, sizeof yoff);
+        }
+        for (g0 = 0; g0 < G; g0 += 4) {
+            /* four heads at a time; past the group's end, repeat its last head */
+            const float *q[4];
+            float out[8];
+            for (h = 0; h < 4; h++) q[h] = qf + (size_t)(g0 + h < G ? g0 + h : G - 1) * d;
+            if (A->bf16) {
+                if (dense_x && dense_y) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 1, 1, 1, out);
+                else if (!dense_x && !dense_y) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 1, 0, 0, out);
+                else if (dense_x) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 1, 1, 0, out);
+                else mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 1, 0, 1, out);
+            } else {
+                if (dense_x && dense_y) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 0, 1, 1, out);
+                else if (!dense_x && !dense_y) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 0, 0, 0, out);
+                else if (dense_x) mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 0, 1, 0, out);
+                else mustafar__avx2_dot4(A, x, xoff, y, yoff, q, 0, 0, 1, out);
+            }
+            for (h = 0; h < 4 && g0 + h < G; h++) {
+                scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] = out[h];
+                if (pair) scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t + 1] = out[4 + h];
+            }
+        }
+        t += pair ? 2 : 1;
+    }
+}
+
+/* c_h[:] += w_h * x + u_h * y for four heads and two tokens x, y (the same
+   token with u = 0 for a single one): half the accumulator traffic of one
+   token at a time. */
+MUSTAFAR__AVX2_INLINE void mustafar__avx2_axpy4(const mustafar__cpu_attn *A, mustafar__cpu_token x,
+                                                const unsigned char *xoff, mustafar__cpu_token y,
+                                                const unsigned char *yoff, float **c,
+                                                const __m256 *w, const __m256 *u, int bf16,
+                                                int dense_x, int dense_y)
+{
+    const int chunks = A->d / 8;
+    float *c0 = c[0], *c1 = c[1], *c2 = c[2], *c3 = c[3];
+    int j;
+    for (j = 0; j < chunks; j++) {
+        __m256 vx = mustafar__avx2_chunk(A, x, j, xoff[j], bf16, dense_x);
+        __m256 vy = mustafar__avx2_chunk(A, y, j, yoff[j], bf16, dense_y);
+        _mm256_storeu_ps(c0 + 8 * j, _mm256_fmadd_ps(u[0], vy, _mm256_fmadd_ps(w[0], vx, _mm256_loadu_ps(c0 + 8 * j))));
+        _mm256_storeu_ps(c1 + 8 * j, _mm256_fmadd_ps(u[1], vy, _mm256_fmadd_ps(w[1], vx, _mm256_loadu_ps(c1 + 8 * j))));
+        _mm256_storeu_ps(c2 + 8 * j, _mm256_fmadd_ps(u[2], vy, _mm256_fmadd_ps(w[2], vx, _mm256_loadu_ps(c2 + 8 * j))));
+        _mm256_storeu_ps(c3 + 8 * j, _mm256_fmadd_ps(u[3], vy, _mm256_fmadd_ps(w[3], vx, _mm256_loadu_ps(c3 + 8 * j))));
+    }
+}
+
+MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
+                                               const mustafar__cpu_token *toks, int n,
+                                               const float *weights, float *acc, float *dummy)
+{
+    const int d = A->d, G = A->group;
+    unsigned char xoff[32], yoff[32];
+    int t = 0, g0, h;
+    while (t < n) {
+        /* a pair of valid tokens, or one token; a corrupt record goes alone
+           through the scalar path */
+        mustafar__cpu_token x = toks[t], y;
+        const int dense_x = x.kept < 0;
+        int dense_y, pair;
+        if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
+            mustafar__scalar_axpy(A, x, weights + t, acc, dummy);
+            t++;
+            continue;
+        }
+        pair = t + 1 < n;
+        y = pair ? toks[t + 1] : x;
+        dense_y = y.kept < 0;
+        if (pair && !dense_y && mustafar__avx2_offsets(y.p, d, yoff) != y.kept) pair = 0;
+        if (!pair) {
+            y = x;
+            dense_y = dense_x;
+            memcpy(yoff, xoff, sizeof yoff);
+        }
+        for (g0 = 0; g0 < G; g0 += 4) {
+            /* four heads at a time; past the group's end, weight 0 into `dummy` */
+            float *c[4];
+            __m256 w[4], u[4];
+            for (h = 0; h < 4; h++) {
+                const int live = g0 + h < G;
+                const float *wh = weights + (g0 + h) * MUSTAFAR__CPU_BLOCK + t;
+                c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
+                w[h] = _mm256_set1_ps(live ? wh[0] : 0.0f);
+                u[h] = _mm256_set1_ps(live && pair ? wh[1] : 0.0f);
+            }
+            if (A->bf16) {
+                if (dense_x && dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 1, 1);
+                else if (!dense_x && !dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 0, 0);
+                else if (dense_x) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 1, 0);
+                else mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 0, 1);
+            } else {
+                if (dense_x && dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 1, 1);
+                else if (!dense_x && !dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 0, 0);
+                else if (dense_x) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 1, 0);
+                else mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 0, 1);
+            }
+        }
+        t += pair ? 2 : 1;
+    }
+}
+
+/* exp for x <= 0 (scores minus their running max): 2^n * p(r), relative error
+   about 2e-7; below -87 it flushes to 2^-126 * p, which the sum cannot see. */
+MUSTAFAR__AVX2 static void mustafar__avx2_exp_block(float *x)
+{
+    int t;
+    for (t = 0; t < MUSTAFAR__CPU_BLOCK; t += 8) {
+        __m256 v = _mm256_max_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(-87.0f));
+        __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+        __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+        __m256i e;
+        r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+        e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        _mm256_storeu_ps(x + t, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+    }
+}
+#endif
+
+#if defined(MUSTAFAR__CPU_NEON)
+/* NEON: the same decode as AVX2 with tbl for the expansion, one token at a
+   time, four heads per pass. */
+static int mustafar__neon_offsets(const unsigned char *bitmap, int d, unsigned char *off)
+{
+    unsigned char counts[32];
+    int j, total = 0;
+    vst1q_u8(counts, vcntq_u8(vld1q_u8(bitmap)));
+    if (d == 256) vst1q_u8(counts + 16, vcntq_u8(vld1q_u8(bitmap + 16)));
+    for (j = 0; j < d / 8; j++) {
+        off[j] = (unsigned char)total;
+        total += counts[j];
+    }
+    return total;
+}
+
+/* Channels [8j, 8j+8) of a token as two float vectors. */
+static void mustafar__neon_chunk(const mustafar__cpu_attn *A, mustafar__cpu_token tok, int j, int o,
+                                 float32x4_t *lo, float32x4_t *hi)
+{
+    uint16x8_t h;
+    if (tok.kept < 0) {
+        h = vld1q_u16((const uint16_t *)(const void *)(tok.p + 16 * j));
+    } else {
+        const unsigned char *vals = tok.p + A->d / 8;
+        uint8x16_t raw;
+        if (o + 8 <= tok.limit) {
+            raw = vld1q_u8(vals + 2 * o);
+        } else {
+            unsigned char tail[16] = {0};
+            memcpy(tail, vals + 2 * o, 2 * (size_t)(tok.limit - o));
+            raw = vld1q_u8(tail);
+        }
+        h = vreinterpretq_u16_u8(vqtbl1q_u8(raw, vld1q_u8(A->expand[tok.p[j]])));
+    }
+    if (A->bf16) {
+        *lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16));
+        *hi = vreinterpretq_f32_u32(vshll_n_u16(vget_high_u16(h), 16));
+    } else {
+        *lo = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h)));
+        *hi = vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)));
+    }
+}
+
+static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+                               const float *qf, float *scores)
+{
+    const int d = A->d, G = A->group;
+    unsigned char off[32];
+    int t, g0, h, j;
+    for (t = 0; t < n; t++) {
+        const mustafar__cpu_token tok = toks[t];
+        if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
+            mustafar__scalar_dot(A, tok, qf, scores + t);
+            continue;
+        }
+        for (g0 = 0; g0 < G; g0 += 4) {
+            float32x4_t acc[4];
+            const float *q[4];
+            for (h = 0; h < 4; h++) {
+                q[h] = qf + (size_t)(g0 + h < G ? g0 + h : G - 1) * d;
+                acc[h] = vdupq_n_f32(0.0f);
+            }
+            for (j = 0; j < d / 8; j++) {
+                float32x4_t lo, hi;
+                mustafar__neon_chunk(A, tok, j, tok.kept < 0 ? 0 : off[j], &lo, &hi);
+                for (h = 0; h < 4; h++) {
+                    acc[h] = vfmaq_f32(acc[h], lo, vld1q_f32(q[h] + 8 * j));
+                    acc[h] = vfmaq_f32(acc[h], hi, vld1q_f32(q[h] + 8 * j + 4));
+                }
+            }
+            for (h = 0; h < 4 && g0 + h < G; h++)
+                scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] = vaddvq_f32(acc[h]);
+        }
+    }
+}
+
+static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+                                const float *weights, float *acc, float *dummy)
+{
+    const int d = A->d, G = A->group;
+    unsigned char off[32];
+    int t, g0, h, j;
+    for (t = 0; t < n; t++) {
+        const mustafar__cpu_token tok = toks[t];
+        if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
+            mustafar__scalar_axpy(A, tok, weights + t, acc, dummy);
+            continue;
+        }
+        for (g0 = 0; g0 < G; g0 += 4) {
+            float *c[4];
+            float w[4];
+            for (h = 0; h < 4; h++) {
+                c[h] = g0 + h < G ? acc + (size_t)(g0 + h) * d : dummy;
+                w[h] = g0 + h < G ? weights[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] : 0.0f;
+            }
+            for (j = 0; j < d / 8; j++) {
+                float32x4_t lo, hi;
+                mustafar__neon_chunk(A, tok, j, tok.kept < 0 ? 0 : off[j], &lo, &hi);
+                for (h = 0; h < 4; h++) {
+                    vst1q_f32(c[h] + 8 * j, vfmaq_n_f32(vld1q_f32(c[h] + 8 * j), lo, w[h]));
+                    vst1q_f32(c[h] + 8 * j + 4, vfmaq_n_f32(vld1q_f32(c[h] + 8 * j + 4), hi, w[h]));
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* The tokens [first, first + n) of a sequence for one KV head, K (value 0)
+   or V: page and slot counters instead of a division per token. */
+static void mustafar__cpu_tokens(const mustafar__cpu_attn *A, const mustafar_paged_seq *s,
+                                 const int32_t *table, int32_t first, int n, int kv_head,
+                                 int value, mustafar__cpu_token *toks)
+{
+    const mustafar__layout *L = A->L;
+    const size_t rec = value ? L->v_record : L->k_record;
+    const unsigned char *pages = (const unsigned char *)(value ? A->kv->v_pages : A->kv->k_pages);
+    const uint16_t *window = (const uint16_t *)(value ? A->kv->v_window : A->kv->k_window);
+    const int kept = value ? L->v_kept : L->k_kept, slots = (int)((rec - (size_t)A->d / 8) / 2);
+    int32_t p = first, page = first / L->page_size, slot = first % L->page_size;
+    int t;
+    for (t = 0; t < n && p < s->num_compressed; t++, p++) {
+        toks[t].p = pages + (((size_t)table[page] * L->num_kv_heads + kv_head) * L->page_size +
+                             (size_t)slot) * rec;
+        toks[t].kept = kept;
+        /* a record is followed by the next one of its page, at least 16 bytes */
+        toks[t].limit = slots + (slot != L->page_size - 1 ? 8 : 0);
+        if (++slot == L->page_size) { slot = 0; page++; }
+    }
+    for (; t < n; t++, p++) {
+        toks[t].p = (const unsigned char *)(const void *)(window +
+                                                          mustafar__window_offset(L, s->row, p, kv_head));
+        toks[t].kept = -1;
+        toks[t].limit = A->d;
+    }
+}
+
+/* Records of a (page, KV head) are short runs a page apart, which hardware
+   prefetchers pick up late: the attention asks for each token's lines a block
+   ahead. */
+static void mustafar__cpu_prefetch(const mustafar__cpu_attn *A, mustafar__cpu_token tok)
+{
+    const size_t bytes = tok.kept < 0 ? 2 * (size_t)A->d
+                                      : (size_t)A->d / 8 + 2 * (size_t)tok.limit;
+    size_t line;
+    for (line = 0; line < bytes; line += 64) {
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch(tok.p + line);
+#elif defined(MUSTAFAR__CPU_X86)
+        _mm_prefetch((const char *)tok.p + line, _MM_HINT_T0);
+#else
+        MUSTAFAR__UNUSED(tok);
+#endif
+    }
+}
+
+/* Prefetches the block of tokens that starts at `first` (up to `end`). */
+static void mustafar__cpu_prefetch_block(const mustafar__cpu_attn *A, const mustafar_paged_seq *s,
+                                         const int32_t *table, int32_t first, int32_t end,
+                                         int kv_head, int value)
+{
+    mustafar__cpu_token toks[MUSTAFAR__CPU_BLOCK];
+    int n = end - first < MUSTAFAR__CPU_BLOCK ? (int)(end - first) : MUSTAFAR__CPU_BLOCK, t;
+    if (n <= 0) return;
+    mustafar__cpu_tokens(A, s, table, first, n, kv_head, value, toks);
+    for (t = 0; t < n; t++) mustafar__cpu_prefetch(A, toks[t]);
+}
+
+/* The scratch of a work item: acc[G][D], max[G], sum[G], then the work
+   space: q[G][D], scores[G][BLOCK], dummy[D]. */
+static size_t mustafar__cpu_item_floats(int group, int d)
+{
+    return (size_t)group * (2 * (size_t)d + 2 + MUSTAFAR__CPU_BLOCK) + (size_t)d;
+}
+
+static void mustafar__cpu_attention_task(void *data, int index)
+{
+    const mustafar__cpu_attn *A = (const mustafar__cpu_attn *)data;
+    const mustafar__cpu_item *it = &A->items[index];
+    const mustafar_paged_seq *s = &A->seqs[it->seq];
+    const int32_t *table = A->kv->page_table + (size_t)s->row * A->kv->page_table_stride;
+    const int d = A->d, G = A->group, hq = A->L->num_q_heads;
+    const mustafar_dtype dt = A->bf16 ? MUSTAFAR_DTYPE_BF16 : MUSTAFAR_DTYPE_F16;
+    float *acc = A->scratch + (size_t)index * A->item_floats;
+    float *mx = acc + (size_t)G * d, *sum = mx + G, *qf = sum + G;
+    float *scores = qf + (size_t)G * d, *dummy = scores + (size_t)G * MUSTAFAR__CPU_BLOCK;
+    mustafar__cpu_token toks[MUSTAFAR__CPU_BLOCK];
+    int32_t b;
+    int g, c, t;
+    for (g = 0; g < G; g++) {
+        const uint16_t *qh = A->q + ((size_t)it->seq * hq + (size_t)it->kv_head * G + g) * d;
+        for (c = 0; c < d; c++) qf[(size_t)g * d + c] = mustafar__load(dt, qh[c]) * A->scale;
+        mx[g] = -INFINITY;
+        sum[g] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)G * d);
+    for (b = it->first; b < it->end; b += MUSTAFAR__CPU_BLOCK) {
+        const int nb = it->end - b < MUSTAFAR__CPU_BLOCK ? (int)(it->end - b) : MUSTAFAR__CPU_BLOCK;
+        mustafar__cpu_tokens(A, s, table, b, nb, it->kv_head, 0, toks);
+        mustafar__cpu_prefetch_block(A, s, table, b + nb, it->end, it->kv_head, 0);
+        A->dot(A, toks, nb, qf, scores);
+        for (g = 0; g < G; g++) {
+            float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = -INFINITY, m;
+            for (t = 0; t < nb; t++) if (row[t] > block_max) block_max = row[t];
+            m = block_max > mx[g] ? block_max : mx[g];
+            if (m != mx[g]) {
+                float correction = expf(mx[g] - m);
+                float *ag = acc + (size_t)g * d;
+                for (c = 0; c < d; c++) ag[c] *= correction;
+                sum[g] *= correction;
+                mx[g] = m;
+            }
+            for (t = 0; t < nb; t++) row[t] -= m;
+            for (; t < MUSTAFAR__CPU_BLOCK; t++) row[t] = -INFINITY;
+            A->exp_block(row);
+            for (t = 0; t < nb; t++) sum[g] += row[t];
+        }
+        mustafar__cpu_tokens(A, s, table, b, nb, it->kv_head, 1, toks);
+        mustafar__cpu_prefetch_block(A, s, table, b + nb, it->end, it->kv_head, 1);
+        A->axpy(A, toks, nb, scores, acc, dummy);
+    }
+}
+
+/* softmax(q K^T scale) V per (sequence, query head); max_len unused here. */
 static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const mustafar__layout *L,
                                                const mustafar_paged_kv *kv, int nseq,
                                                const mustafar_paged_seq *seqs, int32_t max_len,
                                                const uint16_t *q, uint16_t *out, float scale)
 {
-    const int d = L->head_dim, hq = L->num_q_heads;
-    float qf[256], acc[256];
-    float *scores = (float *)MUSTAFAR_MALLOC(sizeof(float) * (size_t)(max_len ? max_len : 1));
-    int i, h, c;
-    if (!scores)
+    const int d = L->head_dim, G = L->group, hkv = L->num_kv_heads, threads =
+        mustafar__cpu_threads_of(ctx);
+    const int simd = mustafar__cpu_simd_of(ctx);
+    mustafar__cpu_attn *A = (mustafar__cpu_attn *)mustafar__calloc(sizeof *A);
+    mustafar__cpu_item *items = NULL;
+    int32_t *first_item = (int32_t *)MUSTAFAR_MALLOC(sizeof(int32_t) * ((size_t)nseq + 1));
+    int64_t total = 0, chunk;
+    int i, h, g, c, n = 0, bits;
+    MUSTAFAR__UNUSED(max_len);
+    if (!A || !first_item) {
+        MUSTAFAR_FREE(A);
+        MUSTAFAR_FREE(first_item);
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                              "host allocation of %d scores failed", max_len);
+                              "host allocation of the attention work space failed");
+    }
+    /* splits: about four work items per thread, at least MIN_SPLIT tokens each */
+    for (i = 0; i < nseq; i++) total += (int64_t)(seqs[i].num_compressed + seqs[i].num_window) * hkv;
+    chunk = threads > 1 ? (total + 4 * threads - 1) / (4 * threads) : INT32_MAX;
+    if (chunk < MUSTAFAR__CPU_MIN_SPLIT) chunk = MUSTAFAR__CPU_MIN_SPLIT;
+    chunk = (chunk + MUSTAFAR__CPU_BLOCK - 1) / MUSTAFAR__CPU_BLOCK * MUSTAFAR__CPU_BLOCK;
     for (i = 0; i < nseq; i++) {
-        const mustafar_paged_seq *s = &seqs[i];
-        const int32_t *table = kv->page_table + (size_t)s->row * kv->page_table_stride;
-        const int32_t len = s->num_compressed + s->num_window;
-        for (h = 0; h < hq; h++) {
-            const int kvh = h / L->group;
-            const uint16_t *qh = q + ((size_t)i * hq + h) * d;
-            uint16_t *oh = out + ((size_t)i * hq + h) * d;
-            float mx = -INFINITY, sum = 0.0f;
-            int32_t p;
-            for (c = 0; c < d; c++) { qf[c] = mustafar__load(L->dtype, qh[c]); acc[c] = 0.0f; }
-            for (p = 0; p < len; p++) {
-                float sc = 0.0f;
-                if (p < s->num_compressed) {
-                    const unsigned char *rec = (const unsigned char *)kv->k_pages +
-                        mustafar__record_offset(L, table[p / L->page_size], p, kvh, L->k_record);
-                    sc = mustafar__record_dot(rec, d, L->k_kept, L->dtype, qf);
-                } else {
-                    const uint16_t *kw = (const uint16_t *)kv->k_window +
-                                         mustafar__window_offset(L, s->row, p, kvh);
-                    for (c = 0; c < d; c++) sc += qf[c] * mustafar__load(L->dtype, kw[c]);
-                }
-                scores[p] = sc * scale;
-                if (scores[p] > mx) mx = scores[p];
+        first_item[i] = n;
+        n += (int)((seqs[i].num_compressed + seqs[i].num_window + chunk - 1) / chunk) * hkv;
+    }
+    first_item[nseq] = n;
+    items = (mustafar__cpu_item *)MUSTAFAR_MALLOC(sizeof *items * (size_t)(n ? n : 1));
+    A->item_floats = mustafar__cpu_item_floats(G, d);
+    A->scratch = (float *)MUSTAFAR_MALLOC(sizeof(float) * A->item_floats * (size_t)(n ? n : 1));
+    if (!items || !A->scratch) {
+        MUSTAFAR_FREE(A->scratch);
+        MUSTAFAR_FREE(items);
+        MUSTAFAR_FREE(first_item);
+        MUSTAFAR_FREE(A);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                              "host allocation of the attention work space failed");
+    }
+    for (i = 0; i < nseq; i++) {
+        const int32_t len = seqs[i].num_compressed + seqs[i].num_window;
+        const int splits = (first_item[i + 1] - first_item[i]) / hkv;
+        for (h = 0; h < hkv; h++) {
+            int sp;
+            for (sp = 0; sp < splits; sp++) {
+                mustafar__cpu_item *it = &items[first_item[i] + h * splits + sp];
+                it->seq = i;
+                it->kv_head = h;
+                it->first = (int32_t)(sp * chunk);
+                it->end = (int32_t)((sp + 1) * chunk < len ? (sp + 1) * chunk : len);
             }
-            for (p = 0; p < len; p++) {
-                float w = expf(scores[p] - mx);
-                sum += w;
-                if (p < s->num_compressed) {
-                    const unsigned char *rec = (const unsigned char *)kv->v_pages +
-                        mustafar__record_offset(L, table[p / L->page_size], p, kvh, L->v_record);
-                    mustafar__record_axpy(rec, d, L->v_kept, L->dtype, w, acc);
-                } else {
-                    const uint16_t *vw = (const uint16_t *)kv->v_window +
-                                         mustafar__window_offset(L, s->row, p, kvh);
-                    for (c = 0; c < d; c++) acc[c] += w * mustafar__load(L->dtype, vw[c]);
-                }
-            }
-            for (c = 0; c < d; c++)
-                oh[c] = mustafar__store(L->dtype, len ? acc[c] / sum : 0.0f);
         }
     }
-    MUSTAFAR_FREE(scores);
+    A->L = L;
+    A->kv = kv;
+    A->seqs = seqs;
+    A->q = q;
+    A->scale = scale;
+    A->d = d;
+    A->group = G;
+    A->bf16 = L->dtype == MUSTAFAR_DTYPE_BF16;
+    A->items = items;
+    A->dot = mustafar__scalar_dot_block;
+    A->axpy = mustafar__scalar_axpy_block;
+    A->exp_block = mustafar__scalar_exp_block;
+#if defined(MUSTAFAR__CPU_X86)
+    if (simd == MUSTAFAR__SIMD_AVX2) {
+        A->dot = mustafar__avx2_dot;
+        A->axpy = mustafar__avx2_axpy;
+        A->exp_block = mustafar__avx2_exp_block;
+    }
+#endif
+#if defined(MUSTAFAR__CPU_NEON)
+    if (simd == MUSTAFAR__SIMD_NEON) {
+        A->dot = mustafar__neon_dot;
+        A->axpy = mustafar__neon_axpy;
+    }
+#endif
+    MUSTAFAR__UNUSED(simd);
+    for (bits = 0; bits < 256; bits++) {
+        int lane, k = 0;
+        for (lane = 0; lane < 8; lane++) {
+            int set = bits >> lane & 1;
+            A->expand[bits][2 * lane] = (unsigned char)(set ? 2 * k : 0x80);
+            A->expand[bits][2 * lane + 1] = (unsigned char)(set ? 2 * k + 1 : 0x80);
+            k += set;
+        }
+    }
+    mustafar__cpu_parallel_for(mustafar__cpu_of(ctx), mustafar__cpu_attention_task, A, n);
+    /* combine the splits of each (sequence, KV head) */
+    for (i = 0; i < nseq; i++) {
+        const int splits = (first_item[i + 1] - first_item[i]) / hkv;
+        for (h = 0; h < hkv; h++) {
+            const float *part = A->scratch + (size_t)(first_item[i] + h * splits) * A->item_floats;
+            for (g = 0; g < G; g++) {
+                uint16_t *o = out + ((size_t)i * L->num_q_heads + (size_t)h * G + g) * d;
+                float m = -INFINITY, total_sum = 0.0f, result[256];
+                int sp;
+                for (sp = 0; sp < splits; sp++) {
+                    float ms = part[sp * A->item_floats + (size_t)G * d + g];
+                    if (ms > m) m = ms;
+                }
+                for (c = 0; c < d; c++) result[c] = 0.0f;
+                for (sp = 0; sp < splits; sp++) {
+                    const float *ps = part + sp * A->item_floats;
+                    float w = ps[(size_t)G * d + g] == m ? 1.0f : expf(ps[(size_t)G * d + g] - m);
+                    total_sum += ps[(size_t)G * d + G + g] * w;
+                    for (c = 0; c < d; c++) result[c] += ps[(size_t)g * d + c] * w;
+                }
+                for (c = 0; c < d; c++)
+                    o[c] = mustafar__store(L->dtype, splits ? result[c] / total_sum : 0.0f);
+            }
+        }
+    }
+    MUSTAFAR_FREE(A->scratch);
+    MUSTAFAR_FREE(items);
+    MUSTAFAR_FREE(first_item);
+    MUSTAFAR_FREE(A);
     return MUSTAFAR_OK;
 }
 
@@ -2363,7 +3486,7 @@ static mustafar_status mustafar__backend_records(mustafar_context *ctx, int op, 
 {
     MUSTAFAR__CUDA_DISPATCH(ctx, mustafar__cuda_records(ctx, op, head_dim, sparsity, dtype, in,
                                                         out, count));
-    mustafar__cpu_records(op, head_dim, sparsity, dtype, in, out, count);
+    mustafar__cpu_records(ctx, op, head_dim, sparsity, dtype, in, out, count);
     return MUSTAFAR_OK;
 }
 
@@ -2379,7 +3502,7 @@ static mustafar_status mustafar__backend_append(mustafar_context *ctx, const mus
                                                        k, v));
     MUSTAFAR__UNUSED(patches);
     MUSTAFAR__UNUSED(npatches);
-    mustafar__cpu_append(L, kv, jobs, njobs, (const uint16_t *)k, (const uint16_t *)v);
+    mustafar__cpu_append(ctx, L, kv, jobs, njobs, (const uint16_t *)k, (const uint16_t *)v);
     return MUSTAFAR_OK;
 }
 
@@ -2458,6 +3581,8 @@ MUSTAFAR_API mustafar_status mustafar_context_create(const mustafar_context_desc
             st = MUSTAFAR_OK;
         }
     }
+    if (!st && ctx->backend == MUSTAFAR_BACKEND_CPU && !(ctx->cpu = mustafar__cpu_create(desc)))
+        st = mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
     if (st) {
         mustafar__copy_error(desc, ctx->message);
         MUSTAFAR_FREE(ctx);
@@ -2472,6 +3597,7 @@ MUSTAFAR_API void mustafar_context_destroy(mustafar_context *ctx)
     if (!ctx) return;
     while (ctx->caches) mustafar__cache_release_backend(ctx->caches);
     mustafar__backend_shutdown(ctx);
+    mustafar__cpu_destroy(ctx->cpu);
     MUSTAFAR_FREE(ctx);
 }
 

@@ -55,6 +55,10 @@ out=$BUILD/out.txt
 "$BUILD/test_main" > "$out" 2>&1; cat "$out" | grep -E '^(FAIL|GPU|seed)' ; count "$out" "test suite"
 "$BUILD/test_main_san" --backend cpu --quick > "$out" 2>&1
 grep -E '^(FAIL|seed)|runtime error|AddressSanitizer' "$out"; count "$out" "test suite under ASan+UBSan"
+for filter in test_cpu test_cache_attention; do
+    "$BUILD/test_main_tsan" --backend cpu --quick --filter $filter > "$out" 2>&1
+    grep -E '^(FAIL|seed)|ThreadSanitizer' "$out"; count "$out" "$filter under TSan"
+done
 
 "$BUILD/test_loader" "$BUILD" > "$out" 2>&1; grep FAIL "$out"; count "$out" "CUDA loader (stand-in libraries)"
 

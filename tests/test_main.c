@@ -30,6 +30,7 @@
 #include "test_errors.h"
 #include "test_jit.h"
 #include "test_robust.h"
+#include "test_cpu.h"
 
 typedef void (*tb_test_fn)(mustafar_context *ctx);
 
@@ -78,6 +79,9 @@ static const tb_test k_tests[] = {
     {"test_load_corrupt", test_load_corrupt, 1},
     {"test_corrupt_records", test_corrupt_records, 1},
     {"test_robust_defects", test_robust_defects, 1},
+    /* the CPU backend's SIMD paths and thread configurations */
+    {"test_cpu_paths", test_cpu_paths, 0},
+    {"test_cpu_corrupt_records", test_cpu_corrupt_records, 0},
 #if !defined(MUSTAFAR_NO_CUDA) && !defined(_WIN32)
     /* the on-disk cubin cache */
     {"test_jit_disk_cache", test_jit_disk_cache, 2},

@@ -31,7 +31,9 @@ BACKEND_AUTO, BACKEND_CPU, BACKEND_CUDA = 0, 1, 2
 class ContextDesc(Structure):
     _fields_ = [("backend", c_int), ("cuda_device", c_int), ("cuda_stream", c_void_p),
                 ("jit_cache_dir", c_char_p), ("cuda_path", c_char_p), ("disable_jit_cache", c_int),
-                ("error_buffer", c_char_p), ("error_buffer_size", c_size_t)]
+                ("error_buffer", c_char_p), ("error_buffer_size", c_size_t),
+                ("num_threads", c_int), ("parallel_for", c_void_p),
+                ("parallel_for_user_data", c_void_p)]
 
 
 class CacheDesc(Structure):
