@@ -48,6 +48,7 @@ step "MUSTAFAR_MALLOC without MUSTAFAR_FREE is an #error" sh -c \
     'if gcc -std=c99 -DMUSTAFAR_NO_CUDA "-DMUSTAFAR_MALLOC(n)=malloc(n)" -c tests/test_main.c \
        -o /dev/null 2>"$0"; then exit 1; fi; grep -q "define both MUSTAFAR_MALLOC and MUSTAFAR_FREE" "$0"' \
     "$BUILD/malloc_check.txt"
+step "the header's EXAMPLE compiles as C99 and C++11" sh tests/doc_example.sh "$BUILD"
 step "compile example with MUSTAFAR_STATIC" gcc -std=c99 -Wall -Wextra -Wpedantic -Werror \
     -DMUSTAFAR_NO_CUDA -DMUSTAFAR_STATIC -c examples/quickstart.c -o "$BUILD/compile_check.o"
 
