@@ -27,6 +27,11 @@ Outputs (into --out):
 
   python3 tools/train_model.py --out /tmp/m --minutes 5          # the H200 run
   python3 tools/train_model.py --out /tmp/m --smoke              # CPU, seconds
+  python3 tools/train_model.py --out examples/model \
+      --export-vectors examples/model/tiny.safetensors            # CPU, seconds
+
+--export-vectors MODEL writes only vectors.safetensors, from a trained model's
+fp16 weights run in fp32 on the CPU (the committed vectors come from this).
 """
 import argparse
 import hashlib
@@ -217,6 +222,34 @@ def export(model, path, meta):
     save_file(sd, path, metadata={k: str(v) for k, v in meta.items()})
 
 
+TEST_PROMPT = b"import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the arguments"
+
+
+def load_model(path, device="cpu"):
+    """A Model in fp32 from a tiny.safetensors (fp16 weights, settings in the metadata)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        sd = {k: f.get_tensor(k).float() for k in f.keys()}
+    c = dict(CONFIG)
+    for k in c:
+        c[k] = int(meta[k]) if isinstance(CONFIG[k], int) else float(meta[k])
+    model = Model(c).to(device)
+    model.load_state_dict(sd)
+    model.eval()
+    return model
+
+
+def write_vectors(ref, path, device="cpu"):
+    """The test prompt (I32) and the fp32 logits of ref (dense attention) at every position."""
+    from safetensors.torch import save_file
+    pt = torch.tensor(list(TEST_PROMPT), dtype=torch.int32)
+    with torch.no_grad():
+        logits = ref(pt[None].long().to(device))[0].float().cpu()
+    save_file({"prompt": pt.contiguous(), "logits": logits.contiguous()}, path,
+              metadata={"what": "fp32 logits of the fp16 weights of tiny.safetensors, dense attention"})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -233,8 +266,15 @@ def main():
                     help="seconds since start by which training must stop (leaves 45 s to export); 0: none")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check: tiny data, a few steps, same model and exports")
+    ap.add_argument("--export-vectors", metavar="MODEL",
+                    help="only write OUT/vectors.safetensors from MODEL's weights (CPU, fp32)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    if a.export_vectors:
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        write_vectors(load_model(a.export_vectors), os.path.join(a.out, "vectors.safetensors"))
+        print(f"wrote {os.path.join(a.out, 'vectors.safetensors')} ({len(TEST_PROMPT)} positions)")
+        return
     torch.manual_seed(a.seed)
     np.random.seed(a.seed)
     dev = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
@@ -352,13 +392,7 @@ def main():
             lg = ref(ev[i:i + 1, :-1]).float()
             tot += F.cross_entropy(lg[0], ev[i, 1:]).item()
         final_fp16 = tot / nev / math.log(2)
-        prompt = b"import os\nimport sys\n\n\ndef main(argv):\n    \"\"\"Parse the arguments"
-        pt = torch.tensor(list(prompt), dtype=torch.int32)
-        logits = ref(pt[None].long().to(dev))[0].float().cpu()
-    from safetensors.torch import save_file
-    save_file({"prompt": pt.contiguous(), "logits": logits.contiguous()},
-              os.path.join(a.out, "vectors.safetensors"),
-              metadata={"what": "fp32 logits of the fp16 weights of tiny.safetensors, dense attention"})
+    write_vectors(ref, os.path.join(a.out, "vectors.safetensors"), dev)
     settings = dict(model=c, parameters=nparams, batch=a.batch, lr=a.lr, betas=[0.9, 0.95],
                     weight_decay=0.1, grad_clip=1.0, warmup_steps=warm_steps,
                     schedule="linear warmup, cosine to 10 % over the time budget",
