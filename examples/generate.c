@@ -752,6 +752,27 @@ static int runner_init(runner *r, const model *m, mustafar_backend backend, floa
         }                                                                                  \
     } while (0)
 
+/* The pruning rule written out independently of the library (for the
+   reference only): of each vector keep exactly n = D - floor(s*D) elements,
+   the n largest |x|, ties to the lower channel; zero the others.  An element
+   is kept when fewer than n elements rank above it. */
+static void reference_prune(const uint16_t *in, uint16_t *out, size_t vectors, int D, float s) {
+    int p = (int)floor((double)s * D + 1e-6), n = D - p, i, j;
+    size_t v;
+    for (v = 0; v < vectors; v++) {
+        const uint16_t *x = in + v * (size_t)D;
+        for (i = 0; i < D; i++) {
+            double a = fabs((double)mustafar_f16_to_f32(x[i]));
+            int above = 0;
+            for (j = 0; j < D; j++) {
+                double b = fabs((double)mustafar_f16_to_f32(x[j]));
+                above += b > a || (b == a && j < i);
+            }
+            out[v * (size_t)D + i] = above < n ? x[i] : 0;
+        }
+    }
+}
+
 /* Float64 attention of token t of the block (at sequence length len after
    its append) over the stored fp16 K/V of layer l, with the cache's rule:
    positions [0, len - window) pruned, the rest dense. */
@@ -817,8 +838,8 @@ static int forward(runner *r, const int *tokens, int T, float *logits, int all_l
             size_t off = ((size_t)l * r->cap + r->pos) * kd;
             memcpy(r->rk + off, r->hk16, 2 * T * kd);
             memcpy(r->rv + off, r->hv16, 2 * T * kd);
-            RUN_CHECK(mustafar_prune(NULL, D, r->ks, MUSTAFAR_DTYPE_F16, r->hk16, r->rkp + off, (size_t)T * m->hkv));
-            RUN_CHECK(mustafar_prune(NULL, D, r->vs, MUSTAFAR_DTYPE_F16, r->hv16, r->rvp + off, (size_t)T * m->hkv));
+            reference_prune(r->hk16, r->rkp + off, (size_t)T * m->hkv, D, r->ks);
+            reference_prune(r->hv16, r->rvp + off, (size_t)T * m->hkv, D, r->vs);
             for (t = 0; t < T; t++) {
                 double o64[4096];
                 reference_attention(r, l, r->pos + t + 1, r->hq16 + t * qd, r->ho16 + t * qd, o64);
@@ -984,16 +1005,21 @@ static int run_eval(const model *m, const char *path, int ctx, int segments, con
     p.jobs = (eval_job *)calloc(64, sizeof *p.jobs);
     /* job 0: the dense model (s = 0 keeps every element; no window needed) */
     p.jobs[p.njobs].ks = 0; p.jobs[p.njobs].vs = 0; p.jobs[p.njobs].window = 0; p.njobs++;
-    if (!strcmp(grid, "full")) { ws = windows_full; nw = 3; }
+    if (strcmp(grid, "full") && strcmp(grid, "kv") && strcmp(grid, "quick")) {
+        fprintf(stderr, "--grid %s: full, kv or quick\n", grid);
+        return 2;
+    }
+    if (strcmp(grid, "quick")) { ws = windows_full; nw = 3; }
     else { ws = windows_quick; nw = 2; }
     for (k = 0; k < nw; k++) {
-        if (!strcmp(grid, "full")) {
-            for (i = 0; i < 5; i++) {        /* K and V together, K only, V only */
+        if (strcmp(grid, "quick")) {
+            for (i = 0; i < 5; i++) {        /* K and V together, K only, V only (full) */
                 eval_job a = {0}, b = {0}, c = {0};
                 a.ks = a.vs = sp[i]; a.window = ws[k];
                 b.ks = sp[i]; b.window = ws[k];
                 c.vs = sp[i]; c.window = ws[k];
-                p.jobs[p.njobs++] = a; p.jobs[p.njobs++] = b; p.jobs[p.njobs++] = c;
+                p.jobs[p.njobs++] = a;
+                if (!strcmp(grid, "full")) { p.jobs[p.njobs++] = b; p.jobs[p.njobs++] = c; }
             }
         } else {                             /* quick: K and V together at 0.5 and 0.7 */
             eval_job a = {0}, b = {0};
@@ -1086,10 +1112,12 @@ static void usage(void) {
     fprintf(stderr,
         "usage: generate [--model FILE] [--prompt TEXT] [--tokens N] [--temp T] [--seed N]\n"
         "                [--ks S] [--vs S] [--window W] [--backend auto|cpu|cuda]\n"
-        "       generate --eval FILE [--ctx N] [--segments N] [--grid quick|full]\n"
+        "       generate --eval FILE [--ctx N] [--segments N] [--grid quick|kv|full]\n"
         "                [--threads N] [--csv OUT] [--model FILE] [--backend ...]\n"
         "  --ks/--vs    K and V sparsity (default 0.7 / 0.7), --window dense window (32)\n"
-        "  --temp 0     greedy (default); > 0 samples with that temperature\n");
+        "  --temp 0     greedy (default); > 0 samples with that temperature\n"
+        "  --grid       quick: dense, K=V 0.5/0.7 at windows 0/32; kv: dense, K=V\n"
+        "               0.3-0.9 at windows 0/32/128; full: kv plus K only and V only\n");
 }
 
 int main(int argc, char **argv) {

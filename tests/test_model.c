@@ -8,7 +8,9 @@
       to fp16 (the cache's dtype), PyTorch does not.
    3. With pruning (K 0.7 / V 0.7, windows 0 and 8; K 0.5 / V 0.8, window 4)
       the model run through the library's cache matches the same model with
-      a float64 attention over K/V pruned by mustafar_prune, token by token.
+      a float64 attention over K/V pruned by the rule written out a second
+      time (generate.c's reference_prune, not the library's code), token by
+      token.
    Cases 2-3 run on the CPU backend, and again on CUDA when a GPU is usable
    (else they count as skipped).
 
@@ -189,7 +191,7 @@ static void test_model_on(const model *m, mustafar_backend be, const int *tok, i
         check(agree >= T - 1, name, "%.0f of %.0f positions agree", agree, T);
     }
     free(lg);
-    /* 3. pruned: the library's cache vs float64 attention over mustafar_prune */
+    /* 3. pruned: the library's cache vs float64 attention over reference_prune */
     for (i = 0; i < sizeof pr / sizeof pr[0]; i++) {
         float *lr;
         lg = run_model(m, be, pr[i].ks, pr[i].vs, pr[i].window, 0, tok, T, pr[i].blocks, err, sizeof err);
