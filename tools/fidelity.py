@@ -12,10 +12,11 @@ windows, computed by examples/generate.c through mustafar.h's cache.
                                             machine (~25 min there): windows
                                             0/32/128; context 512, 6 segments,
                                             K=V, K only, V only; context 2048,
-                                            two segments (one from each half of
-                                            the text), K=V
-  python3 tools/fidelity.py --full --wide   context 2048 with K only and V only
-                                            too (about 3x the CPU time)
+                                            one segment, K=V
+  python3 tools/fidelity.py --full --wide   context 2048 on two segments (one
+                                            from each half of the text) with
+                                            K only and V only too (about 6x the
+                                            CPU time of the 2048 part)
   python3 tools/fidelity.py --reference     also the float32 PyTorch reference
                                             with both keep rules (needs torch)
   python3 tools/fidelity.py --report-only   table and plot from saved CSVs
@@ -205,6 +206,7 @@ def report(c_rows, ref_rows, md_path, png_path):
     except ImportError:
         print("matplotlib not installed: no plot")
         return
+    ctxs = sorted(set(ctxs) | {k[1] for k in ref_rows})
     fig, axes = plt.subplots(1, len(ctxs), figsize=(6.2 * len(ctxs), 4.6), squeeze=False)
     colors = {0: "tab:red", 32: "tab:blue", 128: "tab:green"}
     for ax, c in zip(axes[0], ctxs):
@@ -221,6 +223,12 @@ def report(c_rows, ref_rows, md_path, png_path):
                     pts.sort()
                     ax.plot([p[0] for p in pts], [max(p[1], 1e-4) for p in pts], marker=mk, ls=ls,
                             color=colors.get(w, "gray"), label=f"{kind}, window {w}", ms=5)
+        if not any(k[0] == c for k in c_rows):   # no C run at this context: the reference's own rule
+            for w in sorted({k[4] for k in ref_rows if k[1] == c}):
+                pts = sorted((100 * r[3] / DENSE_BYTES, r[1]) for (rule, cc, ks, vs, ww), r in ref_rows.items()
+                             if rule == "ours" and cc == c and ww == w and ks)
+                ax.plot([p[0] for p in pts], [max(p[1], 1e-4) for p in pts], marker="o", ls="-",
+                        color=colors.get(w, "gray"), label=f"ours (PyTorch reference), K=V, window {w}", ms=5)
         for (rule, cc, ks, vs, w), r in ref_rows.items():
             if cc == c and rule == "authors" and ks:
                 ax.plot([100 * r[3] / DENSE_BYTES], [max(r[1], 1e-4)], marker="*", ms=11, ls="none",
@@ -259,14 +267,16 @@ def main():
     half = len(data) // 2
     open(d("half_a.txt"), "wb").write(data[:half])
     open(d("half_b.txt"), "wb").write(data[half:])
-    c_csv = [d("c512.csv"), d("c2048a.csv"), d("c2048b.csv")] if a.full else [d("short.csv")]
+    c_csv = [d("c512.csv"), d("c2048a.csv")] + ([d("c2048b.csv")] if a.wide else []) if a.full \
+        else [d("short.csv")]
     if a.report_only:
         c_csv = [p for p in [d("c512.csv"), d("c2048a.csv"), d("c2048b.csv")] if os.path.exists(p)] or \
                 [d("short.csv")]
     elif a.full:
         run_c(a.generate, held, 512, 6, "full", a.threads, c_csv[0])
         run_c(a.generate, d("half_a.txt"), 2048, 1, "full" if a.wide else "kv", a.threads, c_csv[1])
-        run_c(a.generate, d("half_b.txt"), 2048, 1, "full" if a.wide else "kv", a.threads, c_csv[2])
+        if a.wide:
+            run_c(a.generate, d("half_b.txt"), 2048, 1, "full", a.threads, c_csv[2])
     else:
         run_c(a.generate, held, 512, 1, "quick", a.threads, c_csv[0])
     ref_csv = d("reference.csv")
