@@ -98,3 +98,24 @@ bench-cpu: $(BUILD)/bench_cpu
 
 clean:
 	rm -rf $(BUILD)
+
+# The small trained model of examples/model: make demo generates from it on
+# the CPU; make fidelity measures what pruning costs it (FULL=1: the full
+# grid, tens of CPU minutes; REFERENCE=1: also the PyTorch keep-rule
+# reference); tests/run_all.sh builds and runs $(BUILD)/test_model.
+.PHONY: demo fidelity
+DEMO_PROMPT := def parse_args(argv):
+$(BUILD)/generate: examples/generate.c mustafar.h | $(BUILD)
+	$(CC) -std=c99 -O2 $(WARN) $< -o $@ -lm -ldl -lpthread
+
+$(BUILD)/test_model: tests/test_model.c examples/generate.c mustafar.h | $(BUILD)
+	$(CC) -std=c99 -O2 -g $(WARN) $< -o $@ -lm -ldl -lpthread
+
+demo: $(BUILD)/generate
+	./$(BUILD)/generate --model examples/model/tiny.safetensors --backend cpu \
+	    --prompt '$(DEMO_PROMPT)' --tokens 240 --temp 0.6 --seed 7 --ks 0.7 --vs 0.7 --window 32
+
+fidelity: $(BUILD)/generate
+	python3 tools/fidelity.py --generate $(BUILD)/generate --dir $(BUILD)/fidelity \
+	    --md $(BUILD)/fidelity/table.md --png $(BUILD)/fidelity/fidelity.png \
+	    $(if $(FULL),--full) $(if $(REFERENCE),--reference)

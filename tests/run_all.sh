@@ -128,6 +128,13 @@ else
     echo "Python tests skipped: numpy not installed (.ci/run installs it)"; skipped=$((skipped + 1))
 fi
 
+# the C transformer of examples/generate.c on the committed model: logits vs
+# PyTorch's (s = 0) and vs a float64 attention over the pruned cache (s > 0)
+if make --no-print-directory "$BUILD/test_model" >>"$log" 2>&1; then
+    "$BUILD/test_model" examples/model/tiny.safetensors examples/model/vectors.safetensors > "$out" 2>&1
+    grep -E '^(FAIL|GPU)' "$out"; count "$out" "model vs PyTorch and float64 attention"
+else failed=$((failed + 1)); echo "FAIL build $BUILD/test_model (see $log)"; fi
+
 if [ "$skipped" -gt 0 ]; then echo "$passed passed, $failed failed, $skipped skipped"
 else echo "$passed passed, $failed failed"; fi
 [ "$failed" -eq 0 ]
