@@ -1,7 +1,9 @@
 # mustafar.h - build, test and benchmark.
 #   make run        build and run the quickstart example
 #   make test       CPU tests, compile matrix, sanitizers, NVRTC compile of every arch,
-#                   the CPU suite built for Windows (run under Wine) and ARM64 (under qemu)
+#                   the CPU suite built for Windows (run under Wine) and ARM64 (under qemu),
+#                   allocation-failure injection, threads under TSan, a short fuzz run
+#   make fuzz       each libFuzzer target for FUZZ_TIME seconds (default 600)
 #   make test-gpu   the test suite on the CUDA backend, plus compute-sanitizer
 #   make bench      decode-attention benchmark on the GPU (with PyTorch SDPA)
 #   make lib        build/libmustafar.so, the shared library the Python package loads
@@ -21,7 +23,7 @@ HEADERS := mustafar.h tests/*.h
 MINGW_CC ?= x86_64-w64-mingw32-gcc
 ARM64_CC ?= aarch64-linux-gnu-gcc
 
-.PHONY: all run test test-gpu bench bench-cpu check clean lib
+.PHONY: all run test test-gpu bench bench-cpu check clean lib fuzz fuzz-build
 all: $(BUILD)/quickstart $(BUILD)/test_main
 
 $(BUILD):
@@ -47,6 +49,37 @@ $(BUILD)/test_loader: tests/test_loader.c tests/fake_cuda.c mustafar.h | $(BUILD
 	$(CC) -shared -fPIC -DFAKE_MISSING_LAUNCH tests/fake_cuda.c -o $(BUILD)/fake_cuda_missing/libcudart.so.13
 	echo "not a library" > $(BUILD)/fake_cuda_garbage/libcudart.so.13
 	$(CC) -std=c99 -O2 $(WARN) $< -o $@ -ldl -lm
+
+# allocation-failure injection, ASan + UBSan + LeakSanitizer: CPU only, and
+# with the CUDA code compiled in (loaded at run time; AUTO falls back)
+SAN := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+$(BUILD)/test_faults: tests/test_faults.c mustafar.h | $(BUILD)
+	$(CC) -std=c99 $(SAN) $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm
+$(BUILD)/test_faults_cuda: tests/test_faults.c mustafar.h | $(BUILD)
+	$(CC) -std=c99 $(SAN) $(WARN) $< -o $@ -ldl -lm
+
+# contexts on separate threads at once, under ThreadSanitizer
+$(BUILD)/test_threads: tests/test_threads.c mustafar.h | $(BUILD)
+	$(CC) -std=c99 -O1 -g -fsanitize=thread $(WARN) $< -o $@ -ldl -lm -lpthread
+
+# libFuzzer targets (clang); tests/run_all.sh runs each briefly, make fuzz longer
+FUZZ_CC ?= clang
+FUZZ_TARGETS := $(BUILD)/fuzz/fuzz_load $(BUILD)/fuzz/fuzz_records $(BUILD)/fuzz/fuzz_ops
+FUZZ_TIME ?= 600
+$(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz_common.h mustafar.h
+	@mkdir -p $(BUILD)/fuzz
+	$(FUZZ_CC) -std=c99 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+	    $(FUZZ_EXTRA) $(WARN) -DMUSTAFAR_NO_CUDA $< -o $@ -lm
+# the operations target is driven by opcode bytes, not by compared values:
+# without comparison tracing it runs 3x faster
+$(BUILD)/fuzz/fuzz_ops: FUZZ_EXTRA := -fno-sanitize-coverage=trace-cmp
+fuzz-build: $(FUZZ_TARGETS)
+# a long run of every target (FUZZ_TIME seconds each) on a working copy of the corpus
+fuzz: $(FUZZ_TARGETS)
+	@for t in load records ops; do mkdir -p $(BUILD)/fuzz/corpus_$$t; \
+	    cp tests/fuzz/corpus/$$t/* $(BUILD)/fuzz/corpus_$$t/; \
+	    $(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_TIME) -print_final_stats=1 \
+	        -artifact_prefix=$(BUILD)/fuzz/ $(BUILD)/fuzz/corpus_$$t || exit 1; done
 
 $(BUILD)/test_main_san: tests/test_main.c $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all \
@@ -83,8 +116,9 @@ run: $(BUILD)/quickstart
 	./$(BUILD)/quickstart
 
 test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_main_tsan $(BUILD)/test_loader \
-      $(BUILD)/libmustafar.so
+      $(BUILD)/libmustafar.so $(BUILD)/test_faults $(BUILD)/test_faults_cuda $(BUILD)/test_threads
 	@HAVE_CUDA=$(HAVE_CUDA) CUDA_HOME=$(CUDA_HOME) BUILD=$(BUILD) MINGW_CC=$(MINGW_CC) ARM64_CC=$(ARM64_CC) \
+	    FUZZ_CC=$(FUZZ_CC) \
 	    sh tests/run_all.sh
 
 test-gpu: $(BUILD)/test_main $(BUILD)/test_main_linked

@@ -63,6 +63,55 @@ done
 
 "$BUILD/test_loader" "$BUILD" > "$out" 2>&1; grep FAIL "$out"; count "$out" "CUDA loader (stand-in libraries)"
 
+# sanitized() NAME COMMAND...: a test program under a sanitizer; counted by its
+# summary line, and failed too if it exits nonzero (LeakSanitizer reports at exit,
+# after the summary)
+sanitized() {
+    name=$1; shift
+    "$@" > "$out" 2>&1; rc=$?
+    grep -E '^FAIL|runtime error|Sanitizer' "$out"
+    count "$out" "$name"
+    if [ $rc -ne 0 ] && ! grep -qE '^FAIL' "$out"; then
+        failed=$((failed + 1)); echo "FAIL $name: exit status $rc"; cat "$out" >> "$log"
+    fi
+}
+
+# Allocation failures injected into every allocation of each scenario
+# (ASan + UBSan + LeakSanitizer): CPU only, and with CUDA compiled in
+# (loaded at run time; without a usable GPU AUTO falls back to the CPU).
+sanitized "allocation-failure injection (ASan, LSan)" "$BUILD/test_faults"
+sanitized "allocation-failure injection, CUDA compiled in" "$BUILD/test_faults_cuda"
+# Separate contexts on separate threads at once, under ThreadSanitizer
+TSAN_OPTIONS="halt_on_error=1 exitcode=66"; export TSAN_OPTIONS
+sanitized "contexts on 4 threads under TSan" "$BUILD/test_threads" 4 2
+
+# libFuzzer targets, a short run each on a copy of the committed corpus.
+# Skipped, saying so, where clang's fuzzer runtime is missing.
+FUZZ_CC=${FUZZ_CC:-clang}
+FUZZ_SECONDS=${FUZZ_SECONDS:-20}
+printf 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' \
+    > "$BUILD/fuzz_probe.c"
+if ! command -v "$FUZZ_CC" >/dev/null 2>&1 || \
+   ! "$FUZZ_CC" -fsanitize=fuzzer,address,undefined "$BUILD/fuzz_probe.c" -o "$BUILD/fuzz_probe" >/dev/null 2>&1; then
+    echo "fuzz run skipped: $FUZZ_CC cannot link -fsanitize=fuzzer (Debian: apt-get install clang libclang-rt-dev)"
+    skipped=$((skipped + 1))
+elif ! make --no-print-directory fuzz-build >>"$log" 2>&1; then
+    failed=$((failed + 1)); echo "FAIL fuzz targets: build (see $log)"
+else
+    for t in load records ops; do
+        rm -rf "$BUILD/fuzz/smoke_$t"; mkdir -p "$BUILD/fuzz/smoke_$t"
+        cp tests/fuzz/corpus/$t/* "$BUILD/fuzz/smoke_$t/"
+        if "$BUILD/fuzz/fuzz_$t" -max_total_time="$FUZZ_SECONDS" -print_final_stats=1 \
+               -artifact_prefix="$BUILD/fuzz/" "$BUILD/fuzz/smoke_$t" > "$out" 2>&1; then
+            passed=$((passed + 1))
+            echo "ok   fuzz $t: $(sed -nE 's/^stat::number_of_executed_units: *//p' "$out") runs in ${FUZZ_SECONDS} s"
+        else
+            failed=$((failed + 1)); cat "$out" >> "$log"
+            echo "FAIL fuzz $t: $(grep -m1 -E 'ERROR|tests/fuzz/.*:[0-9]+:' "$out") (input in $BUILD/fuzz/, log in $log)"
+        fi
+    done
+fi
+
 # The CPU suite built for other platforms and run under an emulator (--quick:
 # emulation is slower). A missing compiler or emulator counts as skipped,
 # saying so; a build that fails counts as a failure.
