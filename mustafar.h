@@ -76,7 +76,7 @@
        MUSTAFAR_CACHE_DIR      where compiled kernels are cached on disk
                                (default $XDG_CACHE_HOME/mustafar, else
                                $HOME/.cache/mustafar); "off" disables the cache.
-       MUSTAFAR_CPU_SIMD       scalar, avx2 or neon: the CPU backend's SIMD path
+       MUSTAFAR_CPU_SIMD       scalar, avx2, avx512 or neon: the CPU backend's SIMD path
                                (read at context creation; default: the best the
                                CPU has, found with cpuid on x86-64; a path the
                                CPU lacks falls back to scalar).
@@ -982,8 +982,9 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
    and serves every query head of its GQA group from it; work items are
    (sequence, KV head, token split) with a split-K combine, run on the user's
    parallel-for callback or a small built-in pool started on first use.  The
-   SIMD path (AVX2+F16C on x86-64, chosen at run time; NEON on ARM64; scalar)
-   is picked at context creation; MUSTAFAR_CPU_SIMD=scalar|avx2|neon forces
+   SIMD path (AVX-512 with VBMI2 or AVX2+F16C on x86-64, chosen at run time;
+   NEON on ARM64; scalar) is picked at context creation;
+   MUSTAFAR_CPU_SIMD=scalar|avx2|avx512|neon forces
    one (a path the machine lacks falls back to scalar).  A record whose bitmap
    does not hold exactly its kept count of bits (corrupt) goes through the
    scalar helpers of >>common, which stop at the kept count, so no path reads
@@ -1023,7 +1024,24 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 #  define MUSTAFAR__AVX2_INLINE static
 #endif
 
-enum { MUSTAFAR__SIMD_SCALAR, MUSTAFAR__SIMD_AVX2, MUSTAFAR__SIMD_NEON };
+/* The AVX-512 path (F, BW, VL, VBMI2's vpexpandw/vpcompressw): compilers
+   from gcc 8, clang 6 and MSVC 2019 know its intrinsics; MUSTAFAR_NO_AVX512
+   leaves it out. */
+#if defined(MUSTAFAR__CPU_X86) && !defined(MUSTAFAR_NO_AVX512) &&                          \
+    (defined(__clang__) ? __clang_major__ >= 6                                            \
+                        : (defined(__GNUC__) ? __GNUC__ >= 8 : (defined(_MSC_VER) && _MSC_VER >= 1920)))
+#  define MUSTAFAR__CPU_AVX512 1
+#  if defined(__GNUC__) || defined(__clang__)
+#    define MUSTAFAR__AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt"
+#    define MUSTAFAR__AVX512 __attribute__((target(MUSTAFAR__AVX512_TARGET)))
+#    define MUSTAFAR__AVX512_INLINE static inline __attribute__((target(MUSTAFAR__AVX512_TARGET), always_inline))
+#  else
+#    define MUSTAFAR__AVX512
+#    define MUSTAFAR__AVX512_INLINE static __forceinline
+#  endif
+#endif
+
+enum { MUSTAFAR__SIMD_SCALAR, MUSTAFAR__SIMD_AVX2, MUSTAFAR__SIMD_NEON, MUSTAFAR__SIMD_AVX512 };
 #define MUSTAFAR__CPU_BLOCK 32          /* tokens per online-softmax step */
 #define MUSTAFAR__CPU_MIN_SPLIT 256     /* fewest tokens of one attention work item */
 #define MUSTAFAR__CPU_RECORDS_PER_TASK 256
@@ -1054,8 +1072,14 @@ static int mustafar__cpu_best_simd(void)
     }
 #  endif
     /* FMA, POPCNT, AVX, F16C; AVX2; the OS saves the YMM state */
-    if ((r1[2] & 0x38801000u) == 0x38801000u && (r7[1] & (1u << 5)) && (xcr0 & 6u) == 6u)
+    if ((r1[2] & 0x38801000u) == 0x38801000u && (r7[1] & (1u << 5)) && (xcr0 & 6u) == 6u) {
+#  if defined(MUSTAFAR__CPU_AVX512)
+        /* AVX512F, BW, VL; VBMI2; the OS saves the opmask and ZMM state */
+        if ((r7[1] & 0xC0010000u) == 0xC0010000u && (r7[2] & (1u << 6)) && (xcr0 & 0xE6u) == 0xE6u)
+            return MUSTAFAR__SIMD_AVX512;
+#  endif
         return MUSTAFAR__SIMD_AVX2;
+    }
     return MUSTAFAR__SIMD_SCALAR;
 #elif defined(MUSTAFAR__CPU_NEON)
     return MUSTAFAR__SIMD_NEON;
@@ -1093,7 +1117,9 @@ static int mustafar__cpu_choose_simd(void)
 #endif
     best = mustafar__cpu_detected;
     if (!force || !force[0]) return best;
-    if (!strcmp(force, "avx2") && best == MUSTAFAR__SIMD_AVX2) return best;
+    if (!strcmp(force, "avx512") && best == MUSTAFAR__SIMD_AVX512) return best;
+    if (!strcmp(force, "avx2") && (best == MUSTAFAR__SIMD_AVX2 || best == MUSTAFAR__SIMD_AVX512))
+        return MUSTAFAR__SIMD_AVX2;
     if (!strcmp(force, "neon") && best == MUSTAFAR__SIMD_NEON) return best;
     return MUSTAFAR__SIMD_SCALAR;
 }
@@ -1337,11 +1363,100 @@ MUSTAFAR__AVX2 static void mustafar__avx2_select_kept(const uint16_t *x, int d, 
 }
 #endif
 
+#if defined(MUSTAFAR__CPU_AVX512)
+/* mustafar__select_kept on 32 keys per compare, searching two bits of the
+   threshold per step (three counts at once): the same largest threshold t
+   with count(key >= t) >= kept, so the same bitmap. */
+MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int d, int kept,
+                                                          uint32_t *bitmap)
+{
+    __m512i key[8];
+    const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
+    const int nv = d / 32;
+    int lo = 0, hi = 0x7FFF, i, greater = 0, ties;
+    for (i = 0; i < nv; i++)
+        key[i] = _mm512_and_si512(_mm512_loadu_si512((const void *)(x + 32 * i)), magnitude);
+    while (lo < hi) {
+        const int span = hi - lo;
+        const int m1 = lo + (span + 3) / 4, m2 = lo + (2 * span + 3) / 4, m3 = lo + (3 * span + 3) / 4;
+        const __m512i t1 = _mm512_set1_epi16((short)m1), t2 = _mm512_set1_epi16((short)m2),
+                      t3 = _mm512_set1_epi16((short)m3);
+        int c1 = 0, c2 = 0, c3 = 0;
+        for (i = 0; i < nv; i++) {
+            c1 += _mm_popcnt_u32((unsigned int)_mm512_cmpge_epu16_mask(key[i], t1));
+            c2 += _mm_popcnt_u32((unsigned int)_mm512_cmpge_epu16_mask(key[i], t2));
+            c3 += _mm_popcnt_u32((unsigned int)_mm512_cmpge_epu16_mask(key[i], t3));
+        }
+        if (c3 >= kept) lo = m3;
+        else if (c2 >= kept) { lo = m2; hi = m3 - 1; }
+        else if (c1 >= kept) { lo = m1; hi = m2 - 1; }
+        else hi = m1 - 1;
+    }
+    {
+        const __m512i t = _mm512_set1_epi16((short)lo);
+        for (i = 0; i < nv; i++) {
+            bitmap[i] = (uint32_t)_mm512_cmpgt_epu16_mask(key[i], t);
+            greater += _mm_popcnt_u32(bitmap[i]);
+        }
+        ties = kept - greater;
+        for (i = 0; i < nv && ties > 0; i++) {
+            uint32_t eq = (uint32_t)_mm512_cmpeq_epi16_mask(key[i], t);
+            while (eq && ties > 0) {
+                bitmap[i] |= eq & (0u - eq);
+                eq &= eq - 1u;
+                ties--;
+            }
+        }
+    }
+}
+
+/* The first n of 32 lanes. */
+static uint32_t mustafar__lanes32(int n) { return n >= 32 ? 0xFFFFFFFFu : (1u << n) - 1u; }
+
+/* A record: the kept values of each bitmap word packed by vpcompressw into a
+   register, then a masked store of just those (nothing past the record). */
+MUSTAFAR__AVX512 static void mustafar__avx512_encode(const uint16_t *x, int d, int kept,
+                                                     size_t rec_bytes, unsigned char *rec)
+{
+    uint32_t bitmap[8];
+    uint16_t *vals = (uint16_t *)(void *)(rec + d / 8);
+    int w, j = 0;
+    mustafar__avx512_select_kept(x, d, kept, bitmap);
+    memcpy(rec, bitmap, (size_t)d / 8);
+    for (w = 0; w < d / 32; w++) {
+        const int n = _mm_popcnt_u32(bitmap[w]);
+        _mm512_mask_storeu_epi16(vals + j, (__mmask32)mustafar__lanes32(n),
+                                 _mm512_maskz_compress_epi16((__mmask32)bitmap[w],
+                                                             _mm512_loadu_si512((const void *)(x + 32 * w))));
+        j += n;
+    }
+    memset(vals + j, 0, rec_bytes - (size_t)d / 8 - 2 * (size_t)j);
+}
+
+/* A pruned vector: the kept lanes, zero elsewhere. */
+MUSTAFAR__AVX512 static void mustafar__avx512_prune(const uint16_t *x, int d, int kept, uint16_t *y)
+{
+    uint32_t bitmap[8];
+    int w;
+    mustafar__avx512_select_kept(x, d, kept, bitmap);
+    for (w = 0; w < d / 32; w++)
+        _mm512_storeu_si512((void *)(y + 32 * w),
+                            _mm512_maskz_mov_epi16((__mmask32)bitmap[w],
+                                                   _mm512_loadu_si512((const void *)(x + 32 * w))));
+}
+#endif
+
 /* mustafar__encode_record with the path's selection (the same bisection, so
    the same bitmap); values gathered by walking the set bits. */
 static void mustafar__cpu_encode(int simd, const uint16_t *x, int d, int kept, size_t rec_bytes,
                                  unsigned char *rec)
 {
+#if defined(MUSTAFAR__CPU_AVX512)
+    if (simd == MUSTAFAR__SIMD_AVX512) {
+        mustafar__avx512_encode(x, d, kept, rec_bytes, rec);
+        return;
+    }
+#endif
 #if defined(MUSTAFAR__CPU_X86)
     if (simd == MUSTAFAR__SIMD_AVX2) {
         uint32_t bitmap[8];
@@ -1367,6 +1482,12 @@ static void mustafar__cpu_encode(int simd, const uint16_t *x, int d, int kept, s
 static void mustafar__cpu_select_kept(int simd, const uint16_t *x, int d, int kept,
                                       uint32_t *bitmap)
 {
+#if defined(MUSTAFAR__CPU_AVX512)
+    if (simd == MUSTAFAR__SIMD_AVX512) {
+        mustafar__avx512_select_kept(x, d, kept, bitmap);
+        return;
+    }
+#endif
 #if defined(MUSTAFAR__CPU_X86)
     if (simd == MUSTAFAR__SIMD_AVX2) {
         mustafar__avx2_select_kept(x, d, kept, bitmap);
@@ -1397,6 +1518,12 @@ static void mustafar__cpu_records_task(void *data, int index)
         if (W->op == MUSTAFAR__OP_PRUNE) {
             uint32_t bitmap[8];
             int c;
+#if defined(MUSTAFAR__CPU_AVX512)
+            if (W->simd == MUSTAFAR__SIMD_AVX512) {
+                mustafar__avx512_prune(x, d, W->kept, y);
+                continue;
+            }
+#endif
             mustafar__cpu_select_kept(W->simd, x, d, W->kept, bitmap);
             for (c = 0; c < d; c++) y[c] = (bitmap[c >> 5] >> (c & 31) & 1u) ? x[c] : 0;
         } else if (W->op == MUSTAFAR__OP_COMPRESS) {
@@ -1859,6 +1986,222 @@ MUSTAFAR__AVX2 static void mustafar__avx2_exp_block(float *x)
 }
 #endif
 
+#if defined(MUSTAFAR__CPU_AVX512)
+/* AVX-512: a 32-bit bitmap word expands its values to 32 fp16/bf16 lanes in
+   one vpexpandw (from a masked load of just its popcount of values: nothing
+   past the record is read), then two conversions to 16 fp32 lanes each. */
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_widen(__m512i h, int bf16, __m512 *lo, __m512 *hi)
+{
+    const __m256i a = _mm512_castsi512_si256(h), b = _mm512_extracti64x4_epi64(h, 1);
+    if (bf16) {
+        *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
+        *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+    } else {
+        *lo = _mm512_cvtph_ps(a);
+        *hi = _mm512_cvtph_ps(b);
+    }
+}
+
+/* off[w]: the values of a record before channel 32w; returns the popcount. */
+MUSTAFAR__AVX512_INLINE int mustafar__avx512_offsets(const unsigned char *bitmap, int d, int *off)
+{
+    int w, total = 0;
+    for (w = 0; w < d / 32; w++) {
+        uint32_t m;
+        memcpy(&m, bitmap + 4 * w, 4);
+        off[w] = total;
+        total += _mm_popcnt_u32(m);
+    }
+    return total;
+}
+
+/* Channels [32w, 32w + 32) of a token whose word-w values start at slot o. */
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_word(mustafar__cpu_token tok, int d, int w, int o,
+                                                   int bf16, int dense, __m512 *lo, __m512 *hi)
+{
+    uint32_t m;
+    if (dense) {
+        mustafar__avx512_widen(_mm512_loadu_si512((const void *)(tok.p + 64 * w)), bf16, lo, hi);
+        return;
+    }
+    memcpy(&m, tok.p + 4 * w, 4);
+    mustafar__avx512_widen(
+        _mm512_maskz_expand_epi16((__mmask32)m,
+                                  _mm512_maskz_loadu_epi16((__mmask32)mustafar__lanes32(_mm_popcnt_u32(m)),
+                                                           (const void *)(tok.p + d / 8 + 2 * o))),
+        bf16, lo, hi);
+}
+
+/* Four lanes of sums of 8-float halves: out[h] = sum of v[h]. */
+MUSTAFAR__AVX512_INLINE __m128 mustafar__avx512_sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3)
+{
+#define MUSTAFAR__HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
+    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(MUSTAFAR__HALVES(v0), MUSTAFAR__HALVES(v1)),
+                              _mm256_hadd_ps(MUSTAFAR__HALVES(v2), MUSTAFAR__HALVES(v3)));
+#undef MUSTAFAR__HALVES
+    return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+}
+
+/* The dot products of two tokens x, y (or one twice) with four query heads,
+   32 channels a step. */
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_dot4(int d, mustafar__cpu_token x, const int *xoff,
+                                                   mustafar__cpu_token y, const int *yoff,
+                                                   const float *const *q, int bf16, int dense_x,
+                                                   int dense_y, float *out)
+{
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m512 e0 = a0, e1 = a0, e2 = a0, e3 = a0, f0 = a0, f1 = a0, f2 = a0, f3 = a0;
+    int w;
+    for (w = 0; w < d / 32; w++) {
+        __m512 x0, x1, y0, y1, q0, q1;
+        mustafar__avx512_word(x, d, w, xoff[w], bf16, dense_x, &x0, &x1);
+        mustafar__avx512_word(y, d, w, yoff[w], bf16, dense_y, &y0, &y1);
+#define MUSTAFAR__DOT_HEAD(h, a, b, e, f)                                                 \
+        q0 = _mm512_loadu_ps(q[h] + 32 * w);                                             \
+        q1 = _mm512_loadu_ps(q[h] + 32 * w + 16);                                        \
+        a = _mm512_fmadd_ps(x0, q0, a);                                                  \
+        e = _mm512_fmadd_ps(x1, q1, e);                                                  \
+        b = _mm512_fmadd_ps(y0, q0, b);                                                  \
+        f = _mm512_fmadd_ps(y1, q1, f);
+        MUSTAFAR__DOT_HEAD(0, a0, b0, e0, f0)
+        MUSTAFAR__DOT_HEAD(1, a1, b1, e1, f1)
+        MUSTAFAR__DOT_HEAD(2, a2, b2, e2, f2)
+        MUSTAFAR__DOT_HEAD(3, a3, b3, e3, f3)
+#undef MUSTAFAR__DOT_HEAD
+    }
+    _mm_storeu_ps(out, mustafar__avx512_sum4(_mm512_add_ps(a0, e0), _mm512_add_ps(a1, e1),
+                                             _mm512_add_ps(a2, e2), _mm512_add_ps(a3, e3)));
+    _mm_storeu_ps(out + 4, mustafar__avx512_sum4(_mm512_add_ps(b0, f0), _mm512_add_ps(b1, f1),
+                                                 _mm512_add_ps(b2, f2), _mm512_add_ps(b3, f3)));
+}
+
+MUSTAFAR__AVX512 static void mustafar__avx512_dot(const mustafar__cpu_attn *A,
+                                                  const mustafar__cpu_token *toks, int n,
+                                                  const float *qf, float *scores)
+{
+    const int d = A->d, G = A->group;
+    int xoff[8] = {0}, yoff[8] = {0};
+    int t = 0, g0, h;
+    while (t < n) {
+        /* a pair of valid tokens, or one token; a corrupt record goes alone
+           through the scalar path */
+        mustafar__cpu_token x = toks[t], y;
+        const int dense_x = x.kept < 0;
+        int dense_y, pair;
+        if (!dense_x && mustafar__avx512_offsets(x.p, d, xoff) != x.kept) {
+            mustafar__scalar_dot(A, x, qf, scores + t);
+            t++;
+            continue;
+        }
+        pair = t + 1 < n;
+        y = pair ? toks[t + 1] : x;
+        dense_y = y.kept < 0;
+        if (pair && !dense_y && mustafar__avx512_offsets(y.p, d, yoff) != y.kept) pair = 0;
+        if (!pair) {
+            y = x;
+            dense_y = dense_x;
+            memcpy(yoff, xoff, sizeof yoff);
+        }
+        for (g0 = 0; g0 < G; g0 += 4) {
+            /* four heads at a time; past the group's end, repeat its last head */
+            const float *q[4];
+            float out[8];
+            for (h = 0; h < 4; h++) q[h] = qf + (size_t)(g0 + h < G ? g0 + h : G - 1) * d;
+            if (A->bf16) {
+                if (dense_x && dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 1, 1, out);
+                else if (!dense_x && !dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 0, 0, out);
+                else if (dense_x) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 1, 0, out);
+                else mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 0, 1, out);
+            } else {
+                if (dense_x && dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 1, 1, out);
+                else if (!dense_x && !dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 0, 0, out);
+                else if (dense_x) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 1, 0, out);
+                else mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 0, 1, out);
+            }
+            for (h = 0; h < 4 && g0 + h < G; h++) {
+                scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] = out[h];
+                if (pair) scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t + 1] = out[4 + h];
+            }
+        }
+        t += pair ? 2 : 1;
+    }
+}
+
+/* c_h[32w, 32w + 32) += sum over the block's valid tokens of w_h[t] * token t,
+   for four heads: the accumulators stay in registers over the whole block. */
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(int d, const mustafar__cpu_token *toks, int n,
+                                                    int (*off)[8], float **c,
+                                                    const float *const *wt, int bf16)
+{
+    int w, t;
+    for (w = 0; w < d / 32; w++) {
+        __m512 c00 = _mm512_loadu_ps(c[0] + 32 * w), c01 = _mm512_loadu_ps(c[0] + 32 * w + 16);
+        __m512 c10 = _mm512_loadu_ps(c[1] + 32 * w), c11 = _mm512_loadu_ps(c[1] + 32 * w + 16);
+        __m512 c20 = _mm512_loadu_ps(c[2] + 32 * w), c21 = _mm512_loadu_ps(c[2] + 32 * w + 16);
+        __m512 c30 = _mm512_loadu_ps(c[3] + 32 * w), c31 = _mm512_loadu_ps(c[3] + 32 * w + 16);
+        for (t = 0; t < n; t++) {
+            __m512 x0, x1, s;
+            if (off[t][0] < 0) continue; /* corrupt: done by the scalar path */
+            if (toks[t].kept < 0) mustafar__avx512_word(toks[t], d, w, 0, bf16, 1, &x0, &x1);
+            else mustafar__avx512_word(toks[t], d, w, off[t][w], bf16, 0, &x0, &x1);
+            s = _mm512_set1_ps(wt[0][t]);
+            c00 = _mm512_fmadd_ps(s, x0, c00);
+            c01 = _mm512_fmadd_ps(s, x1, c01);
+            s = _mm512_set1_ps(wt[1][t]);
+            c10 = _mm512_fmadd_ps(s, x0, c10);
+            c11 = _mm512_fmadd_ps(s, x1, c11);
+            s = _mm512_set1_ps(wt[2][t]);
+            c20 = _mm512_fmadd_ps(s, x0, c20);
+            c21 = _mm512_fmadd_ps(s, x1, c21);
+            s = _mm512_set1_ps(wt[3][t]);
+            c30 = _mm512_fmadd_ps(s, x0, c30);
+            c31 = _mm512_fmadd_ps(s, x1, c31);
+        }
+        /* heads past the group's end share `dummy`: the last store wins */
+        _mm512_storeu_ps(c[0] + 32 * w, c00);
+        _mm512_storeu_ps(c[0] + 32 * w + 16, c01);
+        _mm512_storeu_ps(c[1] + 32 * w, c10);
+        _mm512_storeu_ps(c[1] + 32 * w + 16, c11);
+        _mm512_storeu_ps(c[2] + 32 * w, c20);
+        _mm512_storeu_ps(c[2] + 32 * w + 16, c21);
+        _mm512_storeu_ps(c[3] + 32 * w, c30);
+        _mm512_storeu_ps(c[3] + 32 * w + 16, c31);
+    }
+}
+
+MUSTAFAR__AVX512 static void mustafar__avx512_axpy(const mustafar__cpu_attn *A,
+                                                   const mustafar__cpu_token *toks, int n,
+                                                   const float *weights, float *acc, float *dummy)
+{
+    static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
+    const int d = A->d, G = A->group;
+    int off[MUSTAFAR__CPU_BLOCK][8];
+    int t, g0, h;
+    for (t = 0; t < n; t++) {
+        if (toks[t].kept < 0) {
+            off[t][0] = 0;
+        } else if (mustafar__avx512_offsets(toks[t].p, d, off[t]) != toks[t].kept) {
+            /* a corrupt record: alone through the scalar path */
+            mustafar__scalar_axpy(A, toks[t], weights + t, acc, dummy);
+            off[t][0] = -1;
+        }
+    }
+    for (g0 = 0; g0 < G; g0 += 4) {
+        /* four heads at a time; past the group's end, weight 0 into `dummy` */
+        float *c[4];
+        const float *wt[4];
+        for (h = 0; h < 4; h++) {
+            const int live = g0 + h < G;
+            c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
+            wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
+        }
+        if (A->bf16) mustafar__avx512_axpy4(d, toks, n, off, c, wt, 1);
+        else mustafar__avx512_axpy4(d, toks, n, off, c, wt, 0);
+    }
+}
+#endif
+
 #if defined(MUSTAFAR__CPU_NEON)
 /* NEON: the same decode as AVX2 with tbl for the expansion, one token at a
    time, four heads per pass. */
@@ -2155,6 +2498,13 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
     if (simd == MUSTAFAR__SIMD_AVX2) {
         A->dot = mustafar__avx2_dot;
         A->axpy = mustafar__avx2_axpy;
+        A->exp_block = mustafar__avx2_exp_block;
+    }
+#endif
+#if defined(MUSTAFAR__CPU_AVX512)
+    if (simd == MUSTAFAR__SIMD_AVX512) {
+        A->dot = mustafar__avx512_dot;
+        A->axpy = mustafar__avx512_axpy;
         A->exp_block = mustafar__avx2_exp_block;
     }
 #endif

@@ -82,6 +82,7 @@ static const tb_test k_tests[] = {
     /* the CPU backend's SIMD paths and thread configurations */
     {"test_cpu_paths", test_cpu_paths, 0},
     {"test_cpu_corrupt_records", test_cpu_corrupt_records, 0},
+    {"test_cpu_select_exact", test_cpu_select_exact, 0},
 #if !defined(MUSTAFAR_NO_CUDA) && !defined(_WIN32)
     /* the on-disk cubin cache */
     {"test_jit_disk_cache", test_jit_disk_cache, 2},
