@@ -98,13 +98,13 @@ static const char *const k_tc_simd_names[4] = {"scalar", "avx2", "neon", "avx512
    AVX-512; the best one.  Says once when an x86-64 machine has no AVX-512. */
 static int tc_paths(int *paths)
 {
-    static int said;
     const int best = mustafar__cpu_best_simd();
     int n = 0;
     paths[n++] = MUSTAFAR__SIMD_SCALAR;
     if (best == MUSTAFAR__SIMD_AVX512) paths[n++] = MUSTAFAR__SIMD_AVX2;
     if (best != MUSTAFAR__SIMD_SCALAR) paths[n++] = best;
 #if defined(MUSTAFAR__CPU_X86)
+    static int said;
     if (best != MUSTAFAR__SIMD_AVX512 && !said) {
         said = 1;
         printf("  note: %s: this CPU (or build) has no AVX-512 F/BW/VL/VBMI2; the AVX-512 path is "
