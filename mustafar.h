@@ -1,4 +1,4 @@
-/* mustafar.h - v0.2.0 - compressed KV cache and sparse decode attention
+/* mustafar.h - v0.3.0 - compressed KV cache and sparse decode attention
    for LLM inference, in one C header.  Public domain / MIT (see end of file).
 
    WHAT IT IS
@@ -156,9 +156,9 @@
 #include <stdint.h>
 
 #define MUSTAFAR_VERSION_MAJOR 0
-#define MUSTAFAR_VERSION_MINOR 2
+#define MUSTAFAR_VERSION_MINOR 3
 #define MUSTAFAR_VERSION_PATCH 0
-#define MUSTAFAR_VERSION_STRING "0.2.0"
+#define MUSTAFAR_VERSION_STRING "0.3.0"
 /* Version of the record and page layout; bumped on any change to them. */
 #define MUSTAFAR_FORMAT_VERSION 1
 
@@ -6706,6 +6706,12 @@ static const char *const *mustafar__kernel_source(void)
 
 /* ==== >>history: REVISION HISTORY ================================================
 
+   0.3.0  (2026-12-04)  save and restore (mustafar_cache_save/_load and their
+                        memory and file forms; MUSTAFAR_ERROR_INVALID_FILE,
+                        MUSTAFAR_ERROR_IO); a context destroyed before its
+                        caches releases them; CPU backend with AVX-512,
+                        AVX2+F16C and NEON paths chosen at run time and
+                        threads (context_desc.num_threads, parallel_for).
    0.2.0  (2026-12-04)  the CUDA runtime and NVRTC loaded at run time
                         (MUSTAFAR_CUDA_LINKED to link them); backend memory
                         helpers mustafar_memory_alloc/free/upload/download and
