@@ -2668,6 +2668,7 @@ typedef struct mustafar__nvrtcProgram_st *mustafar__nvrtcProgram;
     X(SetDevice, mustafar__cudaError, (int))                                                       \
     X(DriverGetVersion, mustafar__cudaError, (int *))                                              \
     X(DeviceGetAttribute, mustafar__cudaError, (int *, mustafar__cudaDeviceAttr, int))             \
+    X(MemGetInfo, mustafar__cudaError, (size_t *, size_t *))                                       \
     X(Malloc, mustafar__cudaError, (void **, size_t))                                              \
     X(Free, mustafar__cudaError, (void *))                                                         \
     X(MallocHost, mustafar__cudaError, (void **, size_t))                                          \
@@ -3404,9 +3405,14 @@ static mustafar_status mustafar__cuda_alloc(mustafar_context *ctx, void **p, siz
     *p = NULL;
     e = mustafar__rt(ctx)->Malloc(p, bytes ? bytes : 16);
     if (e != MUSTAFAR__cudaSuccess) {
+        size_t free_bytes = 0, total_bytes = 0;
         *p = NULL;
+        mustafar__rt(ctx)->GetLastError(); /* clear the error so later calls do not report it */
+        if (mustafar__rt(ctx)->MemGetInfo(&free_bytes, &total_bytes) != MUSTAFAR__cudaSuccess)
+            free_bytes = total_bytes = 0;
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                              "cudaMalloc of %zu bytes failed: %s", bytes, mustafar__rt(ctx)->GetErrorName(e));
+                              "cudaMalloc of %zu bytes failed: %s (%zu of %zu bytes of the device free)",
+                              bytes, mustafar__rt(ctx)->GetErrorName(e), free_bytes, total_bytes);
     }
     MUSTAFAR__CUDA_CHECK(ctx, mustafar__rt(ctx)->MemsetAsync(*p, 0, bytes ? bytes : 16, ctx->cuda->stream));
     return MUSTAFAR_OK;
@@ -3430,6 +3436,7 @@ static mustafar_status mustafar__cuda_scratch(mustafar_context *ctx, size_t byte
         cu->scratch_bytes = 0;
         if (mustafar__rt(ctx)->Malloc(&cu->scratch, grow) != MUSTAFAR__cudaSuccess) {
             cu->scratch = NULL;
+            mustafar__rt(ctx)->GetLastError();
             return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
                                   "cudaMalloc of %zu bytes of scratch failed", grow);
         }
@@ -3453,6 +3460,7 @@ static mustafar_status mustafar__cuda_upload(mustafar_context *ctx, void *dst, c
         cu->staging_bytes = 0;
         if (mustafar__rt(ctx)->MallocHost(&cu->staging, grow) != MUSTAFAR__cudaSuccess) {
             cu->staging = NULL;
+            mustafar__rt(ctx)->GetLastError();
             return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
                                   "cudaMallocHost of %zu bytes failed", grow);
         }

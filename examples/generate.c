@@ -684,10 +684,11 @@ static void runner_free(runner *r) {
     memset(r, 0, sizeof *r);
 }
 
-/* backend: MUSTAFAR_BACKEND_*; maxT: most tokens of one forward call;
-   capacity: most tokens of the sequence. */
-static int runner_init(runner *r, const model *m, mustafar_backend backend, float ks, float vs, int window,
-                       int maxT, int capacity, int reference) {
+/* backend: MUSTAFAR_BACKEND_*; cpu_threads: the CPU backend's threads (0: one
+   per core; 1 where several runners run at once); maxT: most tokens of one
+   forward call; capacity: most tokens of the sequence. */
+static int runner_init(runner *r, const model *m, mustafar_backend backend, int cpu_threads, float ks,
+                       float vs, int window, int maxT, int capacity, int reference) {
     mustafar_context_desc cd;
     mustafar_cache_desc d;
     mustafar_status st;
@@ -699,6 +700,7 @@ static int runner_init(runner *r, const model *m, mustafar_backend backend, floa
     if ((size_t)m->vocab > wide) wide = (size_t)m->vocab;
     memset(&cd, 0, sizeof cd);
     cd.backend = backend;
+    cd.num_threads = cpu_threads;
     cd.error_buffer = r->err;
     cd.error_buffer_size = sizeof r->err;
     st = mustafar_context_create(&cd, &r->ctx);
@@ -898,6 +900,7 @@ typedef struct {
     const unsigned char *text;
     size_t text_len;
     int ctx, segments;
+    int threads;                 /* runners at once */
     mustafar_backend backend;
     eval_job *jobs;
     int njobs, next;
@@ -928,7 +931,7 @@ static void eval_one(const eval_plan *p, eval_job *j) {
     for (s = 0; s < p->segments; s++) {
         const unsigned char *seg = p->text + segment_start(p, s);
         runner r;
-        if (!runner_init(&r, m, p->backend, j->ks, j->vs, j->window, p->ctx, p->ctx, 0)) {
+        if (!runner_init(&r, m, p->backend, p->threads > 1 ? 1 : 0, j->ks, j->vs, j->window, p->ctx, p->ctx, 0)) {
             snprintf(j->err, sizeof j->err, "%.500s", r.err);
             runner_free(&r);
             goto done;
@@ -1001,7 +1004,7 @@ static int run_eval(const model *m, const char *path, int ctx, int segments, con
     if (!text || fread(text, 1, (size_t)n, fp) != (size_t)n) { fprintf(stderr, "%s: read failed\n", path); return 1; }
     fclose(fp);
     if (n < ctx + 1) { fprintf(stderr, "%s: %ld bytes, fewer than --ctx %d + 1\n", path, n, ctx); return 1; }
-    p.m = m; p.text = text; p.text_len = (size_t)n; p.ctx = ctx; p.segments = segments; p.backend = backend;
+    p.m = m; p.text = text; p.text_len = (size_t)n; p.ctx = ctx; p.segments = segments; p.threads = threads; p.backend = backend;
     p.jobs = (eval_job *)calloc(64, sizeof *p.jobs);
     /* job 0: the dense model (s = 0 keeps every element; no window needed) */
     p.jobs[p.njobs].ks = 0; p.jobs[p.njobs].vs = 0; p.jobs[p.njobs].window = 0; p.njobs++;
@@ -1171,7 +1174,7 @@ int main(int argc, char **argv) {
         cap = plen + ntok;
         tok = (int *)malloc(sizeof(int) * (size_t)cap);
         for (i = 0; i < plen; i++) tok[i] = (unsigned char)prompt[i];
-        if (!runner_init(&r, &m, backend, ks, vs, window, plen, cap, 0)) {
+        if (!runner_init(&r, &m, backend, 0, ks, vs, window, plen, cap, 0)) {
             fprintf(stderr, "cannot set up the cache: %s\n", r.err);
             return 1;
         }

@@ -11,7 +11,7 @@ int cudaGetLastError(void) { return 0; }
 const char *cudaGetErrorName(int e) { (void)e; return "cudaErrorFake"; }
 const char *cudaGetErrorString(int e) { (void)e; return "fake CUDA runtime"; }
 #define STUB(name) int name(void) { return 999; }
-STUB(cudaDeviceGetAttribute) STUB(cudaMalloc) STUB(cudaFree) STUB(cudaMallocHost)
+STUB(cudaDeviceGetAttribute) STUB(cudaMemGetInfo) STUB(cudaMalloc) STUB(cudaFree) STUB(cudaMallocHost)
 STUB(cudaFreeHost) STUB(cudaMemsetAsync) STUB(cudaMemcpyAsync) STUB(cudaStreamSynchronize)
 STUB(cudaEventCreateWithFlags) STUB(cudaEventRecord) STUB(cudaEventSynchronize)
 STUB(cudaEventDestroy) STUB(cudaLibraryLoadData) STUB(cudaLibraryUnload) STUB(cudaLibraryGetKernel)

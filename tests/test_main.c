@@ -7,7 +7,7 @@
    -lcudart -lnvrtc.  Also compiles as C++ (g++ -x c++ -std=c++11).
 
    Usage: test_mustafar [--backend cpu|cuda|all] [--filter SUBSTRING]
-                        [--quick] [--seed N] [--verbose]
+                        [--exclude SUBSTRING] [--quick] [--seed N] [--verbose]
    Default backend: the CPU, plus CUDA when a CUDA context can be created
    (otherwise one line "GPU cases skipped: <reason>" and those cases count
    as skipped).  An explicit cuda/all without a GPU fails.
@@ -31,6 +31,9 @@
 #include "test_jit.h"
 #include "test_robust.h"
 #include "test_cpu.h"
+#ifndef MUSTAFAR_NO_CUDA
+#include "test_gpu_faults.h"
+#endif
 
 typedef void (*tb_test_fn)(mustafar_context *ctx);
 
@@ -83,6 +86,10 @@ static const tb_test k_tests[] = {
     {"test_cpu_paths", test_cpu_paths, 0},
     {"test_cpu_corrupt_records", test_cpu_corrupt_records, 0},
     {"test_cpu_select_exact", test_cpu_select_exact, 0},
+#ifndef MUSTAFAR_NO_CUDA
+    /* device and pinned memory running out */
+    {"test_gpu_faults", test_gpu_faults, 2},
+#endif
 #if !defined(MUSTAFAR_NO_CUDA) && !defined(_WIN32)
     /* the on-disk cubin cache */
     {"test_jit_disk_cache", test_jit_disk_cache, 2},
@@ -110,13 +117,13 @@ static void run_one(const tb_test *t, mustafar_context *ctx, const char *backend
 
 static void usage(const char *argv0)
 {
-    fprintf(stderr, "usage: %s [--backend cpu|cuda|all] [--filter SUBSTRING] [--quick] [--seed N] [--verbose]\n",
+    fprintf(stderr, "usage: %s [--backend cpu|cuda|all] [--filter SUBSTRING] [--exclude SUBSTRING] [--quick] [--seed N] [--verbose]\n",
             argv0);
 }
 
 int main(int argc, char **argv)
 {
-    const char *backend = NULL, *filter = NULL;
+    const char *backend = NULL, *filter = NULL, *exclude = NULL;
     int want_cpu = 1, want_cuda = 1, cuda_required = 0, seed_given = 0, i;
     size_t ti, ntests = sizeof k_tests / sizeof k_tests[0];
     mustafar_context *cpu = NULL, *cuda = NULL;
@@ -125,6 +132,7 @@ int main(int argc, char **argv)
     for (i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--backend") && i + 1 < argc) backend = argv[++i];
         else if (!strcmp(argv[i], "--filter") && i + 1 < argc) filter = argv[++i];
+        else if (!strcmp(argv[i], "--exclude") && i + 1 < argc) exclude = argv[++i];
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc) { g_seed = strtoull(argv[++i], NULL, 0); seed_given = 1; }
         else if (!strcmp(argv[i], "--quick")) g_quick = 1;
         else if (!strcmp(argv[i], "--verbose") || !strcmp(argv[i], "-v")) g_verbose = 1;
@@ -179,6 +187,7 @@ int main(int argc, char **argv)
     for (ti = 0; ti < ntests; ti++) {
         const tb_test *t = &k_tests[ti];
         if (filter && !strstr(t->name, filter)) continue;
+        if (exclude && strstr(t->name, exclude)) continue;
         if (!t->per_backend) {
             run_one(t, cpu, NULL);
             continue;

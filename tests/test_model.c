@@ -127,7 +127,7 @@ static float *run_model(const model *m, mustafar_backend be, float ks, float vs,
     runner r;
     float *lg = (float *)malloc(sizeof(float) * (size_t)T * m->vocab);
     int done = 0, b;
-    if (!runner_init(&r, m, be, ks, vs, window, T, T, reference)) {
+    if (!runner_init(&r, m, be, 0, ks, vs, window, T, T, reference)) {
         snprintf(err, cap, "%.900s", r.err);
         runner_free(&r);
         free(lg);
