@@ -19,6 +19,9 @@ windows, computed by examples/generate.c through mustafar.h's cache.
                                             CPU time of the 2048 part)
   python3 tools/fidelity.py --reference     also the float32 PyTorch reference
                                             with both keep rules (needs torch)
+  python3 tools/fidelity.py --structured    also K 0.5 by 2:4 against ours in the
+                                            PyTorch reference (the rule sparse
+                                            tensor cores take)
   python3 tools/fidelity.py --report-only   table and plot from saved CSVs
 
 The PyTorch reference runs the same model (tools/train_model.py) with the
@@ -105,6 +108,11 @@ def reference(text_path, ctx, segments, settings, out_csv):
         if p == 0:
             return x
         a = x.abs()
+        if rule == "2:4":  # 2 of every 4 consecutive channels, the largest (ties: lower channel)
+            g = a.reshape(*a.shape[:-1], -1, 4)
+            order = torch.sort(g, dim=-1, descending=True, stable=True).indices
+            keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order[..., :2], True)
+            return x * keep.reshape(x.shape)
         if rule == "ours":
             order = torch.sort(a, dim=-1, descending=True, stable=True).indices
             keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order[..., : x.shape[-1] - p], True)
@@ -126,7 +134,7 @@ def reference(text_path, ctx, segments, settings, out_csv):
             at = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = at.qkv(h, cos, sin)
-            kp, vp = prune(k, ks, rule), prune(v, vs, rule)
+            kp, vp = prune(k, ks, rule), prune(v, vs, "ours" if rule == "2:4" else rule)
             k, v, kp, vp = (t.repeat_interleave(g, dim=1) for t in (k, v, kp, vp))
             scale = 1.0 / math.sqrt(c["head_dim"])
             sc = torch.where(pruned, q @ kp.transpose(-1, -2), q @ k.transpose(-1, -2)) * scale
@@ -251,6 +259,8 @@ def main():
     ap.add_argument("--full", action="store_true", help="the full grid (tens of CPU minutes)")
     ap.add_argument("--reference", action="store_true", help="PyTorch reference with both keep rules")
     ap.add_argument("--wide", action="store_true", help="with --full: all of the grid at context 2048")
+    ap.add_argument("--structured", action="store_true",
+                    help="PyTorch reference: K 0.5 by 2:4 (2 of every 4 channels) against ours")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--generate", default=os.path.join(ROOT, "build/generate"))
     ap.add_argument("--dir", default=os.path.join(ROOT, "build/fidelity"), help="CSVs and text slices")
@@ -283,7 +293,14 @@ def main():
     if a.reference:
         sets = [(s, s, w, rule) for w in (0, 32) for s in (0.5, 0.7, 0.9) for rule in ("ours", "authors")]
         reference(held, 512, 6 if a.full else 1, sets, ref_csv)
-    report(read_c(c_csv), read_ref(ref_csv) if (a.reference or a.report_only) else {}, a.md, a.png)
+    st_csv = d("structured.csv")
+    if a.structured:
+        sets = [(0.5, vs, w, rule) for w in (0, 32) for vs in (0.5, 0.7) for rule in ("ours", "2:4")]
+        reference(held, 512, 6, sets, st_csv)
+    refs = read_ref(ref_csv) if (a.reference or a.report_only) else {}
+    if a.structured or a.report_only:
+        refs.update(read_ref(st_csv))
+    report(read_c(c_csv), refs, a.md, a.png)
 
 
 if __name__ == "__main__":
