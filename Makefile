@@ -121,7 +121,7 @@ test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_main_tsan $(BUILD)
 	    FUZZ_CC=$(FUZZ_CC) \
 	    sh tests/run_all.sh
 
-test-gpu: $(BUILD)/test_main $(BUILD)/test_main_linked
+test-gpu: $(BUILD)/test_main $(BUILD)/test_main_linked $(BUILD)/test_model
 	@BUILD=$(BUILD) sh tests/run_gpu.sh
 
 bench: $(BUILD)/bench

@@ -1,6 +1,7 @@
 #!/bin/sh
-# GPU checks: the suite on the CUDA backend, then under compute-sanitizer
-# memcheck and racecheck.  Ends with one line "N passed, M failed".
+# GPU checks: the suite on the CUDA backend (run-time loaded and linked), the
+# C model on both backends, then the suite under compute-sanitizer memcheck and
+# racecheck.  Ends with one line "N passed, M failed".
 BUILD=${BUILD:-build}
 case $BUILD in /*) ;; *) BUILD=./$BUILD ;; esac
 passed=0; failed=0
@@ -15,6 +16,9 @@ count() {
 }
 "$BUILD/test_main" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed|GPU)' "$out"; count "$out" "suite on CUDA (runtime loaded at run time)"
 "$BUILD/test_main_linked" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed|GPU)' "$out"; count "$out" "suite on CUDA (linked build)"
+"$BUILD/test_model" examples/model/tiny.safetensors examples/model/vectors.safetensors > "$out" 2>&1
+grep -E '^FAIL|skipped' "$out"; count "$out" "the C model (CPU and CUDA backends)"
+if grep -q 'GPU cases skipped' "$out"; then failed=$((failed + 1)); echo "FAIL the C model's GPU cases were skipped"; fi
 # test_gpu_faults makes CUDA calls fail on purpose, which the sanitizer reports as API errors
 for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 "$BUILD/test_main" --backend cuda --quick \
