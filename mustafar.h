@@ -1650,6 +1650,14 @@ typedef struct mustafar__cpu_token {
     int kept, limit;
 } mustafar__cpu_token;
 
+/* The n tokens of a block, and the nahead tokens of the next one: the paths
+   prefetch ahead[t] as they reach token t, spread over the block (a burst of
+   a block's lines filled the core's miss buffers and stalled it). */
+typedef struct mustafar__cpu_block {
+    const mustafar__cpu_token *toks, *ahead;
+    int n, nahead;
+} mustafar__cpu_block;
+
 typedef struct mustafar__cpu_item {
     int32_t seq, kv_head, first, end;  /* token range [first, end) */
 } mustafar__cpu_item;
@@ -1665,16 +1673,38 @@ struct mustafar__cpu_attn {
     const mustafar__cpu_item *items;
     float *scratch;                /* per item: item_floats floats */
     size_t item_floats;
-    /* scores[g * BLOCK + t] = q_g . token t, for the n tokens of a block */
-    void (*dot)(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
-                const float *qf, float *scores);
+    /* scores[g * BLOCK + t] = q_g . token t, for the tokens of a block */
+    void (*dot)(const mustafar__cpu_attn *A, const mustafar__cpu_block *B, const float *qf,
+                float *scores);
     /* acc[g][:] += weights[g * BLOCK + t] * token t; dummy: D floats for unused lanes */
-    void (*axpy)(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
-                 const float *weights, float *acc, float *dummy);
+    void (*axpy)(const mustafar__cpu_attn *A, const mustafar__cpu_block *B, const float *weights,
+                 float *acc, float *dummy);
     void (*exp_block)(float *x);   /* x[0, BLOCK) = exp(x) */
     unsigned char expand[256][16]; /* pshufb/tbl control: bitmap byte -> 8 lanes */
 };
 
+
+/* The lines of a token's own bytes. */
+static void mustafar__cpu_prefetch(const mustafar__cpu_attn *A, mustafar__cpu_token tok)
+{
+    const size_t bytes = tok.kept < 0 ? 2 * (size_t)A->d : (size_t)A->d / 8 + 2 * (size_t)tok.kept;
+    const uintptr_t last = ((uintptr_t)tok.p + bytes - 1) & ~(uintptr_t)63;
+    uintptr_t line;
+    for (line = (uintptr_t)tok.p & ~(uintptr_t)63; line <= last; line += 64) {
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch((const void *)line);
+#elif defined(MUSTAFAR__CPU_X86)
+        _mm_prefetch((const char *)line, _MM_HINT_T0);
+#endif
+    }
+}
+
+/* The next block's tokens [t, t + n) (those it has). */
+static void mustafar__cpu_prefetch_ahead(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
+                                         int t, int n)
+{
+    for (; n > 0 && t < B->nahead; t++, n--) mustafar__cpu_prefetch(A, B->ahead[t]);
+}
 
 /* Scalar path: decode a token to floats (walking the set bits, at most kept). */
 static void mustafar__scalar_token(const mustafar__cpu_attn *A, mustafar__cpu_token tok, float *x)
@@ -1725,18 +1755,24 @@ static void mustafar__scalar_axpy(const mustafar__cpu_attn *A, mustafar__cpu_tok
     }
 }
 
-static void mustafar__scalar_dot_block(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks,
-                                       int n, const float *qf, float *scores)
+static void mustafar__scalar_dot_block(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
+                                       const float *qf, float *scores)
 {
     int t;
-    for (t = 0; t < n; t++) mustafar__scalar_dot(A, toks[t], qf, scores + t);
+    for (t = 0; t < B->n; t++) {
+        mustafar__cpu_prefetch_ahead(A, B, t, 1);
+        mustafar__scalar_dot(A, B->toks[t], qf, scores + t);
+    }
 }
 
-static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks,
-                                        int n, const float *weights, float *acc, float *dummy)
+static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
+                                        const float *weights, float *acc, float *dummy)
 {
     int t;
-    for (t = 0; t < n; t++) mustafar__scalar_axpy(A, toks[t], weights + t, acc, dummy);
+    for (t = 0; t < B->n; t++) {
+        mustafar__cpu_prefetch_ahead(A, B, t, 1);
+        mustafar__scalar_axpy(A, B->toks[t], weights + t, acc, dummy);
+    }
 }
 
 static void mustafar__scalar_exp_block(float *x)
@@ -1834,9 +1870,11 @@ MUSTAFAR__AVX2_INLINE void mustafar__avx2_dot4(const mustafar__cpu_attn *A, must
 }
 
 MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
-                                              const mustafar__cpu_token *toks, int n,
-                                              const float *qf, float *scores)
+                                              const mustafar__cpu_block *B, const float *qf,
+                                              float *scores)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     unsigned char xoff[32], yoff[32];
     int t = 0, g0, h;
@@ -1846,6 +1884,7 @@ MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
         mustafar__cpu_token x = toks[t], y;
         const int dense_x = x.kept < 0;
         int dense_y, pair;
+        mustafar__cpu_prefetch_ahead(A, B, t, 2);
         if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
             mustafar__scalar_dot(A, x, qf, scores + t);
             t++;
@@ -1908,9 +1947,11 @@ MUSTAFAR__AVX2_INLINE void mustafar__avx2_axpy4(const mustafar__cpu_attn *A, mus
 }
 
 MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
-                                               const mustafar__cpu_token *toks, int n,
-                                               const float *weights, float *acc, float *dummy)
+                                               const mustafar__cpu_block *B, const float *weights,
+                                               float *acc, float *dummy)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     unsigned char xoff[32], yoff[32];
     int t = 0, g0, h;
@@ -1920,6 +1961,7 @@ MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
         mustafar__cpu_token x = toks[t], y;
         const int dense_x = x.kept < 0;
         int dense_y, pair;
+        mustafar__cpu_prefetch_ahead(A, B, t, 2);
         if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
             mustafar__scalar_axpy(A, x, weights + t, acc, dummy);
             t++;
@@ -2077,9 +2119,11 @@ MUSTAFAR__AVX512_INLINE void mustafar__avx512_dot4(int d, mustafar__cpu_token x,
 }
 
 MUSTAFAR__AVX512 static void mustafar__avx512_dot(const mustafar__cpu_attn *A,
-                                                  const mustafar__cpu_token *toks, int n,
-                                                  const float *qf, float *scores)
+                                                  const mustafar__cpu_block *B, const float *qf,
+                                                  float *scores)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     int xoff[8] = {0}, yoff[8] = {0};
     int t = 0, g0, h;
@@ -2089,6 +2133,7 @@ MUSTAFAR__AVX512 static void mustafar__avx512_dot(const mustafar__cpu_attn *A,
         mustafar__cpu_token x = toks[t], y;
         const int dense_x = x.kept < 0;
         int dense_y, pair;
+        mustafar__cpu_prefetch_ahead(A, B, t, 2);
         if (!dense_x && mustafar__avx512_offsets(x.p, d, xoff) != x.kept) {
             mustafar__scalar_dot(A, x, qf, scores + t);
             t++;
@@ -2130,10 +2175,13 @@ MUSTAFAR__AVX512 static void mustafar__avx512_dot(const mustafar__cpu_attn *A,
 
 /* c_h[32w, 32w + 32) += sum over the block's valid tokens of w_h[t] * token t,
    for four heads: the accumulators stay in registers over the whole block. */
-MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(int d, const mustafar__cpu_token *toks, int n,
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(const mustafar__cpu_attn *A,
+                                                    const mustafar__cpu_block *pf,
+                                                    const mustafar__cpu_token *toks, int n,
                                                     int (*off)[8], float **c,
                                                     const float *const *wt, int bf16)
 {
+    const int d = A->d;
     int w, t;
     for (w = 0; w < d / 32; w++) {
         __m512 c00 = _mm512_loadu_ps(c[0] + 32 * w), c01 = _mm512_loadu_ps(c[0] + 32 * w + 16);
@@ -2142,6 +2190,7 @@ MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(int d, const mustafar__cpu_t
         __m512 c30 = _mm512_loadu_ps(c[3] + 32 * w), c31 = _mm512_loadu_ps(c[3] + 32 * w + 16);
         for (t = 0; t < n; t++) {
             __m512 x0, x1, s;
+            if (pf && w == 0) mustafar__cpu_prefetch_ahead(A, pf, t, 1);
             if (off[t][0] < 0) continue; /* corrupt: done by the scalar path */
             if (toks[t].kept < 0) mustafar__avx512_word(toks[t], d, w, 0, bf16, 1, &x0, &x1);
             else mustafar__avx512_word(toks[t], d, w, off[t][w], bf16, 0, &x0, &x1);
@@ -2171,9 +2220,11 @@ MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(int d, const mustafar__cpu_t
 }
 
 MUSTAFAR__AVX512 static void mustafar__avx512_axpy(const mustafar__cpu_attn *A,
-                                                   const mustafar__cpu_token *toks, int n,
-                                                   const float *weights, float *acc, float *dummy)
+                                                   const mustafar__cpu_block *B, const float *weights,
+                                                   float *acc, float *dummy)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
     const int d = A->d, G = A->group;
     int off[MUSTAFAR__CPU_BLOCK][8];
@@ -2196,8 +2247,9 @@ MUSTAFAR__AVX512 static void mustafar__avx512_axpy(const mustafar__cpu_attn *A,
             c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
             wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
         }
-        if (A->bf16) mustafar__avx512_axpy4(d, toks, n, off, c, wt, 1);
-        else mustafar__avx512_axpy4(d, toks, n, off, c, wt, 0);
+        /* the first pass prefetches the next block */
+        if (A->bf16) mustafar__avx512_axpy4(A, g0 ? NULL : B, toks, n, off, c, wt, 1);
+        else mustafar__avx512_axpy4(A, g0 ? NULL : B, toks, n, off, c, wt, 0);
     }
 }
 #endif
@@ -2246,14 +2298,17 @@ static void mustafar__neon_chunk(const mustafar__cpu_attn *A, mustafar__cpu_toke
     }
 }
 
-static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
                                const float *qf, float *scores)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     unsigned char off[32];
     int t, g0, h, j;
     for (t = 0; t < n; t++) {
         const mustafar__cpu_token tok = toks[t];
+        mustafar__cpu_prefetch_ahead(A, B, t, 1);
         if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
             mustafar__scalar_dot(A, tok, qf, scores + t);
             continue;
@@ -2279,14 +2334,17 @@ static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_
     }
 }
 
-static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
                                 const float *weights, float *acc, float *dummy)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     unsigned char off[32];
     int t, g0, h, j;
     for (t = 0; t < n; t++) {
         const mustafar__cpu_token tok = toks[t];
+        mustafar__cpu_prefetch_ahead(A, B, t, 1);
         if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
             mustafar__scalar_axpy(A, tok, weights + t, acc, dummy);
             continue;
@@ -2340,37 +2398,6 @@ static void mustafar__cpu_tokens(const mustafar__cpu_attn *A, const mustafar_pag
     }
 }
 
-/* Records of a (page, KV head) are short runs a page apart, which hardware
-   prefetchers pick up late: the attention asks for each token's lines a block
-   ahead. */
-static void mustafar__cpu_prefetch(const mustafar__cpu_attn *A, mustafar__cpu_token tok)
-{
-    const size_t bytes = tok.kept < 0 ? 2 * (size_t)A->d
-                                      : (size_t)A->d / 8 + 2 * (size_t)tok.limit;
-    size_t line;
-    for (line = 0; line < bytes; line += 64) {
-#if defined(__GNUC__) || defined(__clang__)
-        __builtin_prefetch(tok.p + line);
-#elif defined(MUSTAFAR__CPU_X86)
-        _mm_prefetch((const char *)tok.p + line, _MM_HINT_T0);
-#else
-        MUSTAFAR__UNUSED(tok);
-#endif
-    }
-}
-
-/* Prefetches the block of tokens that starts at `first` (up to `end`). */
-static void mustafar__cpu_prefetch_block(const mustafar__cpu_attn *A, const mustafar_paged_seq *s,
-                                         const int32_t *table, int32_t first, int32_t end,
-                                         int kv_head, int value)
-{
-    mustafar__cpu_token toks[MUSTAFAR__CPU_BLOCK];
-    int n = end - first < MUSTAFAR__CPU_BLOCK ? (int)(end - first) : MUSTAFAR__CPU_BLOCK, t;
-    if (n <= 0) return;
-    mustafar__cpu_tokens(A, s, table, first, n, kv_head, value, toks);
-    for (t = 0; t < n; t++) mustafar__cpu_prefetch(A, toks[t]);
-}
-
 /* The scratch of a work item: acc[G][D], max[G], sum[G], then the work
    space: q[G][D], scores[G][BLOCK], dummy[D]. */
 static size_t mustafar__cpu_item_floats(int group, int d)
@@ -2389,9 +2416,11 @@ static void mustafar__cpu_attention_task(void *data, int index)
     float *acc = A->scratch + (size_t)index * A->item_floats;
     float *mx = acc + (size_t)G * d, *sum = mx + G, *qf = sum + G;
     float *scores = qf + (size_t)G * d, *dummy = scores + (size_t)G * MUSTAFAR__CPU_BLOCK;
-    mustafar__cpu_token toks[MUSTAFAR__CPU_BLOCK];
-    int32_t b;
-    int g, c, t;
+    /* K [0] and V [1] tokens of this block [cur] and of the next [!cur] */
+    mustafar__cpu_token toks[2][2][MUSTAFAR__CPU_BLOCK];
+    mustafar__cpu_block kb, vb;
+    int32_t b, next;
+    int g, c, t, cur = 0, nb, nn;
     for (g = 0; g < G; g++) {
         const uint16_t *qh = A->q + ((size_t)it->seq * hq + (size_t)it->kv_head * G + g) * d;
         for (c = 0; c < d; c++) qf[(size_t)g * d + c] = mustafar__load(dt, qh[c]) * A->scale;
@@ -2399,11 +2428,21 @@ static void mustafar__cpu_attention_task(void *data, int index)
         sum[g] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * (size_t)G * d);
-    for (b = it->first; b < it->end; b += MUSTAFAR__CPU_BLOCK) {
-        const int nb = it->end - b < MUSTAFAR__CPU_BLOCK ? (int)(it->end - b) : MUSTAFAR__CPU_BLOCK;
-        mustafar__cpu_tokens(A, s, table, b, nb, it->kv_head, 0, toks);
-        mustafar__cpu_prefetch_block(A, s, table, b + nb, it->end, it->kv_head, 0);
-        A->dot(A, toks, nb, qf, scores);
+    nb = it->end - it->first < MUSTAFAR__CPU_BLOCK ? (int)(it->end - it->first) : MUSTAFAR__CPU_BLOCK;
+    mustafar__cpu_tokens(A, s, table, it->first, nb, it->kv_head, 0, toks[0][0]);
+    mustafar__cpu_tokens(A, s, table, it->first, nb, it->kv_head, 1, toks[0][1]);
+    for (b = it->first; b < it->end; b = next, nb = nn, cur = !cur) {
+        next = b + nb;
+        nn = it->end - next < MUSTAFAR__CPU_BLOCK ? (int)(it->end - next) : MUSTAFAR__CPU_BLOCK;
+        mustafar__cpu_tokens(A, s, table, next, nn, it->kv_head, 0, toks[!cur][0]);
+        mustafar__cpu_tokens(A, s, table, next, nn, it->kv_head, 1, toks[!cur][1]);
+        kb.toks = toks[cur][0];
+        kb.ahead = toks[!cur][0];
+        vb.toks = toks[cur][1];
+        vb.ahead = toks[!cur][1];
+        kb.n = vb.n = nb;
+        kb.nahead = vb.nahead = nn;
+        A->dot(A, &kb, qf, scores);
         for (g = 0; g < G; g++) {
             float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = -INFINITY, m;
             for (t = 0; t < nb; t++) if (row[t] > block_max) block_max = row[t];
@@ -2420,9 +2459,7 @@ static void mustafar__cpu_attention_task(void *data, int index)
             A->exp_block(row);
             for (t = 0; t < nb; t++) sum[g] += row[t];
         }
-        mustafar__cpu_tokens(A, s, table, b, nb, it->kv_head, 1, toks);
-        mustafar__cpu_prefetch_block(A, s, table, b + nb, it->end, it->kv_head, 1);
-        A->axpy(A, toks, nb, scores, acc, dummy);
+        A->axpy(A, &vb, scores, acc, dummy);
     }
 }
 
