@@ -1679,7 +1679,9 @@ struct mustafar__cpu_attn {
     /* acc[g][:] += weights[g * BLOCK + t] * token t; dummy: D floats for unused lanes */
     void (*axpy)(const mustafar__cpu_attn *A, const mustafar__cpu_block *B, const float *weights,
                  float *acc, float *dummy);
-    void (*exp_block)(float *x);   /* x[0, BLOCK) = exp(x) */
+    float (*max_block)(const float *x, int n);       /* max of x[0, n) (NaN ignored) */
+    float (*exp_block)(float *x, int n, float m);    /* x = exp(x - m) on [0, n), 0 on
+                                                        [n, BLOCK); returns the sum */
     unsigned char expand[256][16]; /* pshufb/tbl control: bitmap byte -> 8 lanes */
 };
 
@@ -1775,10 +1777,21 @@ static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const musta
     }
 }
 
-static void mustafar__scalar_exp_block(float *x)
+static float mustafar__scalar_max_block(const float *x, int n)
 {
+    float m = -INFINITY;
     int t;
-    for (t = 0; t < MUSTAFAR__CPU_BLOCK; t++) x[t] = expf(x[t]);
+    for (t = 0; t < n; t++) if (x[t] > m) m = x[t];
+    return m;
+}
+
+static float mustafar__scalar_exp_block(float *x, int n, float m)
+{
+    float sum = 0.0f;
+    int t;
+    for (t = 0; t < n; t++) sum += x[t] = expf(x[t] - m);
+    for (; t < MUSTAFAR__CPU_BLOCK; t++) x[t] = 0.0f;
+    return sum;
 }
 
 #if defined(MUSTAFAR__CPU_X86)
@@ -2003,13 +2016,43 @@ MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
     }
 }
 
+/* The first n - t of 8 lanes (all for n - t >= 8, none for n - t <= 0). */
+MUSTAFAR__AVX2_INLINE __m256i mustafar__avx2_lanes8(int n, int t)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* Eight lanes a step, so the softmax of a block is not a chain of scalar
+   dependent operations. */
+MUSTAFAR__AVX2 static float mustafar__avx2_max_block(const float *x, int n)
+{
+    const __m256 none = _mm256_set1_ps(-INFINITY);
+    __m256 m = none;
+    __m128 h;
+    int t;
+    for (t = 0; t < n; t += 8) {
+        /* the max instruction returns its second operand where the first is NaN */
+        __m256 v = _mm256_maskload_ps(x + t, mustafar__avx2_lanes8(n, t));
+        m = _mm256_max_ps(_mm256_blendv_ps(none, v, _mm256_castsi256_ps(mustafar__avx2_lanes8(n, t))),
+                          m);
+    }
+    h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
 /* exp for x <= 0 (scores minus their running max): 2^n * p(r), relative error
    about 2e-7; below -87 it flushes to 2^-126 * p, which the sum cannot see. */
-MUSTAFAR__AVX2 static void mustafar__avx2_exp_block(float *x)
+MUSTAFAR__AVX2 static float mustafar__avx2_exp_block(float *x, int count, float m)
 {
+    __m256 sum = _mm256_setzero_ps();
+    __m128 h;
     int t;
     for (t = 0; t < MUSTAFAR__CPU_BLOCK; t += 8) {
-        __m256 v = _mm256_max_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(-87.0f));
+        const __m256i live = mustafar__avx2_lanes8(count, t);
+        __m256 v = _mm256_max_ps(_mm256_sub_ps(_mm256_maskload_ps(x + t, live), _mm256_set1_ps(m)),
+                                 _mm256_set1_ps(-87.0f));
         __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
@@ -2023,8 +2066,14 @@ MUSTAFAR__AVX2 static void mustafar__avx2_exp_block(float *x)
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
         e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-        _mm256_storeu_ps(x + t, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+        p = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_castsi256_ps(live));
+        _mm256_storeu_ps(x + t, p);
+        sum = _mm256_add_ps(sum, p);
     }
+    h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
 }
 #endif
 
@@ -2370,7 +2419,8 @@ static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu
 #endif
 
 /* The tokens [first, first + n) of a sequence for one KV head, K (value 0)
-   or V: page and slot counters instead of a division per token. */
+   or V: one page-table look-up per page, then the page's records one after
+   the other. */
 static void mustafar__cpu_tokens(const mustafar__cpu_attn *A, const mustafar_paged_seq *s,
                                  const int32_t *table, int32_t first, int n, int kv_head,
                                  int value, mustafar__cpu_token *toks)
@@ -2381,14 +2431,26 @@ static void mustafar__cpu_tokens(const mustafar__cpu_attn *A, const mustafar_pag
     const uint16_t *window = (const uint16_t *)(value ? A->kv->v_window : A->kv->k_window);
     const int kept = value ? L->v_kept : L->k_kept, slots = (int)((rec - (size_t)A->d / 8) / 2);
     int32_t p = first, page = first / L->page_size, slot = first % L->page_size;
-    int t;
-    for (t = 0; t < n && p < s->num_compressed; t++, p++) {
-        toks[t].p = pages + (((size_t)table[page] * L->num_kv_heads + kv_head) * L->page_size +
-                             (size_t)slot) * rec;
-        toks[t].kept = kept;
-        /* a record is followed by the next one of its page, at least 16 bytes */
-        toks[t].limit = slots + (slot != L->page_size - 1 ? 8 : 0);
-        if (++slot == L->page_size) { slot = 0; page++; }
+    int t = 0;
+    while (t < n && p < s->num_compressed) {
+        const unsigned char *r = pages + (((size_t)table[page] * L->num_kv_heads + kv_head) *
+                                          L->page_size + (size_t)slot) * rec;
+        int run = L->page_size - slot, i;
+        if (run > n - t) run = n - t;
+        if (run > s->num_compressed - p) run = (int)(s->num_compressed - p);
+        for (i = 0; i < run; i++, t++, r += rec) {
+            toks[t].p = r;
+            toks[t].kept = kept;
+            /* a record is followed by the next one of its page, at least 16 bytes */
+            toks[t].limit = slots + 8;
+        }
+        p += run;
+        slot += run;
+        if (slot == L->page_size) {
+            toks[t - 1].limit = slots;
+            slot = 0;
+            page++;
+        }
     }
     for (; t < n; t++, p++) {
         toks[t].p = (const unsigned char *)(const void *)(window +
@@ -2420,7 +2482,7 @@ static void mustafar__cpu_attention_task(void *data, int index)
     mustafar__cpu_token toks[2][2][MUSTAFAR__CPU_BLOCK];
     mustafar__cpu_block kb, vb;
     int32_t b, next;
-    int g, c, t, cur = 0, nb, nn;
+    int g, c, cur = 0, nb, nn;
     for (g = 0; g < G; g++) {
         const uint16_t *qh = A->q + ((size_t)it->seq * hq + (size_t)it->kv_head * G + g) * d;
         for (c = 0; c < d; c++) qf[(size_t)g * d + c] = mustafar__load(dt, qh[c]) * A->scale;
@@ -2444,8 +2506,7 @@ static void mustafar__cpu_attention_task(void *data, int index)
         kb.nahead = vb.nahead = nn;
         A->dot(A, &kb, qf, scores);
         for (g = 0; g < G; g++) {
-            float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = -INFINITY, m;
-            for (t = 0; t < nb; t++) if (row[t] > block_max) block_max = row[t];
+            float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = A->max_block(row, nb), m;
             m = block_max > mx[g] ? block_max : mx[g];
             if (m != mx[g]) {
                 float correction = expf(mx[g] - m);
@@ -2454,10 +2515,7 @@ static void mustafar__cpu_attention_task(void *data, int index)
                 sum[g] *= correction;
                 mx[g] = m;
             }
-            for (t = 0; t < nb; t++) row[t] -= m;
-            for (; t < MUSTAFAR__CPU_BLOCK; t++) row[t] = -INFINITY;
-            A->exp_block(row);
-            for (t = 0; t < nb; t++) sum[g] += row[t];
+            sum[g] += A->exp_block(row, nb, m);
         }
         A->axpy(A, &vb, scores, acc, dummy);
     }
@@ -2530,11 +2588,13 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
     A->items = items;
     A->dot = mustafar__scalar_dot_block;
     A->axpy = mustafar__scalar_axpy_block;
+    A->max_block = mustafar__scalar_max_block;
     A->exp_block = mustafar__scalar_exp_block;
 #if defined(MUSTAFAR__CPU_X86)
     if (simd == MUSTAFAR__SIMD_AVX2) {
         A->dot = mustafar__avx2_dot;
         A->axpy = mustafar__avx2_axpy;
+        A->max_block = mustafar__avx2_max_block;
         A->exp_block = mustafar__avx2_exp_block;
     }
 #endif
@@ -2542,6 +2602,7 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
     if (simd == MUSTAFAR__SIMD_AVX512) {
         A->dot = mustafar__avx512_dot;
         A->axpy = mustafar__avx512_axpy;
+        A->max_block = mustafar__avx2_max_block;
         A->exp_block = mustafar__avx2_exp_block;
     }
 #endif
