@@ -1041,6 +1041,14 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 #  endif
 #endif
 
+/* Full unrolling of a short loop over registers (gcc -O2 keeps such a loop,
+   and puts its array of vectors in memory). */
+#if defined(__GNUC__) || defined(__clang__)
+#  define MUSTAFAR__UNROLL _Pragma("GCC unroll 16")
+#else
+#  define MUSTAFAR__UNROLL
+#endif
+
 enum { MUSTAFAR__SIMD_SCALAR, MUSTAFAR__SIMD_AVX2, MUSTAFAR__SIMD_NEON, MUSTAFAR__SIMD_AVX512 };
 #define MUSTAFAR__CPU_BLOCK 32          /* tokens per online-softmax step */
 #define MUSTAFAR__CPU_MIN_SPLIT 256     /* fewest tokens of one attention work item */
@@ -2123,48 +2131,52 @@ MUSTAFAR__AVX512_INLINE void mustafar__avx512_word(mustafar__cpu_token tok, int 
         bf16, lo, hi);
 }
 
-/* Four lanes of sums of 8-float halves: out[h] = sum of v[h]. */
-MUSTAFAR__AVX512_INLINE __m128 mustafar__avx512_sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3)
+/* The 16 sums of a[k] as one vector, sum of a[4e + l] in element 4l + e:
+   a shuffle-and-add tree, 45 operations for 16 sums. */
+MUSTAFAR__AVX512_INLINE __m512 mustafar__avx512_sum16(const __m512 *a)
 {
-#define MUSTAFAR__HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
-    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
-    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(MUSTAFAR__HALVES(v0), MUSTAFAR__HALVES(v1)),
-                              _mm256_hadd_ps(MUSTAFAR__HALVES(v2), MUSTAFAR__HALVES(v3)));
-#undef MUSTAFAR__HALVES
-    return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m512 r[8], s[4], t[2];
+    int j;
+    MUSTAFAR__UNROLL
+    for (j = 0; j < 8; j++) /* 128-bit lanes 0, 1: a[2j]'s halves added; 2, 3: a[2j + 1]'s */
+        r[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE));
+    MUSTAFAR__UNROLL
+    for (j = 0; j < 4; j++) /* lane l: 4 partial sums of a[4j + l] */
+        s[j] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * j], r[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(r[2 * j], r[2 * j + 1], 0xDD));
+    MUSTAFAR__UNROLL
+    for (j = 0; j < 2; j++) /* lane l: 2 partials each of a[8j + l] and a[8j + 4 + l] */
+        t[j] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * j], s[2 * j + 1]),
+                             _mm512_unpackhi_ps(s[2 * j], s[2 * j + 1]));
+    return _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x44), _mm512_shuffle_ps(t[0], t[1], 0xEE));
 }
 
-/* The dot products of two tokens x, y (or one twice) with four query heads,
-   32 channels a step. */
-MUSTAFAR__AVX512_INLINE void mustafar__avx512_dot4(int d, mustafar__cpu_token x, const int *xoff,
-                                                   mustafar__cpu_token y, const int *yoff,
-                                                   const float *const *q, int bf16, int dense_x,
-                                                   int dense_y, float *out)
+/* The dot products of four tokens x[i] (some may repeat) with four query
+   heads, 32 channels a step: each query load serves the four tokens.
+   out[4h + i] = q_h . x[i]. */
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_dot16(int d, const mustafar__cpu_token *x,
+                                                    int (*off)[8], const float *const *q, int bf16,
+                                                    float *out)
 {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    __m512 e0 = a0, e1 = a0, e2 = a0, e3 = a0, f0 = a0, f1 = a0, f2 = a0, f3 = a0;
-    int w;
+    __m512 a[16];
+    int w, i, h;
+    MUSTAFAR__UNROLL
+    for (i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
     for (w = 0; w < d / 32; w++) {
-        __m512 x0, x1, y0, y1, q0, q1;
-        mustafar__avx512_word(x, d, w, xoff[w], bf16, dense_x, &x0, &x1);
-        mustafar__avx512_word(y, d, w, yoff[w], bf16, dense_y, &y0, &y1);
-#define MUSTAFAR__DOT_HEAD(h, a, b, e, f)                                                 \
-        q0 = _mm512_loadu_ps(q[h] + 32 * w);                                             \
-        q1 = _mm512_loadu_ps(q[h] + 32 * w + 16);                                        \
-        a = _mm512_fmadd_ps(x0, q0, a);                                                  \
-        e = _mm512_fmadd_ps(x1, q1, e);                                                  \
-        b = _mm512_fmadd_ps(y0, q0, b);                                                  \
-        f = _mm512_fmadd_ps(y1, q1, f);
-        MUSTAFAR__DOT_HEAD(0, a0, b0, e0, f0)
-        MUSTAFAR__DOT_HEAD(1, a1, b1, e1, f1)
-        MUSTAFAR__DOT_HEAD(2, a2, b2, e2, f2)
-        MUSTAFAR__DOT_HEAD(3, a3, b3, e3, f3)
-#undef MUSTAFAR__DOT_HEAD
+        __m512 lo[4], hi[4];
+        MUSTAFAR__UNROLL
+        for (i = 0; i < 4; i++)
+            mustafar__avx512_word(x[i], d, w, off[i][w], bf16, x[i].kept < 0, &lo[i], &hi[i]);
+        MUSTAFAR__UNROLL
+        for (h = 0; h < 4; h++) {
+            const __m512 q0 = _mm512_loadu_ps(q[h] + 32 * w), q1 = _mm512_loadu_ps(q[h] + 32 * w + 16);
+            MUSTAFAR__UNROLL
+            for (i = 0; i < 4; i++)
+                a[4 * i + h] = _mm512_fmadd_ps(hi[i], q1, _mm512_fmadd_ps(lo[i], q0, a[4 * i + h]));
+        }
     }
-    _mm_storeu_ps(out, mustafar__avx512_sum4(_mm512_add_ps(a0, e0), _mm512_add_ps(a1, e1),
-                                             _mm512_add_ps(a2, e2), _mm512_add_ps(a3, e3)));
-    _mm_storeu_ps(out + 4, mustafar__avx512_sum4(_mm512_add_ps(b0, f0), _mm512_add_ps(b1, f1),
-                                                 _mm512_add_ps(b2, f2), _mm512_add_ps(b3, f3)));
+    _mm512_storeu_ps(out, mustafar__avx512_sum16(a));
 }
 
 MUSTAFAR__AVX512 static void mustafar__avx512_dot(const mustafar__cpu_attn *A,
@@ -2172,53 +2184,37 @@ MUSTAFAR__AVX512 static void mustafar__avx512_dot(const mustafar__cpu_attn *A,
                                                   float *scores)
 {
     const mustafar__cpu_token *toks = B->toks;
-    const int n = B->n;
-    const int d = A->d, G = A->group;
-    int xoff[8] = {0}, yoff[8] = {0};
-    int t = 0, g0, h;
+    const int n = B->n, d = A->d, G = A->group;
+    mustafar__cpu_token x[4];
+    int off[4][8] = {{0}}, at[4];
+    int t = 0, k, i, g0, h;
     while (t < n) {
-        /* a pair of valid tokens, or one token; a corrupt record goes alone
-           through the scalar path */
-        mustafar__cpu_token x = toks[t], y;
-        const int dense_x = x.kept < 0;
-        int dense_y, pair;
-        mustafar__cpu_prefetch_ahead(A, B, t, 2);
-        if (!dense_x && mustafar__avx512_offsets(x.p, d, xoff) != x.kept) {
-            mustafar__scalar_dot(A, x, qf, scores + t);
-            t++;
-            continue;
+        /* up to four valid tokens; a corrupt record goes alone through the
+           scalar path */
+        for (k = 0; k < 4 && t < n; t++) {
+            mustafar__cpu_prefetch_ahead(A, B, t, 1);
+            if (toks[t].kept >= 0 && mustafar__avx512_offsets(toks[t].p, d, off[k]) != toks[t].kept) {
+                mustafar__scalar_dot(A, toks[t], qf, scores + t);
+                continue;
+            }
+            x[k] = toks[t];
+            at[k++] = t;
         }
-        pair = t + 1 < n;
-        y = pair ? toks[t + 1] : x;
-        dense_y = y.kept < 0;
-        if (pair && !dense_y && mustafar__avx512_offsets(y.p, d, yoff) != y.kept) pair = 0;
-        if (!pair) {
-            y = x;
-            dense_y = dense_x;
-            memcpy(yoff, xoff, sizeof yoff);
+        if (!k) break;
+        for (i = k; i < 4; i++) {
+            x[i] = x[0];
+            memcpy(off[i], off[0], sizeof off[0]);
         }
         for (g0 = 0; g0 < G; g0 += 4) {
             /* four heads at a time; past the group's end, repeat its last head */
             const float *q[4];
-            float out[8];
+            float out[16];
             for (h = 0; h < 4; h++) q[h] = qf + (size_t)(g0 + h < G ? g0 + h : G - 1) * d;
-            if (A->bf16) {
-                if (dense_x && dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 1, 1, out);
-                else if (!dense_x && !dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 0, 0, out);
-                else if (dense_x) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 1, 0, out);
-                else mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 0, 1, out);
-            } else {
-                if (dense_x && dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 1, 1, out);
-                else if (!dense_x && !dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 0, 0, out);
-                else if (dense_x) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 1, 0, out);
-                else mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 0, 1, out);
-            }
-            for (h = 0; h < 4 && g0 + h < G; h++) {
-                scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] = out[h];
-                if (pair) scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t + 1] = out[4 + h];
-            }
+            if (A->bf16) mustafar__avx512_dot16(d, x, off, q, 1, out);
+            else mustafar__avx512_dot16(d, x, off, q, 0, out);
+            for (h = 0; h < 4 && g0 + h < G; h++)
+                for (i = 0; i < k; i++) scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + at[i]] = out[4 * h + i];
         }
-        t += pair ? 2 : 1;
     }
 }
 
