@@ -1041,9 +1041,9 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 #  endif
 #endif
 
-/* Full unrolling of a short loop over registers (gcc -O2 keeps such a loop,
-   and puts its array of vectors in memory). */
-#if defined(__GNUC__) || defined(__clang__)
+/* Full unrolling of a short loop over an array of vectors (gcc -O2 keeps
+   the loop, and the array in memory). */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 8)
 #  define MUSTAFAR__UNROLL _Pragma("GCC unroll 16")
 #else
 #  define MUSTAFAR__UNROLL
@@ -1374,14 +1374,15 @@ MUSTAFAR__AVX2 static void mustafar__avx2_select_kept(const uint16_t *x, int d, 
 #if defined(MUSTAFAR__CPU_AVX512)
 /* mustafar__select_kept on 32 keys per compare, searching two bits of the
    threshold per step (three counts at once): the same largest threshold t
-   with count(key >= t) >= kept, so the same bitmap. */
-MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int d, int kept,
-                                                          uint32_t *bitmap)
+   with count(key >= t) >= kept, so the same bitmap.  Inlined for each head
+   dimension: the keys stay in registers. */
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_select_nv(const uint16_t *x, int nv, int kept,
+                                                        uint32_t *bitmap)
 {
     __m512i key[8];
     const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
-    const int nv = d / 32;
     int lo = 0, hi = 0x7FFF, i, greater = 0, ties;
+    MUSTAFAR__UNROLL
     for (i = 0; i < nv; i++)
         key[i] = _mm512_and_si512(_mm512_loadu_si512((const void *)(x + 32 * i)), magnitude);
     while (lo < hi) {
@@ -1390,6 +1391,7 @@ MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int
         const __m512i t1 = _mm512_set1_epi16((short)m1), t2 = _mm512_set1_epi16((short)m2),
                       t3 = _mm512_set1_epi16((short)m3);
         int c1 = 0, c2 = 0, c3 = 0;
+        MUSTAFAR__UNROLL
         for (i = 0; i < nv; i++) {
             c1 += _mm_popcnt_u32((unsigned int)_mm512_cmpge_epu16_mask(key[i], t1));
             c2 += _mm_popcnt_u32((unsigned int)_mm512_cmpge_epu16_mask(key[i], t2));
@@ -1402,6 +1404,7 @@ MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int
     }
     {
         const __m512i t = _mm512_set1_epi16((short)lo);
+        MUSTAFAR__UNROLL
         for (i = 0; i < nv; i++) {
             bitmap[i] = (uint32_t)_mm512_cmpgt_epu16_mask(key[i], t);
             greater += _mm_popcnt_u32(bitmap[i]);
@@ -1416,6 +1419,14 @@ MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int
             }
         }
     }
+}
+
+MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int d, int kept,
+                                                          uint32_t *bitmap)
+{
+    if (d == 64) mustafar__avx512_select_nv(x, 2, kept, bitmap);
+    else if (d == 128) mustafar__avx512_select_nv(x, 4, kept, bitmap);
+    else mustafar__avx512_select_nv(x, 8, kept, bitmap);
 }
 
 /* The first n of 32 lanes. */
