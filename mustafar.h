@@ -1041,6 +1041,14 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 #  endif
 #endif
 
+/* Full unrolling of a short loop over an array of vectors (gcc -O2 keeps
+   the loop, and the array in memory). */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 8)
+#  define MUSTAFAR__UNROLL _Pragma("GCC unroll 16")
+#else
+#  define MUSTAFAR__UNROLL
+#endif
+
 enum { MUSTAFAR__SIMD_SCALAR, MUSTAFAR__SIMD_AVX2, MUSTAFAR__SIMD_NEON, MUSTAFAR__SIMD_AVX512 };
 #define MUSTAFAR__CPU_BLOCK 32          /* tokens per online-softmax step */
 #define MUSTAFAR__CPU_MIN_SPLIT 256     /* fewest tokens of one attention work item */
@@ -1366,14 +1374,15 @@ MUSTAFAR__AVX2 static void mustafar__avx2_select_kept(const uint16_t *x, int d, 
 #if defined(MUSTAFAR__CPU_AVX512)
 /* mustafar__select_kept on 32 keys per compare, searching two bits of the
    threshold per step (three counts at once): the same largest threshold t
-   with count(key >= t) >= kept, so the same bitmap. */
-MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int d, int kept,
-                                                          uint32_t *bitmap)
+   with count(key >= t) >= kept, so the same bitmap.  Inlined for each head
+   dimension: the keys stay in registers. */
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_select_nv(const uint16_t *x, int nv, int kept,
+                                                        uint32_t *bitmap)
 {
     __m512i key[8];
     const __m512i magnitude = _mm512_set1_epi16(0x7FFF);
-    const int nv = d / 32;
     int lo = 0, hi = 0x7FFF, i, greater = 0, ties;
+    MUSTAFAR__UNROLL
     for (i = 0; i < nv; i++)
         key[i] = _mm512_and_si512(_mm512_loadu_si512((const void *)(x + 32 * i)), magnitude);
     while (lo < hi) {
@@ -1382,6 +1391,7 @@ MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int
         const __m512i t1 = _mm512_set1_epi16((short)m1), t2 = _mm512_set1_epi16((short)m2),
                       t3 = _mm512_set1_epi16((short)m3);
         int c1 = 0, c2 = 0, c3 = 0;
+        MUSTAFAR__UNROLL
         for (i = 0; i < nv; i++) {
             c1 += _mm_popcnt_u32((unsigned int)_mm512_cmpge_epu16_mask(key[i], t1));
             c2 += _mm_popcnt_u32((unsigned int)_mm512_cmpge_epu16_mask(key[i], t2));
@@ -1394,6 +1404,7 @@ MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int
     }
     {
         const __m512i t = _mm512_set1_epi16((short)lo);
+        MUSTAFAR__UNROLL
         for (i = 0; i < nv; i++) {
             bitmap[i] = (uint32_t)_mm512_cmpgt_epu16_mask(key[i], t);
             greater += _mm_popcnt_u32(bitmap[i]);
@@ -1408,6 +1419,14 @@ MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int
             }
         }
     }
+}
+
+MUSTAFAR__AVX512 static void mustafar__avx512_select_kept(const uint16_t *x, int d, int kept,
+                                                          uint32_t *bitmap)
+{
+    if (d == 64) mustafar__avx512_select_nv(x, 2, kept, bitmap);
+    else if (d == 128) mustafar__avx512_select_nv(x, 4, kept, bitmap);
+    else mustafar__avx512_select_nv(x, 8, kept, bitmap);
 }
 
 /* The first n of 32 lanes. */
@@ -1650,6 +1669,14 @@ typedef struct mustafar__cpu_token {
     int kept, limit;
 } mustafar__cpu_token;
 
+/* The n tokens of a block, and the nahead tokens of the next one: the paths
+   prefetch ahead[t] as they reach token t, spread over the block (a burst of
+   a block's lines filled the core's miss buffers and stalled it). */
+typedef struct mustafar__cpu_block {
+    const mustafar__cpu_token *toks, *ahead;
+    int n, nahead;
+} mustafar__cpu_block;
+
 typedef struct mustafar__cpu_item {
     int32_t seq, kv_head, first, end;  /* token range [first, end) */
 } mustafar__cpu_item;
@@ -1665,16 +1692,40 @@ struct mustafar__cpu_attn {
     const mustafar__cpu_item *items;
     float *scratch;                /* per item: item_floats floats */
     size_t item_floats;
-    /* scores[g * BLOCK + t] = q_g . token t, for the n tokens of a block */
-    void (*dot)(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
-                const float *qf, float *scores);
+    /* scores[g * BLOCK + t] = q_g . token t, for the tokens of a block */
+    void (*dot)(const mustafar__cpu_attn *A, const mustafar__cpu_block *B, const float *qf,
+                float *scores);
     /* acc[g][:] += weights[g * BLOCK + t] * token t; dummy: D floats for unused lanes */
-    void (*axpy)(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
-                 const float *weights, float *acc, float *dummy);
-    void (*exp_block)(float *x);   /* x[0, BLOCK) = exp(x) */
+    void (*axpy)(const mustafar__cpu_attn *A, const mustafar__cpu_block *B, const float *weights,
+                 float *acc, float *dummy);
+    float (*max_block)(const float *x, int n);       /* max of x[0, n) (NaN ignored) */
+    float (*exp_block)(float *x, int n, float m);    /* x = exp(x - m) on [0, n), 0 on
+                                                        [n, BLOCK); returns the sum */
     unsigned char expand[256][16]; /* pshufb/tbl control: bitmap byte -> 8 lanes */
 };
 
+
+/* The lines of a token's own bytes. */
+static void mustafar__cpu_prefetch(const mustafar__cpu_attn *A, mustafar__cpu_token tok)
+{
+    const size_t bytes = tok.kept < 0 ? 2 * (size_t)A->d : (size_t)A->d / 8 + 2 * (size_t)tok.kept;
+    const uintptr_t last = ((uintptr_t)tok.p + bytes - 1) & ~(uintptr_t)63;
+    uintptr_t line;
+    for (line = (uintptr_t)tok.p & ~(uintptr_t)63; line <= last; line += 64) {
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch((const void *)line);
+#elif defined(MUSTAFAR__CPU_X86)
+        _mm_prefetch((const char *)line, _MM_HINT_T0);
+#endif
+    }
+}
+
+/* The next block's tokens [t, t + n) (those it has). */
+static void mustafar__cpu_prefetch_ahead(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
+                                         int t, int n)
+{
+    for (; n > 0 && t < B->nahead; t++, n--) mustafar__cpu_prefetch(A, B->ahead[t]);
+}
 
 /* Scalar path: decode a token to floats (walking the set bits, at most kept). */
 static void mustafar__scalar_token(const mustafar__cpu_attn *A, mustafar__cpu_token tok, float *x)
@@ -1725,24 +1776,41 @@ static void mustafar__scalar_axpy(const mustafar__cpu_attn *A, mustafar__cpu_tok
     }
 }
 
-static void mustafar__scalar_dot_block(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks,
-                                       int n, const float *qf, float *scores)
+static void mustafar__scalar_dot_block(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
+                                       const float *qf, float *scores)
 {
     int t;
-    for (t = 0; t < n; t++) mustafar__scalar_dot(A, toks[t], qf, scores + t);
+    for (t = 0; t < B->n; t++) {
+        mustafar__cpu_prefetch_ahead(A, B, t, 1);
+        mustafar__scalar_dot(A, B->toks[t], qf, scores + t);
+    }
 }
 
-static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks,
-                                        int n, const float *weights, float *acc, float *dummy)
+static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
+                                        const float *weights, float *acc, float *dummy)
 {
     int t;
-    for (t = 0; t < n; t++) mustafar__scalar_axpy(A, toks[t], weights + t, acc, dummy);
+    for (t = 0; t < B->n; t++) {
+        mustafar__cpu_prefetch_ahead(A, B, t, 1);
+        mustafar__scalar_axpy(A, B->toks[t], weights + t, acc, dummy);
+    }
 }
 
-static void mustafar__scalar_exp_block(float *x)
+static float mustafar__scalar_max_block(const float *x, int n)
 {
+    float m = -INFINITY;
     int t;
-    for (t = 0; t < MUSTAFAR__CPU_BLOCK; t++) x[t] = expf(x[t]);
+    for (t = 0; t < n; t++) if (x[t] > m) m = x[t];
+    return m;
+}
+
+static float mustafar__scalar_exp_block(float *x, int n, float m)
+{
+    float sum = 0.0f;
+    int t;
+    for (t = 0; t < n; t++) sum += x[t] = expf(x[t] - m);
+    for (; t < MUSTAFAR__CPU_BLOCK; t++) x[t] = 0.0f;
+    return sum;
 }
 
 #if defined(MUSTAFAR__CPU_X86)
@@ -1834,9 +1902,11 @@ MUSTAFAR__AVX2_INLINE void mustafar__avx2_dot4(const mustafar__cpu_attn *A, must
 }
 
 MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
-                                              const mustafar__cpu_token *toks, int n,
-                                              const float *qf, float *scores)
+                                              const mustafar__cpu_block *B, const float *qf,
+                                              float *scores)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     unsigned char xoff[32], yoff[32];
     int t = 0, g0, h;
@@ -1846,6 +1916,7 @@ MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
         mustafar__cpu_token x = toks[t], y;
         const int dense_x = x.kept < 0;
         int dense_y, pair;
+        mustafar__cpu_prefetch_ahead(A, B, t, 2);
         if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
             mustafar__scalar_dot(A, x, qf, scores + t);
             t++;
@@ -1908,9 +1979,11 @@ MUSTAFAR__AVX2_INLINE void mustafar__avx2_axpy4(const mustafar__cpu_attn *A, mus
 }
 
 MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
-                                               const mustafar__cpu_token *toks, int n,
-                                               const float *weights, float *acc, float *dummy)
+                                               const mustafar__cpu_block *B, const float *weights,
+                                               float *acc, float *dummy)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     unsigned char xoff[32], yoff[32];
     int t = 0, g0, h;
@@ -1920,6 +1993,7 @@ MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
         mustafar__cpu_token x = toks[t], y;
         const int dense_x = x.kept < 0;
         int dense_y, pair;
+        mustafar__cpu_prefetch_ahead(A, B, t, 2);
         if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
             mustafar__scalar_axpy(A, x, weights + t, acc, dummy);
             t++;
@@ -1961,13 +2035,43 @@ MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
     }
 }
 
+/* The first n - t of 8 lanes (all for n - t >= 8, none for n - t <= 0). */
+MUSTAFAR__AVX2_INLINE __m256i mustafar__avx2_lanes8(int n, int t)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* Eight lanes a step, so the softmax of a block is not a chain of scalar
+   dependent operations. */
+MUSTAFAR__AVX2 static float mustafar__avx2_max_block(const float *x, int n)
+{
+    const __m256 none = _mm256_set1_ps(-INFINITY);
+    __m256 m = none;
+    __m128 h;
+    int t;
+    for (t = 0; t < n; t += 8) {
+        /* the max instruction returns its second operand where the first is NaN */
+        __m256 v = _mm256_maskload_ps(x + t, mustafar__avx2_lanes8(n, t));
+        m = _mm256_max_ps(_mm256_blendv_ps(none, v, _mm256_castsi256_ps(mustafar__avx2_lanes8(n, t))),
+                          m);
+    }
+    h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
 /* exp for x <= 0 (scores minus their running max): 2^n * p(r), relative error
    about 2e-7; below -87 it flushes to 2^-126 * p, which the sum cannot see. */
-MUSTAFAR__AVX2 static void mustafar__avx2_exp_block(float *x)
+MUSTAFAR__AVX2 static float mustafar__avx2_exp_block(float *x, int count, float m)
 {
+    __m256 sum = _mm256_setzero_ps();
+    __m128 h;
     int t;
     for (t = 0; t < MUSTAFAR__CPU_BLOCK; t += 8) {
-        __m256 v = _mm256_max_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(-87.0f));
+        const __m256i live = mustafar__avx2_lanes8(count, t);
+        __m256 v = _mm256_max_ps(_mm256_sub_ps(_mm256_maskload_ps(x + t, live), _mm256_set1_ps(m)),
+                                 _mm256_set1_ps(-87.0f));
         __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
@@ -1981,8 +2085,14 @@ MUSTAFAR__AVX2 static void mustafar__avx2_exp_block(float *x)
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
         e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-        _mm256_storeu_ps(x + t, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+        p = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_castsi256_ps(live));
+        _mm256_storeu_ps(x + t, p);
+        sum = _mm256_add_ps(sum, p);
     }
+    h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
 }
 #endif
 
@@ -2032,108 +2142,102 @@ MUSTAFAR__AVX512_INLINE void mustafar__avx512_word(mustafar__cpu_token tok, int 
         bf16, lo, hi);
 }
 
-/* Four lanes of sums of 8-float halves: out[h] = sum of v[h]. */
-MUSTAFAR__AVX512_INLINE __m128 mustafar__avx512_sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3)
+/* The 16 sums of a[k] as one vector, sum of a[4e + l] in element 4l + e:
+   a shuffle-and-add tree, 45 operations for 16 sums. */
+MUSTAFAR__AVX512_INLINE __m512 mustafar__avx512_sum16(const __m512 *a)
 {
-#define MUSTAFAR__HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
-    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
-    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(MUSTAFAR__HALVES(v0), MUSTAFAR__HALVES(v1)),
-                              _mm256_hadd_ps(MUSTAFAR__HALVES(v2), MUSTAFAR__HALVES(v3)));
-#undef MUSTAFAR__HALVES
-    return _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    __m512 r[8], s[4], t[2];
+    int j;
+    MUSTAFAR__UNROLL
+    for (j = 0; j < 8; j++) /* 128-bit lanes 0, 1: a[2j]'s halves added; 2, 3: a[2j + 1]'s */
+        r[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE));
+    MUSTAFAR__UNROLL
+    for (j = 0; j < 4; j++) /* lane l: 4 partial sums of a[4j + l] */
+        s[j] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * j], r[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(r[2 * j], r[2 * j + 1], 0xDD));
+    MUSTAFAR__UNROLL
+    for (j = 0; j < 2; j++) /* lane l: 2 partials each of a[8j + l] and a[8j + 4 + l] */
+        t[j] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * j], s[2 * j + 1]),
+                             _mm512_unpackhi_ps(s[2 * j], s[2 * j + 1]));
+    return _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x44), _mm512_shuffle_ps(t[0], t[1], 0xEE));
 }
 
-/* The dot products of two tokens x, y (or one twice) with four query heads,
-   32 channels a step. */
-MUSTAFAR__AVX512_INLINE void mustafar__avx512_dot4(int d, mustafar__cpu_token x, const int *xoff,
-                                                   mustafar__cpu_token y, const int *yoff,
-                                                   const float *const *q, int bf16, int dense_x,
-                                                   int dense_y, float *out)
+/* The dot products of four tokens x[i] (some may repeat) with four query
+   heads, 32 channels a step: each query load serves the four tokens.
+   out[4h + i] = q_h . x[i]. */
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_dot16(int d, const mustafar__cpu_token *x,
+                                                    int (*off)[8], const float *const *q, int bf16,
+                                                    float *out)
 {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    __m512 e0 = a0, e1 = a0, e2 = a0, e3 = a0, f0 = a0, f1 = a0, f2 = a0, f3 = a0;
-    int w;
+    __m512 a[16];
+    int w, i, h;
+    MUSTAFAR__UNROLL
+    for (i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
     for (w = 0; w < d / 32; w++) {
-        __m512 x0, x1, y0, y1, q0, q1;
-        mustafar__avx512_word(x, d, w, xoff[w], bf16, dense_x, &x0, &x1);
-        mustafar__avx512_word(y, d, w, yoff[w], bf16, dense_y, &y0, &y1);
-#define MUSTAFAR__DOT_HEAD(h, a, b, e, f)                                                 \
-        q0 = _mm512_loadu_ps(q[h] + 32 * w);                                             \
-        q1 = _mm512_loadu_ps(q[h] + 32 * w + 16);                                        \
-        a = _mm512_fmadd_ps(x0, q0, a);                                                  \
-        e = _mm512_fmadd_ps(x1, q1, e);                                                  \
-        b = _mm512_fmadd_ps(y0, q0, b);                                                  \
-        f = _mm512_fmadd_ps(y1, q1, f);
-        MUSTAFAR__DOT_HEAD(0, a0, b0, e0, f0)
-        MUSTAFAR__DOT_HEAD(1, a1, b1, e1, f1)
-        MUSTAFAR__DOT_HEAD(2, a2, b2, e2, f2)
-        MUSTAFAR__DOT_HEAD(3, a3, b3, e3, f3)
-#undef MUSTAFAR__DOT_HEAD
+        __m512 lo[4], hi[4];
+        MUSTAFAR__UNROLL
+        for (i = 0; i < 4; i++)
+            mustafar__avx512_word(x[i], d, w, off[i][w], bf16, x[i].kept < 0, &lo[i], &hi[i]);
+        MUSTAFAR__UNROLL
+        for (h = 0; h < 4; h++) {
+            const __m512 q0 = _mm512_loadu_ps(q[h] + 32 * w), q1 = _mm512_loadu_ps(q[h] + 32 * w + 16);
+            MUSTAFAR__UNROLL
+            for (i = 0; i < 4; i++)
+                a[4 * i + h] = _mm512_fmadd_ps(hi[i], q1, _mm512_fmadd_ps(lo[i], q0, a[4 * i + h]));
+        }
     }
-    _mm_storeu_ps(out, mustafar__avx512_sum4(_mm512_add_ps(a0, e0), _mm512_add_ps(a1, e1),
-                                             _mm512_add_ps(a2, e2), _mm512_add_ps(a3, e3)));
-    _mm_storeu_ps(out + 4, mustafar__avx512_sum4(_mm512_add_ps(b0, f0), _mm512_add_ps(b1, f1),
-                                                 _mm512_add_ps(b2, f2), _mm512_add_ps(b3, f3)));
+    _mm512_storeu_ps(out, mustafar__avx512_sum16(a));
 }
 
 MUSTAFAR__AVX512 static void mustafar__avx512_dot(const mustafar__cpu_attn *A,
-                                                  const mustafar__cpu_token *toks, int n,
-                                                  const float *qf, float *scores)
+                                                  const mustafar__cpu_block *B, const float *qf,
+                                                  float *scores)
 {
-    const int d = A->d, G = A->group;
-    int xoff[8] = {0}, yoff[8] = {0};
-    int t = 0, g0, h;
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n, d = A->d, G = A->group;
+    mustafar__cpu_token x[4];
+    int off[4][8] = {{0}}, at[4];
+    int t = 0, k, i, g0, h;
     while (t < n) {
-        /* a pair of valid tokens, or one token; a corrupt record goes alone
-           through the scalar path */
-        mustafar__cpu_token x = toks[t], y;
-        const int dense_x = x.kept < 0;
-        int dense_y, pair;
-        if (!dense_x && mustafar__avx512_offsets(x.p, d, xoff) != x.kept) {
-            mustafar__scalar_dot(A, x, qf, scores + t);
-            t++;
-            continue;
+        /* up to four valid tokens; a corrupt record goes alone through the
+           scalar path */
+        for (k = 0; k < 4 && t < n; t++) {
+            mustafar__cpu_prefetch_ahead(A, B, t, 1);
+            if (toks[t].kept >= 0 && mustafar__avx512_offsets(toks[t].p, d, off[k]) != toks[t].kept) {
+                mustafar__scalar_dot(A, toks[t], qf, scores + t);
+                continue;
+            }
+            x[k] = toks[t];
+            at[k++] = t;
         }
-        pair = t + 1 < n;
-        y = pair ? toks[t + 1] : x;
-        dense_y = y.kept < 0;
-        if (pair && !dense_y && mustafar__avx512_offsets(y.p, d, yoff) != y.kept) pair = 0;
-        if (!pair) {
-            y = x;
-            dense_y = dense_x;
-            memcpy(yoff, xoff, sizeof yoff);
+        if (!k) break;
+        for (i = k; i < 4; i++) {
+            x[i] = x[0];
+            memcpy(off[i], off[0], sizeof off[0]);
         }
         for (g0 = 0; g0 < G; g0 += 4) {
             /* four heads at a time; past the group's end, repeat its last head */
             const float *q[4];
-            float out[8];
+            float out[16];
             for (h = 0; h < 4; h++) q[h] = qf + (size_t)(g0 + h < G ? g0 + h : G - 1) * d;
-            if (A->bf16) {
-                if (dense_x && dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 1, 1, out);
-                else if (!dense_x && !dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 0, 0, out);
-                else if (dense_x) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 1, 0, out);
-                else mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 1, 0, 1, out);
-            } else {
-                if (dense_x && dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 1, 1, out);
-                else if (!dense_x && !dense_y) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 0, 0, out);
-                else if (dense_x) mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 1, 0, out);
-                else mustafar__avx512_dot4(d, x, xoff, y, yoff, q, 0, 0, 1, out);
-            }
-            for (h = 0; h < 4 && g0 + h < G; h++) {
-                scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] = out[h];
-                if (pair) scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + t + 1] = out[4 + h];
-            }
+            if (A->bf16) mustafar__avx512_dot16(d, x, off, q, 1, out);
+            else mustafar__avx512_dot16(d, x, off, q, 0, out);
+            for (h = 0; h < 4 && g0 + h < G; h++)
+                for (i = 0; i < k; i++) scores[(g0 + h) * MUSTAFAR__CPU_BLOCK + at[i]] = out[4 * h + i];
         }
-        t += pair ? 2 : 1;
     }
 }
 
 /* c_h[32w, 32w + 32) += sum over the block's valid tokens of w_h[t] * token t,
    for four heads: the accumulators stay in registers over the whole block. */
-MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(int d, const mustafar__cpu_token *toks, int n,
+MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(const mustafar__cpu_attn *A,
+                                                    const mustafar__cpu_block *pf,
+                                                    const mustafar__cpu_token *toks, int n,
                                                     int (*off)[8], float **c,
                                                     const float *const *wt, int bf16)
 {
+    const int d = A->d;
     int w, t;
     for (w = 0; w < d / 32; w++) {
         __m512 c00 = _mm512_loadu_ps(c[0] + 32 * w), c01 = _mm512_loadu_ps(c[0] + 32 * w + 16);
@@ -2142,6 +2246,7 @@ MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(int d, const mustafar__cpu_t
         __m512 c30 = _mm512_loadu_ps(c[3] + 32 * w), c31 = _mm512_loadu_ps(c[3] + 32 * w + 16);
         for (t = 0; t < n; t++) {
             __m512 x0, x1, s;
+            if (pf && w == 0) mustafar__cpu_prefetch_ahead(A, pf, t, 1);
             if (off[t][0] < 0) continue; /* corrupt: done by the scalar path */
             if (toks[t].kept < 0) mustafar__avx512_word(toks[t], d, w, 0, bf16, 1, &x0, &x1);
             else mustafar__avx512_word(toks[t], d, w, off[t][w], bf16, 0, &x0, &x1);
@@ -2171,9 +2276,11 @@ MUSTAFAR__AVX512_INLINE void mustafar__avx512_axpy4(int d, const mustafar__cpu_t
 }
 
 MUSTAFAR__AVX512 static void mustafar__avx512_axpy(const mustafar__cpu_attn *A,
-                                                   const mustafar__cpu_token *toks, int n,
-                                                   const float *weights, float *acc, float *dummy)
+                                                   const mustafar__cpu_block *B, const float *weights,
+                                                   float *acc, float *dummy)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
     const int d = A->d, G = A->group;
     int off[MUSTAFAR__CPU_BLOCK][8];
@@ -2196,8 +2303,9 @@ MUSTAFAR__AVX512 static void mustafar__avx512_axpy(const mustafar__cpu_attn *A,
             c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
             wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
         }
-        if (A->bf16) mustafar__avx512_axpy4(d, toks, n, off, c, wt, 1);
-        else mustafar__avx512_axpy4(d, toks, n, off, c, wt, 0);
+        /* the first pass prefetches the next block */
+        if (A->bf16) mustafar__avx512_axpy4(A, g0 ? NULL : B, toks, n, off, c, wt, 1);
+        else mustafar__avx512_axpy4(A, g0 ? NULL : B, toks, n, off, c, wt, 0);
     }
 }
 #endif
@@ -2246,14 +2354,17 @@ static void mustafar__neon_chunk(const mustafar__cpu_attn *A, mustafar__cpu_toke
     }
 }
 
-static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
                                const float *qf, float *scores)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     unsigned char off[32];
     int t, g0, h, j;
     for (t = 0; t < n; t++) {
         const mustafar__cpu_token tok = toks[t];
+        mustafar__cpu_prefetch_ahead(A, B, t, 1);
         if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
             mustafar__scalar_dot(A, tok, qf, scores + t);
             continue;
@@ -2279,14 +2390,17 @@ static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_
     }
 }
 
-static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu_token *toks, int n,
+static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
                                 const float *weights, float *acc, float *dummy)
 {
+    const mustafar__cpu_token *toks = B->toks;
+    const int n = B->n;
     const int d = A->d, G = A->group;
     unsigned char off[32];
     int t, g0, h, j;
     for (t = 0; t < n; t++) {
         const mustafar__cpu_token tok = toks[t];
+        mustafar__cpu_prefetch_ahead(A, B, t, 1);
         if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
             mustafar__scalar_axpy(A, tok, weights + t, acc, dummy);
             continue;
@@ -2312,7 +2426,8 @@ static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu
 #endif
 
 /* The tokens [first, first + n) of a sequence for one KV head, K (value 0)
-   or V: page and slot counters instead of a division per token. */
+   or V: one page-table look-up per page, then the page's records one after
+   the other. */
 static void mustafar__cpu_tokens(const mustafar__cpu_attn *A, const mustafar_paged_seq *s,
                                  const int32_t *table, int32_t first, int n, int kv_head,
                                  int value, mustafar__cpu_token *toks)
@@ -2323,14 +2438,26 @@ static void mustafar__cpu_tokens(const mustafar__cpu_attn *A, const mustafar_pag
     const uint16_t *window = (const uint16_t *)(value ? A->kv->v_window : A->kv->k_window);
     const int kept = value ? L->v_kept : L->k_kept, slots = (int)((rec - (size_t)A->d / 8) / 2);
     int32_t p = first, page = first / L->page_size, slot = first % L->page_size;
-    int t;
-    for (t = 0; t < n && p < s->num_compressed; t++, p++) {
-        toks[t].p = pages + (((size_t)table[page] * L->num_kv_heads + kv_head) * L->page_size +
-                             (size_t)slot) * rec;
-        toks[t].kept = kept;
-        /* a record is followed by the next one of its page, at least 16 bytes */
-        toks[t].limit = slots + (slot != L->page_size - 1 ? 8 : 0);
-        if (++slot == L->page_size) { slot = 0; page++; }
+    int t = 0;
+    while (t < n && p < s->num_compressed) {
+        const unsigned char *r = pages + (((size_t)table[page] * L->num_kv_heads + kv_head) *
+                                          L->page_size + (size_t)slot) * rec;
+        int run = L->page_size - slot, i;
+        if (run > n - t) run = n - t;
+        if (run > s->num_compressed - p) run = (int)(s->num_compressed - p);
+        for (i = 0; i < run; i++, t++, r += rec) {
+            toks[t].p = r;
+            toks[t].kept = kept;
+            /* a record is followed by the next one of its page, at least 16 bytes */
+            toks[t].limit = slots + 8;
+        }
+        p += run;
+        slot += run;
+        if (slot == L->page_size) {
+            toks[t - 1].limit = slots;
+            slot = 0;
+            page++;
+        }
     }
     for (; t < n; t++, p++) {
         toks[t].p = (const unsigned char *)(const void *)(window +
@@ -2338,37 +2465,6 @@ static void mustafar__cpu_tokens(const mustafar__cpu_attn *A, const mustafar_pag
         toks[t].kept = -1;
         toks[t].limit = A->d;
     }
-}
-
-/* Records of a (page, KV head) are short runs a page apart, which hardware
-   prefetchers pick up late: the attention asks for each token's lines a block
-   ahead. */
-static void mustafar__cpu_prefetch(const mustafar__cpu_attn *A, mustafar__cpu_token tok)
-{
-    const size_t bytes = tok.kept < 0 ? 2 * (size_t)A->d
-                                      : (size_t)A->d / 8 + 2 * (size_t)tok.limit;
-    size_t line;
-    for (line = 0; line < bytes; line += 64) {
-#if defined(__GNUC__) || defined(__clang__)
-        __builtin_prefetch(tok.p + line);
-#elif defined(MUSTAFAR__CPU_X86)
-        _mm_prefetch((const char *)tok.p + line, _MM_HINT_T0);
-#else
-        MUSTAFAR__UNUSED(tok);
-#endif
-    }
-}
-
-/* Prefetches the block of tokens that starts at `first` (up to `end`). */
-static void mustafar__cpu_prefetch_block(const mustafar__cpu_attn *A, const mustafar_paged_seq *s,
-                                         const int32_t *table, int32_t first, int32_t end,
-                                         int kv_head, int value)
-{
-    mustafar__cpu_token toks[MUSTAFAR__CPU_BLOCK];
-    int n = end - first < MUSTAFAR__CPU_BLOCK ? (int)(end - first) : MUSTAFAR__CPU_BLOCK, t;
-    if (n <= 0) return;
-    mustafar__cpu_tokens(A, s, table, first, n, kv_head, value, toks);
-    for (t = 0; t < n; t++) mustafar__cpu_prefetch(A, toks[t]);
 }
 
 /* The scratch of a work item: acc[G][D], max[G], sum[G], then the work
@@ -2389,9 +2485,11 @@ static void mustafar__cpu_attention_task(void *data, int index)
     float *acc = A->scratch + (size_t)index * A->item_floats;
     float *mx = acc + (size_t)G * d, *sum = mx + G, *qf = sum + G;
     float *scores = qf + (size_t)G * d, *dummy = scores + (size_t)G * MUSTAFAR__CPU_BLOCK;
-    mustafar__cpu_token toks[MUSTAFAR__CPU_BLOCK];
-    int32_t b;
-    int g, c, t;
+    /* K [0] and V [1] tokens of this block [cur] and of the next [!cur] */
+    mustafar__cpu_token toks[2][2][MUSTAFAR__CPU_BLOCK];
+    mustafar__cpu_block kb, vb;
+    int32_t b, next;
+    int g, c, cur = 0, nb, nn;
     for (g = 0; g < G; g++) {
         const uint16_t *qh = A->q + ((size_t)it->seq * hq + (size_t)it->kv_head * G + g) * d;
         for (c = 0; c < d; c++) qf[(size_t)g * d + c] = mustafar__load(dt, qh[c]) * A->scale;
@@ -2399,14 +2497,23 @@ static void mustafar__cpu_attention_task(void *data, int index)
         sum[g] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * (size_t)G * d);
-    for (b = it->first; b < it->end; b += MUSTAFAR__CPU_BLOCK) {
-        const int nb = it->end - b < MUSTAFAR__CPU_BLOCK ? (int)(it->end - b) : MUSTAFAR__CPU_BLOCK;
-        mustafar__cpu_tokens(A, s, table, b, nb, it->kv_head, 0, toks);
-        mustafar__cpu_prefetch_block(A, s, table, b + nb, it->end, it->kv_head, 0);
-        A->dot(A, toks, nb, qf, scores);
+    nb = it->end - it->first < MUSTAFAR__CPU_BLOCK ? (int)(it->end - it->first) : MUSTAFAR__CPU_BLOCK;
+    mustafar__cpu_tokens(A, s, table, it->first, nb, it->kv_head, 0, toks[0][0]);
+    mustafar__cpu_tokens(A, s, table, it->first, nb, it->kv_head, 1, toks[0][1]);
+    for (b = it->first; b < it->end; b = next, nb = nn, cur = !cur) {
+        next = b + nb;
+        nn = it->end - next < MUSTAFAR__CPU_BLOCK ? (int)(it->end - next) : MUSTAFAR__CPU_BLOCK;
+        mustafar__cpu_tokens(A, s, table, next, nn, it->kv_head, 0, toks[!cur][0]);
+        mustafar__cpu_tokens(A, s, table, next, nn, it->kv_head, 1, toks[!cur][1]);
+        kb.toks = toks[cur][0];
+        kb.ahead = toks[!cur][0];
+        vb.toks = toks[cur][1];
+        vb.ahead = toks[!cur][1];
+        kb.n = vb.n = nb;
+        kb.nahead = vb.nahead = nn;
+        A->dot(A, &kb, qf, scores);
         for (g = 0; g < G; g++) {
-            float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = -INFINITY, m;
-            for (t = 0; t < nb; t++) if (row[t] > block_max) block_max = row[t];
+            float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = A->max_block(row, nb), m;
             m = block_max > mx[g] ? block_max : mx[g];
             if (m != mx[g]) {
                 float correction = expf(mx[g] - m);
@@ -2415,14 +2522,9 @@ static void mustafar__cpu_attention_task(void *data, int index)
                 sum[g] *= correction;
                 mx[g] = m;
             }
-            for (t = 0; t < nb; t++) row[t] -= m;
-            for (; t < MUSTAFAR__CPU_BLOCK; t++) row[t] = -INFINITY;
-            A->exp_block(row);
-            for (t = 0; t < nb; t++) sum[g] += row[t];
+            sum[g] += A->exp_block(row, nb, m);
         }
-        mustafar__cpu_tokens(A, s, table, b, nb, it->kv_head, 1, toks);
-        mustafar__cpu_prefetch_block(A, s, table, b + nb, it->end, it->kv_head, 1);
-        A->axpy(A, toks, nb, scores, acc, dummy);
+        A->axpy(A, &vb, scores, acc, dummy);
     }
 }
 
@@ -2493,11 +2595,13 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
     A->items = items;
     A->dot = mustafar__scalar_dot_block;
     A->axpy = mustafar__scalar_axpy_block;
+    A->max_block = mustafar__scalar_max_block;
     A->exp_block = mustafar__scalar_exp_block;
 #if defined(MUSTAFAR__CPU_X86)
     if (simd == MUSTAFAR__SIMD_AVX2) {
         A->dot = mustafar__avx2_dot;
         A->axpy = mustafar__avx2_axpy;
+        A->max_block = mustafar__avx2_max_block;
         A->exp_block = mustafar__avx2_exp_block;
     }
 #endif
@@ -2505,6 +2609,7 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
     if (simd == MUSTAFAR__SIMD_AVX512) {
         A->dot = mustafar__avx512_dot;
         A->axpy = mustafar__avx512_axpy;
+        A->max_block = mustafar__avx2_max_block;
         A->exp_block = mustafar__avx2_exp_block;
     }
 #endif
