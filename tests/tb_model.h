@@ -24,7 +24,7 @@ typedef struct tm_model {
     int L, hkv, hq, D, W, page, nk, nv;
     float ks, vs;
     mustafar_dtype dt;
-    int outlier;                         /* K has 4 channels x20 per head */
+    int outlier;                         /* 1: K has 4 channels x20 per head; 2: see tm_gen */
     int out_ch[16][4];
     tb_rng *rng;
     int nseq;
@@ -154,7 +154,10 @@ static void tm_reserve(tm_model *m, tm_seq *s, int need)
     s->cap = ncap;
 }
 
-/* Random K (post-RoPE-like: a few channels x20) and V for ntok tokens. */
+/* Random K (outlier 1, post-RoPE-like: a few channels x20) and V for ntok
+   tokens.  outlier 2: K and V both concentrated, as a trained model's are
+   (channels below D/4 x20), so that every kept value of a sparse record
+   lies in its first bitmap word and the later words are empty. */
 static void tm_gen(tm_model *m, uint16_t *k, uint16_t *v, int ntok)
 {
     int t, h, c;
@@ -162,12 +165,13 @@ static void tm_gen(tm_model *m, uint16_t *k, uint16_t *v, int ntok)
         for (h = 0; h < m->hkv; h++)
             for (c = 0; c < m->D; c++) {
                 size_t i = ((size_t)t * m->hkv + h) * m->D + c;
-                double sc = 1.0;
-                if (m->outlier && (c == m->out_ch[h % 16][0] || c == m->out_ch[h % 16][1] ||
-                                   c == m->out_ch[h % 16][2] || c == m->out_ch[h % 16][3]))
+                double sc = 1.0, sv = 1.0;
+                if (m->outlier == 1 && (c == m->out_ch[h % 16][0] || c == m->out_ch[h % 16][1] ||
+                                        c == m->out_ch[h % 16][2] || c == m->out_ch[h % 16][3]))
                     sc = 20.0;
+                if (m->outlier == 2 && c < m->D / 4) sc = sv = 20.0;
                 k[i] = tb_d2h(m->dt, sc * tb_normal(m->rng));
-                v[i] = tb_d2h(m->dt, tb_normal(m->rng));
+                v[i] = tb_d2h(m->dt, sv * tb_normal(m->rng));
             }
 }
 

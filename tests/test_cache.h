@@ -213,12 +213,20 @@ static void test_cache_append_paths(mustafar_context *ctx)
 static void decode_step_case(mustafar_context *ctx, tb_rng *r, const mustafar_cache_desc *d,
                              const int *lens, int n, int steps)
 {
+    char what[5][200];
     tm_model m;
     int idx[TM_MAX_SEQS], nt[TM_MAX_SEQS], ids[TM_MAX_SEQS], i, l, step;
     const int many[5] = {0, 1, 3, 17, 40};
     tm_query query;
     uint16_t *q, *out;
     if (!tm_create(&m, ctx, r, d, 1)) return;
+    {
+        static const char *const kinds[5] = {"one token", "0 to 40 tokens", "no tokens",
+                                             "3000 (quick: 600) tokens and of one", ""};
+        for (i = 0; i < 4; i++)
+            snprintf(what[i], sizeof what[i], "decode step of %s (D=%d Hkv=%d Hq=%d W=%d s=%g/%g)", kinds[i],
+                     m.D, m.hkv, m.hq, m.W, (double)m.ks, (double)m.vs);
+    }
     for (i = 0; i < n; i++) {
         idx[i] = tm_add(&m);
         if (idx[i] < 0) { tm_destroy(&m); return; }
@@ -227,17 +235,17 @@ static void decode_step_case(mustafar_context *ctx, tb_rng *r, const mustafar_ca
     }
     for (l = 0; l < 2; l++) tm_append(&m, l, n, idx, nt);
     for (step = 0; step < steps; step++)
-        tm_step(&m, step % 2, n, idx, NULL, step % 3 ? 0 : 20, "decode step of one token");
+        tm_step(&m, step % 2, n, idx, NULL, step % 3 ? 0 : 20, what[0]);
     for (i = 0; i < n; i++) nt[i] = many[i % 5];
-    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 0, "decode step of 0 to 40 tokens");
+    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 0, what[1]);
     for (i = 0; i < n; i++) nt[i] = 0;          /* nothing appended: a plain attention */
-    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 20, "decode step of no tokens");
+    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 20, what[2]);
     /* an append long enough that the attention's first tiles would reach
        its new records before it writes them, were they not waited for; the
        attention calls queued before keep the GPU behind the host, so that
        the step's two kernels run back to back */
     for (i = 0; i < n; i++) nt[i] = i == 0 ? (g_quick ? 600 : 3000) : 1;
-    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 40, "decode step of 3000 (quick: 600) tokens and of one");
+    for (l = 0; l < 2; l++) tm_step(&m, l, n, idx, nt, 40, what[3]);
     /* failed steps append nothing */
     q = TB_NEW(uint16_t, (size_t)n * m.hq * m.D);
     out = TB_NEW(uint16_t, (size_t)n * m.hq * m.D);
@@ -282,6 +290,13 @@ static void test_cache_decode_step(mustafar_context *ctx)
     tm_desc(&d, 2, 2, 8, 128, MUSTAFAR_DTYPE_F16, 0.7f, 0.7f, 8, 16, 16384, 5);
     decode_step_case(ctx, &r, &d, g_quick ? lens_q : lens, 5, g_quick ? 8 : 24);
     tm_desc(&d, 2, 2, 32, 64, MUSTAFAR_DTYPE_BF16, 0.5f, 0.7f, 16, 8, 8192, 3);
+    decode_step_case(ctx, &r, &d, g_quick ? lens2_q : lens2, 3, g_quick ? 4 : 12);
+    /* the shape of examples/model (D=64, 8/2 heads) with a window of 4 and V 0.8 */
+    tm_desc(&d, 2, 2, 8, 64, MUSTAFAR_DTYPE_F16, 0.5f, 0.8f, 4, 16, 8192, 3);
+    decode_step_case(ctx, &r, &d, g_quick ? lens2_q : lens2, 3, g_quick ? 4 : 12);
+    tm_desc(&d, 2, 2, 8, 64, MUSTAFAR_DTYPE_F16, 0.5f, 0.5f, 4, 16, 8192, 3);
+    decode_step_case(ctx, &r, &d, g_quick ? lens2_q : lens2, 3, g_quick ? 4 : 12);
+    tm_desc(&d, 2, 2, 8, 64, MUSTAFAR_DTYPE_F16, 0.5f, 0.8f, 8, 16, 8192, 3);
     decode_step_case(ctx, &r, &d, g_quick ? lens2_q : lens2, 3, g_quick ? 4 : 12);
 }
 

@@ -12,7 +12,7 @@ static mustafar__cudaError tg_count(void **p, size_t bytes, tg_malloc_fn real)
 {
     if (++g_tg_calls == g_tg_fail_at) {
         *p = NULL;
-        return 2; /* cudaErrorMemoryAllocation */
+        return (mustafar__cudaError)2; /* cudaErrorMemoryAllocation */
     }
     return real(p, bytes);
 }

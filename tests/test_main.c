@@ -58,6 +58,7 @@ static const tb_test k_tests[] = {
     {"test_prune_reference", test_prune_reference, 1},
     {"test_compress_format", test_compress_format, 1},
     {"test_prune_large_batch", test_prune_large_batch, 1},
+    {"test_append_records", test_append_records, 1},
     /* case 4: attention through the cache */
     {"test_cache_attention", test_cache_attention, 1},
     {"test_cache_attention_long", test_cache_attention_long, 1},

@@ -364,3 +364,86 @@ static void test_compress_format(mustafar_context *ctx)
                     free(grec);
                 }
 }
+
+/* The records an append writes (through the cache, one token at a time and
+   in one large call) are the reference encoder's, on tie-heavy, outlier and
+   plain data, with K and V of different sparsities. */
+static void test_append_records(mustafar_context *ctx)
+{
+    static const struct { int D; float ks, vs; } cases[] = {
+        {64, 0.5f, 0.8f}, {64, 0.7f, 0.8f}, {128, 0.5f, 0.7f}, {128, 0.7f, 0.7f}, {256, 0.9f, 0.5f}};
+    tb_rng r;
+    size_t ci;
+    int ti;
+    tb_rng_for_test(&r, g_cur_test);
+    for (ci = 0; ci < sizeof cases / sizeof cases[0]; ci++)
+        for (ti = 0; ti < 2; ti++) {
+            const int D = cases[ci].D, hkv = 2, page = 16, T = 90, big = 60;
+            const mustafar_dtype dt = ti ? MUSTAFAR_DTYPE_BF16 : MUSTAFAR_DTYPE_F16;
+            const int nk = ref_kept(D, cases[ci].ks), nv = ref_kept(D, cases[ci].vs);
+            const size_t krec = ref_record_bytes(D, nk), vrec = ref_record_bytes(D, nv);
+            const size_t per = (size_t)hkv * D;
+            mustafar_cache_desc d;
+            mustafar_cache *c = NULL;
+            mustafar_paged_kv kv;
+            uint16_t *k = TB_NEW(uint16_t, (size_t)T * per), *v = TB_NEW(uint16_t, (size_t)T * per);
+            unsigned char *kp = NULL, *vp = NULL, want[1024], keep[256];
+            int32_t table[8];
+            void *dk, *dv;
+            int seq = -1, t, h, bad = 0, one = 1, n = big;
+            /* token t's K and V: ties, outliers or plain, by token */
+            for (t = 0; t < T; t++) {
+                prune_gen(&r, dt, t % 3 == 0 ? KIND_TIES : t % 3 == 1 ? KIND_OUTLIER : KIND_NORMAL, D, nk,
+                          k + (size_t)t * per, hkv);
+                prune_gen(&r, dt, t % 3 == 0 ? KIND_TIES : KIND_NORMAL, D, nv, v + (size_t)t * per, hkv);
+            }
+            memset(&d, 0, sizeof d);
+            d.num_layers = 1; d.num_kv_heads = hkv; d.head_dim = D; d.dtype = dt;
+            d.k_sparsity = cases[ci].ks; d.v_sparsity = cases[ci].vs; d.page_size = page;
+            d.capacity_tokens = T; d.max_sequences = 1;
+            dk = tb_dup(ctx, k, (size_t)T * per * 2);
+            dv = tb_dup(ctx, v, (size_t)T * per * 2);
+            if (CHECK_ST(ctx, mustafar_cache_create(ctx, &d, &c), MUSTAFAR_OK) &&
+                CHECK_ST(ctx, mustafar_cache_add_sequence(c, &seq), MUSTAFAR_OK) &&
+                CHECK_ST(ctx, mustafar_cache_append(c, 0, 1, &seq, &n, dk, dv), MUSTAFAR_OK)) {
+                for (t = big; t < T; t++)
+                    CHECK_ST(ctx, mustafar_cache_append(c, 0, 1, &seq, &one, (uint16_t *)dk + (size_t)t * per,
+                                                        (uint16_t *)dv + (size_t)t * per), MUSTAFAR_OK);
+                if (CHECK_ST(ctx, mustafar_cache_layer_view(c, 0, &kv), MUSTAFAR_OK)) {
+                    const size_t kbytes = (size_t)kv.num_pages * hkv * page * krec;
+                    const size_t vbytes = (size_t)kv.num_pages * hkv * page * vrec;
+                    kp = TB_NEW(unsigned char, kbytes);
+                    vp = TB_NEW(unsigned char, vbytes);
+                    tb_download(ctx, kp, kv.k_pages, kbytes);
+                    tb_download(ctx, vp, kv.v_pages, vbytes);
+                    tb_download(ctx, table, kv.page_table, sizeof(int32_t) * (size_t)((T + page - 1) / page));
+                    for (t = 0; t < T && bad < 3; t++)
+                        for (h = 0; h < hkv && bad < 3; h++) {
+                            const size_t slot = ((size_t)table[t / page] * hkv + h) * page + t % page;
+                            const uint16_t *kx = k + (size_t)t * per + (size_t)h * D;
+                            const uint16_t *vx = v + (size_t)t * per + (size_t)h * D;
+                            ref_prune_fast(kx, D, nk, keep);
+                            ref_encode(kx, keep, D, krec, want);
+                            if (memcmp(kp + slot * krec, want, krec)) {
+                                bad++;
+                                CHECK(0, "D=%d %s K %g / V %g: token %d head %d: K record differs from the "
+                                      "reference (%s)", D, tb_dtname(dt), (double)cases[ci].ks,
+                                      (double)cases[ci].vs, t, h, t < big ? "large append" : "one token");
+                            }
+                            ref_prune_fast(vx, D, nv, keep);
+                            ref_encode(vx, keep, D, vrec, want);
+                            if (memcmp(vp + slot * vrec, want, vrec)) {
+                                bad++;
+                                CHECK(0, "D=%d %s K %g / V %g: token %d head %d: V record differs from the "
+                                      "reference (%s)", D, tb_dtname(dt), (double)cases[ci].ks,
+                                      (double)cases[ci].vs, t, h, t < big ? "large append" : "one token");
+                            }
+                        }
+                }
+            }
+            mustafar_cache_destroy(c);
+            tb_free(ctx, dk);
+            tb_free(ctx, dv);
+            free(k); free(v); free(kp); free(vp);
+        }
+}
