@@ -107,6 +107,8 @@ static void run_threads(void (*fn)(void *, int, int), void *data, int nthreads)
     pthread_t th[256];
     run_arg args[256];
     int t;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 256) nthreads = 256;
     for (t = 0; t < nthreads; t++) {
         args[t].fn = fn; args[t].data = data; args[t].tid = t; args[t].nthreads = nthreads;
         if (t && pthread_create(&th[t], NULL, run_thread, &args[t])) { fprintf(stderr, "pthread_create\n"); exit(1); }
