@@ -391,11 +391,19 @@ static void test_append_records(mustafar_context *ctx)
             int32_t table[8];
             void *dk, *dv;
             int seq = -1, t, h, bad = 0, one = 1, n = big;
-            /* token t's K and V: ties, outliers or plain, by token */
+            /* token t's K and V: ties, outliers, plain, or concentrated in
+               the first D/4 channels (as a trained model's often are), by token */
             for (t = 0; t < T; t++) {
-                prune_gen(&r, dt, t % 3 == 0 ? KIND_TIES : t % 3 == 1 ? KIND_OUTLIER : KIND_NORMAL, D, nk,
+                size_t e;
+                prune_gen(&r, dt, t % 4 == 0 ? KIND_TIES : t % 4 == 1 ? KIND_OUTLIER : KIND_NORMAL, D, nk,
                           k + (size_t)t * per, hkv);
-                prune_gen(&r, dt, t % 3 == 0 ? KIND_TIES : KIND_NORMAL, D, nv, v + (size_t)t * per, hkv);
+                prune_gen(&r, dt, t % 4 == 0 ? KIND_TIES : KIND_NORMAL, D, nv, v + (size_t)t * per, hkv);
+                if (t % 4 == 3)
+                    for (e = 0; e < per; e++)
+                        if ((int)(e % (size_t)D) < D / 4) {
+                            k[(size_t)t * per + e] = tb_d2h(dt, 20.0 * tb_h2d(dt, k[(size_t)t * per + e]));
+                            v[(size_t)t * per + e] = tb_d2h(dt, 20.0 * tb_h2d(dt, v[(size_t)t * per + e]));
+                        }
             }
             memset(&d, 0, sizeof d);
             d.num_layers = 1; d.num_kv_heads = hkv; d.head_dim = D; d.dtype = dt;
