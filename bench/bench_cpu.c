@@ -444,8 +444,12 @@ int main(int argc, char **argv)
     if (g_cores > 256) g_cores = 256;
     g_copy[0] = memcpy_bandwidth(1, g_reps);
     g_copy[1] = memcpy_bandwidth(g_cores, g_reps);
-    printf("mustafar %s CPU benchmark: %d cores, Hq=%d Hkv=%d D=%d fp16, %s of %d calls\n",
-           mustafar_version_string(), g_cores, HQ, HKV, D, g_fastest ? "fastest" : "median", g_reps);
+    {
+        static const char *const simd_names[] = {"scalar", "avx2", "neon", "avx512"};
+        printf("mustafar %s CPU benchmark: %d cores, %s path, Hq=%d Hkv=%d D=%d fp16, %s of %d calls\n",
+               mustafar_version_string(), g_cores, simd_names[mustafar__cpu_choose_simd()], HQ, HKV, D,
+               g_fastest ? "fastest" : "median", g_reps);
+    }
     printf("memcpy read bandwidth: %.2f GB/s (1 thread), %.2f GB/s (%d threads)\n\n",
            g_copy[0] / 1e9, g_copy[1] / 1e9, g_cores);
     printf("Decode attention (one layer, one query token per sequence); dense = fp16 SIMD baseline\n\n");
