@@ -1,4 +1,4 @@
-/* mustafar.h - v0.3.0 - compressed KV cache and sparse decode attention
+/* mustafar.h - v0.3.1 - compressed KV cache and sparse decode attention
    for LLM inference, in one C header.  Public domain / MIT (see end of file).
 
    WHAT IT IS
@@ -157,8 +157,8 @@
 
 #define MUSTAFAR_VERSION_MAJOR 0
 #define MUSTAFAR_VERSION_MINOR 3
-#define MUSTAFAR_VERSION_PATCH 0
-#define MUSTAFAR_VERSION_STRING "0.3.0"
+#define MUSTAFAR_VERSION_PATCH 1
+#define MUSTAFAR_VERSION_STRING "0.3.1"
 /* Version of the record and page layout; bumped on any change to them. */
 #define MUSTAFAR_FORMAT_VERSION 1
 
@@ -6819,6 +6819,12 @@ static const char *const *mustafar__kernel_source(void)
 
 /* ==== >>history: REVISION HISTORY ================================================
 
+   0.3.1  (2026-12-04)  CPU decode and compression faster (token pointers per
+                        page run, vector softmax, AVX-512 dot of four tokens,
+                        threshold search in registers); a failed cudaMalloc
+                        or cudaMallocHost no longer leaves CUDA's last error
+                        set for the next launch to report; out-of-memory
+                        messages give the device's free and total bytes.
    0.3.0  (2026-12-04)  save and restore (mustafar_cache_save/_load and their
                         memory and file forms; MUSTAFAR_ERROR_INVALID_FILE,
                         MUSTAFAR_ERROR_IO); a context destroyed before its
