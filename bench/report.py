@@ -29,11 +29,33 @@ def fmt(x, spec):
     return "" if math.isnan(x) else format(x, spec)
 
 
+def faster_sdpa(b):
+    return min((x for x in (num(b.get("sdpa_flash_ms")), num(b.get("sdpa_cudnn_ms"))) if not math.isnan(x)),
+               default=math.nan)
+
+
+def merged(ours, bl, key, copy):
+    hdr = ("| B | T | Hq/Hkv | D | s | time ms | % copy | faster SDPA ms | vs SDPA | FlashInfer fp16 ms "
+           "| FlashInfer fp8 ms | vs fp8 | append ms | prefill GB/s |")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in ours:
+        k = key(r)
+        ms, b = num(r["ms"]), bl.get(k, {})
+        best, fp8 = faster_sdpa(b), num(b.get("flashinfer_fp8_ms"))
+        print(f"| {k[0]} | {k[1]} | {k[2]}/{k[3]} | {k[4]} | {num(r['sparsity']):.1f} | {ms:.4f} "
+              f"| {100 * num(r['gbps']) / copy:.0f} | {fmt(best, '.4f')} | {fmt(ms / best, '.2f')}x "
+              f"| {fmt(num(b.get('flashinfer_fp16_ms')), '.4f')} | {fmt(fp8, '.4f')} | {fmt(ms / fp8, '.2f')}x "
+              f"| {num(r['append_ms']):.4f} | {num(r['prefill_gbps']):.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("ours")
     ap.add_argument("baselines")
     ap.add_argument("--plot")
+    ap.add_argument("--merged", action="store_true",
+                    help="one compact table (as in bench/RESULTS.md) instead of the two")
     a = ap.parse_args()
     ours, meta = load(a.ours)
     base, _ = load(a.baselines)
@@ -42,6 +64,9 @@ def main():
     copy = meta.get("copy_gbps", math.nan)
     print(f"copy bandwidth {copy:.0f} GB/s; JIT init cold {meta.get('cold_init_ms', 0):.0f} ms, "
           f"warm {meta.get('warm_init_ms', 0):.1f} ms\n")
+    if a.merged:
+        merged(ours, bl, key, copy)
+        return
     hdr = ("| B | T | Hq/Hkv | D | s | time ms | GB/s | % copy | floor ms | append ms | in-step "
            "append ms | prefill GB/s |")
     print(hdr)
@@ -64,7 +89,7 @@ def main():
         ms, b = num(r["ms"]), bl.get(k, {})
         flash, cudnn = num(b.get("sdpa_flash_ms")), num(b.get("sdpa_cudnn_ms"))
         fp16, fp8 = num(b.get("flashinfer_fp16_ms")), num(b.get("flashinfer_fp8_ms"))
-        best = min((x for x in (flash, cudnn) if not math.isnan(x)), default=math.nan)
+        best = faster_sdpa(b)
         print(f"| {k[0]} | {k[1]} | {k[2]}/{k[3]} | {k[4]} | {num(r['sparsity']):.1f} | {ms:.4f} "
               f"| {fmt(flash, '.4f')} | {fmt(cudnn, '.4f')} | {fmt(ms / best, '.2f')}x "
               f"| {fmt(fp16, '.4f')} | {fmt(fp8, '.4f')} | {fmt(ms / fp8, '.2f')}x |")

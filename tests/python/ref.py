@@ -1,4 +1,4 @@
-"""Independent references for the tests: pruning by the rule of the brief and
+"""Independent references for the tests: pruning by the rule documented in mustafar.h and
 attention in float64, written with numpy only."""
 import numpy as np
 
