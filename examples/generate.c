@@ -663,9 +663,13 @@ typedef struct {
     /* backend memory (device memory on CUDA) */
     void *dq, *dk, *dv, *dout;
     /* float64 reference attention instead of the cache (tests): the raw
-       fp16 K/V of every layer and their pruned copies, [layer][pos][Hkv][D] */
+       fp16 K/V of every layer and their pruned copies, [layer][pos][Hkv][D].
+       The cache then runs beside it on the same fp16 q/k/v, and
+       cache_error keeps its largest |cache - float64| over every output
+       channel, step and layer, relative to the largest |V| of that head. */
     int reference;
-    uint16_t *rk, *rv, *rkp, *rvp;
+    uint16_t *rk, *rv, *rkp, *rvp, *co16;
+    double *o64, *vmax, cache_error;
     char err[1024];
 } runner;
 
@@ -680,7 +684,7 @@ static void runner_free(runner *r) {
     }
     free(r->x); free(r->h); free(r->q); free(r->k); free(r->v); free(r->att); free(r->g); free(r->u);
     free(r->hq16); free(r->hk16); free(r->hv16); free(r->ho16);
-    free(r->rk); free(r->rv); free(r->rkp); free(r->rvp);
+    free(r->rk); free(r->rv); free(r->rkp); free(r->rvp); free(r->co16); free(r->o64); free(r->vmax);
     memset(r, 0, sizeof *r);
 }
 
@@ -735,9 +739,12 @@ static int runner_init(runner *r, const model *m, mustafar_backend backend, int 
         size_t all = (size_t)m->nl * capacity * kd * 2;
         r->rk = (uint16_t *)malloc(all); r->rv = (uint16_t *)malloc(all);
         r->rkp = (uint16_t *)malloc(all); r->rvp = (uint16_t *)malloc(all);
+        r->co16 = (uint16_t *)malloc(2 * maxT * qd);
+        r->o64 = (double *)malloc(sizeof(double) * maxT * qd);
+        r->vmax = (double *)malloc(sizeof(double) * maxT * m->hq);
     }
     if (!r->x || !r->h || !r->q || !r->k || !r->v || !r->att || !r->g || !r->u || !r->hq16 || !r->ho16 ||
-        !r->hk16 || !r->hv16 || (reference && (!r->rk || !r->rv || !r->rkp || !r->rvp))) {
+        !r->hk16 || !r->hv16 || (reference && (!r->rk || !r->rv || !r->rkp || !r->rvp || !r->co16 || !r->o64 || !r->vmax))) {
         snprintf(r->err, sizeof r->err, "out of host memory");
         return 0;
     }
@@ -777,8 +784,10 @@ static void reference_prune(const uint16_t *in, uint16_t *out, size_t vectors, i
 
 /* Float64 attention of token t of the block (at sequence length len after
    its append) over the stored fp16 K/V of layer l, with the cache's rule:
-   positions [0, len - window) pruned, the rest dense. */
-static void reference_attention(runner *r, int l, int len, const uint16_t *q16, uint16_t *o16, double *o64) {
+   positions [0, len - window) pruned, the rest dense.  vmax[h]: the largest
+   |V| that head h attended over. */
+static void reference_attention(runner *r, int l, int len, const uint16_t *q16, uint16_t *o16, double *o64,
+                                double *vmax) {
     const model *m = r->m;
     int D = m->hd, g = m->hq / m->hkv, h, j, c;
     int ncomp = len > r->window ? len - r->window : 0;
@@ -796,9 +805,14 @@ static void reference_attention(runner *r, int l, int len, const uint16_t *q16, 
         }
         for (j = 0; j < len; j++) { w[j] = exp(w[j] - mx); sum += w[j]; }
         for (c = 0; c < D; c++) acc[c] = 0;
+        vmax[h] = 0;
         for (j = 0; j < len; j++) {
             const uint16_t *vv = (j < ncomp ? r->rvp : r->rv) + ((size_t)l * r->cap + j) * kd + (size_t)kvh * D;
-            for (c = 0; c < D; c++) acc[c] += w[j] * mustafar_f16_to_f32(vv[c]);
+            for (c = 0; c < D; c++) {
+                double x = mustafar_f16_to_f32(vv[c]);
+                acc[c] += w[j] * x;
+                if (fabs(x) > vmax[h]) vmax[h] = fabs(x);
+            }
         }
         for (c = 0; c < D; c++) {
             o64[h * D + c] = acc[c] / sum;
@@ -806,6 +820,22 @@ static void reference_attention(runner *r, int l, int len, const uint16_t *q16, 
         }
     }
     free(w);
+}
+
+/* Layer l of the block's T tokens through the cache, one decode step each
+   (token t is appended, then its query attends); out16: [T][Hq][D]. */
+static int cache_steps(runner *r, int l, int T, uint16_t *out16) {
+    size_t qd = (size_t)r->m->hq * r->m->hd, kd = (size_t)r->m->hkv * r->m->hd;
+    int one = 1, t;
+    RUN_CHECK(mustafar_memory_upload(r->ctx, r->dq, r->hq16, 2 * T * qd));
+    RUN_CHECK(mustafar_memory_upload(r->ctx, r->dk, r->hk16, 2 * T * kd));
+    RUN_CHECK(mustafar_memory_upload(r->ctx, r->dv, r->hv16, 2 * T * kd));
+    for (t = 0; t < T; t++)
+        RUN_CHECK(mustafar_cache_decode_step(r->cache, l, 1, &r->seq, &one, (uint16_t *)r->dk + t * kd,
+                                             (uint16_t *)r->dv + t * kd, (uint16_t *)r->dq + t * qd,
+                                             (uint16_t *)r->dout + t * qd, 0.0f));
+    RUN_CHECK(mustafar_memory_download(r->ctx, out16, r->dout, 2 * T * qd));
+    return 1;
 }
 
 /* Runs T tokens through the model at positions pos.., appending them to the
@@ -842,25 +872,24 @@ static int forward(runner *r, const int *tokens, int T, float *logits, int all_l
             memcpy(r->rv + off, r->hv16, 2 * T * kd);
             reference_prune(r->hk16, r->rkp + off, (size_t)T * m->hkv, D, r->ks);
             reference_prune(r->hv16, r->rvp + off, (size_t)T * m->hkv, D, r->vs);
-            for (t = 0; t < T; t++) {
-                double o64[4096];
-                reference_attention(r, l, r->pos + t + 1, r->hq16 + t * qd, r->ho16 + t * qd, o64);
-                /* the output rounded to fp16 as the cache returns it */
-                for (i = 0; i < (int)qd; i++) r->att[t * qd + i] = mustafar_f16_to_f32(r->ho16[t * qd + i]);
+            for (t = 0; t < T; t++)
+                reference_attention(r, l, r->pos + t + 1, r->hq16 + t * qd, r->ho16 + t * qd, r->o64 + t * qd,
+                                    r->vmax + t * m->hq);
+            /* the cache beside the reference, on the same inputs: checked
+               step by step, not through the logits, because pruning is not
+               continuous (an output one fp16 step off can change which
+               elements a later vector keeps, and the two runs then part) */
+            if (!cache_steps(r, l, T, r->co16)) return 0;
+            for (i = 0; i < (int)(T * qd); i++) {
+                double e = fabs(mustafar_f16_to_f32(r->co16[i]) - r->o64[i]) /
+                           (r->vmax[i / D] > 0 ? r->vmax[i / D] : 1.0);
+                if (!(e <= r->cache_error)) r->cache_error = e;   /* NaN sticks */
             }
-        } else {
-            int one = 1;
-            RUN_CHECK(mustafar_memory_upload(r->ctx, r->dq, r->hq16, 2 * T * qd));
-            RUN_CHECK(mustafar_memory_upload(r->ctx, r->dk, r->hk16, 2 * T * kd));
-            RUN_CHECK(mustafar_memory_upload(r->ctx, r->dv, r->hv16, 2 * T * kd));
-            for (t = 0; t < T; t++)   /* append token t, then its query attends */
-                RUN_CHECK(mustafar_cache_decode_step(r->cache, l, 1, &r->seq, &one,
-                                                     (uint16_t *)r->dk + t * kd, (uint16_t *)r->dv + t * kd,
-                                                     (uint16_t *)r->dq + t * qd, (uint16_t *)r->dout + t * qd,
-                                                     0.0f));
-            RUN_CHECK(mustafar_memory_download(r->ctx, r->ho16, r->dout, 2 * T * qd));
-            for (i = 0; i < (int)(T * qd); i++) r->att[i] = mustafar_f16_to_f32(r->ho16[i]);
+        } else if (!cache_steps(r, l, T, r->ho16)) {
+            return 0;
         }
+        /* the output rounded to fp16 as the cache returns it */
+        for (i = 0; i < (int)(T * qd); i++) r->att[i] = mustafar_f16_to_f32(r->ho16[i]);
         matmul(r->x, r->att, w->wo, T, (int)qd, dm, 1);
         rmsnorm(r->h, r->x, w->mlp_norm, T, dm, m->eps);
         matmul(r->g, r->h, w->wg, T, dm, m->dff, 0);

@@ -6,11 +6,17 @@
       (examples/model/vectors.safetensors, written by tools/train_model.py),
       within fp16 bounds: the C side rounds q, K, V and the attention output
       to fp16 (the cache's dtype), PyTorch does not.
-   3. With pruning (K 0.7 / V 0.7, windows 0 and 8; K 0.5 / V 0.8, window 4)
-      the model run through the library's cache matches the same model with
-      a float64 attention over K/V pruned by the rule written out a second
-      time (generate.c's reference_prune, not the library's code), token by
-      token.
+   3. With pruning (K/V 0.7 with windows 0 and 8, K 0.5 / V 0.8 with
+      windows 0 and 4, K/V 0.5 with window 4) the model runs with a float64
+      attention over K/V pruned by the rule written out a second time
+      (generate.c's reference_prune, not the library's code), and the
+      library's cache, fed the same fp16 q/k/v, must match every one of its
+      attention outputs, layer by layer and token by token.  Comparing the
+      logits of two free runs instead does not work: pruning is not
+      continuous, so an output one fp16 step off can change which elements a
+      later vector keeps, and the runs part (a float64 reference that rounds
+      its softmax weights to fp16, as the GPU does, moves this model's
+      logits by up to 0.54).
    Cases 2-3 run on the CPU backend, and again on CUDA when a GPU is usable
    (else they count as skipped).
 
@@ -122,8 +128,9 @@ static void test_reader(const char *model_path) {
 }
 
 /* ---- 2-3. the model ------------------------------------------------------ */
+/* cache_error (reference runs): runner.cache_error, see examples/generate.c */
 static float *run_model(const model *m, mustafar_backend be, float ks, float vs, int window, int reference,
-                        const int *tok, int T, int blocks, char *err, size_t cap) {
+                        const int *tok, int T, int blocks, double *cache_error, char *err, size_t cap) {
     runner r;
     float *lg = (float *)malloc(sizeof(float) * (size_t)T * m->vocab);
     int done = 0, b;
@@ -145,6 +152,7 @@ static float *run_model(const model *m, mustafar_backend be, float ks, float vs,
         }
         done += n;
     }
+    if (cache_error) *cache_error = r.cache_error;
     runner_free(&r);
     return lg;
 }
@@ -167,10 +175,10 @@ static void test_model_on(const model *m, mustafar_backend be, const int *tok, i
     float *lg;
     double d, amax;
     static const struct { float ks, vs; int window, blocks; } pr[] = {
-        {0.7f, 0.7f, 0, 1}, {0.7f, 0.7f, 8, 1}, {0.5f, 0.8f, 4, 12}};
+        {0.7f, 0.7f, 0, 1}, {0.7f, 0.7f, 8, 1}, {0.5f, 0.8f, 4, 12}, {0.5f, 0.8f, 0, 1}, {0.5f, 0.5f, 4, 12}};
     size_t i;
     /* 2. sparsity 0 against PyTorch */
-    lg = run_model(m, be, 0.0f, 0.0f, 0, 0, tok, T, 1, err, sizeof err);
+    lg = run_model(m, be, 0.0f, 0.0f, 0, 0, tok, T, 1, NULL, err, sizeof err);
     snprintf(name, sizeof name, "[%s] sparsity 0 logits vs PyTorch fp32 (%d tokens)", bn, T);
     if (!lg) { failed++; printf("FAIL %s: %s\n", name, err); return; }
     d = max_abs(lg, ref, (size_t)T * m->vocab, &amax);
@@ -191,26 +199,24 @@ static void test_model_on(const model *m, mustafar_backend be, const int *tok, i
         check(agree >= T - 1, name, "%.0f of %.0f positions agree", agree, T);
     }
     free(lg);
-    /* 3. pruned: the library's cache vs float64 attention over reference_prune */
+    /* 3. pruned: the model driven by float64 attention over K/V pruned by
+       reference_prune, the cache beside it on the same fp16 inputs */
     for (i = 0; i < sizeof pr / sizeof pr[0]; i++) {
-        float *lr;
-        lg = run_model(m, be, pr[i].ks, pr[i].vs, pr[i].window, 0, tok, T, pr[i].blocks, err, sizeof err);
-        lr = run_model(m, MUSTAFAR_BACKEND_CPU, pr[i].ks, pr[i].vs, pr[i].window, 1, tok, T, pr[i].blocks, err,
-                       sizeof err);
-        snprintf(name, sizeof name, "[%s] K %.1f V %.1f window %d (%s) vs float64 pruned attention", bn,
+        double e;
+        lg = run_model(m, be, pr[i].ks, pr[i].vs, pr[i].window, 1, tok, T, pr[i].blocks, &e, err, sizeof err);
+        snprintf(name, sizeof name, "[%s] K %.1f V %.1f window %d (%s): every attention output vs float64", bn,
                  pr[i].ks, pr[i].vs, pr[i].window, pr[i].blocks > 1 ? "prefill + decode steps" : "one prefill");
-        if (!lg || !lr) { failed++; printf("FAIL %s: %s\n", name, err); free(lg); free(lr); continue; }
-        d = max_abs(lg, lr, (size_t)T * m->vocab, &amax);
-        /* the two differ by the fp16 rounding of the attention output and
-           the order of fp32 sums: far below the effect of pruning */
-        check(d <= 0.005 * amax + 1e-3, name, "max |difference| %.3g, largest |logit| %.3g", d, amax);
+        if (!lg) { failed++; printf("FAIL %s: %s\n", name, err); continue; }
+        /* the output rounded to fp16 (2^-11 of |out| <= max|V|), and on the
+           GPU also the softmax weights rounded to fp16 for the tensor cores
+           (2^-11 of each weight): 2^-10 of max|V|, plus fp32 sums */
+        check(e <= 1.1e-3, name, "largest |difference| %.3g of max |V| (bound %.2g)", e, 1.1e-3);
         if (i == 0) {
-            double e = max_abs(lg, ref, (size_t)T * m->vocab, NULL);
-            snprintf(name, sizeof name, "[%s] pruning K 0.7 V 0.7 changes the logits", bn);
-            check(e > 10 * d, name, "by %.3g, 10x more than the implementation error %.3g", e, d);
+            d = max_abs(lg, ref, (size_t)T * m->vocab, &amax);
+            snprintf(name, sizeof name, "[%s] pruning K 0.7 V 0.7 changes the float64 model's logits", bn);
+            check(d > 0.02 * amax, name, "by %.3g, largest |logit| %.3g", d, amax);
         }
         free(lg);
-        free(lr);
     }
 }
 
@@ -252,7 +258,7 @@ int main(int argc, char **argv) {
         test_model_on(&m, MUSTAFAR_BACKEND_CUDA, tok, T, ref);
     } else {
         printf("GPU cases skipped: %s\n", err);
-        skipped += 7;
+        skipped += 8;
     }
     free(tok); free(ptok); free(ref);
     st_close(&vf);
