@@ -34,16 +34,25 @@ def faster_sdpa(b):
                default=math.nan)
 
 
+def table_header(hdr):
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+
+
+def row_start(k, r, ms):
+    """The columns every table starts with: shape, sparsity, our time."""
+    return f"| {k[0]} | {k[1]} | {k[2]}/{k[3]} | {k[4]} | {num(r['sparsity']):.1f} | {ms:.4f} "
+
+
 def merged(ours, bl, key, copy):
     hdr = ("| B | T | Hq/Hkv | D | s | time ms | % copy | faster SDPA ms | vs SDPA | FlashInfer fp16 ms "
            "| FlashInfer fp8 ms | vs fp8 | append ms | prefill GB/s |")
-    print(hdr)
-    print("|" + "---|" * (hdr.count("|") - 1))
+    table_header(hdr)
     for r in ours:
         k = key(r)
         ms, b = num(r["ms"]), bl.get(k, {})
         best, fp8 = faster_sdpa(b), num(b.get("flashinfer_fp8_ms"))
-        print(f"| {k[0]} | {k[1]} | {k[2]}/{k[3]} | {k[4]} | {num(r['sparsity']):.1f} | {ms:.4f} "
+        print(row_start(k, r, ms) +
               f"| {100 * num(r['gbps']) / copy:.0f} | {fmt(best, '.4f')} | {fmt(ms / best, '.2f')}x "
               f"| {fmt(num(b.get('flashinfer_fp16_ms')), '.4f')} | {fmt(fp8, '.4f')} | {fmt(ms / fp8, '.2f')}x "
               f"| {num(r['append_ms']):.4f} | {num(r['prefill_gbps']):.0f} |")
@@ -69,20 +78,18 @@ def main():
         return
     hdr = ("| B | T | Hq/Hkv | D | s | time ms | GB/s | % copy | floor ms | append ms | in-step "
            "append ms | prefill GB/s |")
-    print(hdr)
-    print("|" + "---|" * (hdr.count("|") - 1))
+    table_header(hdr)
     for r in ours:
         k = key(r)
         ms = num(r["ms"])
-        print(f"| {k[0]} | {k[1]} | {k[2]}/{k[3]} | {k[4]} | {num(r['sparsity']):.1f} | {ms:.4f} "
+        print(row_start(k, r, ms) +
               f"| {num(r['gbps']):.0f} | {100 * num(r['gbps']) / copy:.0f} | {num(r['floor_ms']):.4f} "
               f"| {num(r['append_ms']):.4f} | {num(r['step_append_ms']):.4f} "
               f"| {num(r['prefill_gbps']):.0f} |")
     print()
     hdr = ("| B | T | Hq/Hkv | D | s | time ms | SDPA flash | SDPA cuDNN | vs faster SDPA "
            "| FlashInfer fp16 | FlashInfer fp8 | vs FlashInfer fp8 |")
-    print(hdr)
-    print("|" + "---|" * (hdr.count("|") - 1))
+    table_header(hdr)
     plot = []
     for r in ours:
         k = key(r)
@@ -90,7 +97,7 @@ def main():
         flash, cudnn = num(b.get("sdpa_flash_ms")), num(b.get("sdpa_cudnn_ms"))
         fp16, fp8 = num(b.get("flashinfer_fp16_ms")), num(b.get("flashinfer_fp8_ms"))
         best = faster_sdpa(b)
-        print(f"| {k[0]} | {k[1]} | {k[2]}/{k[3]} | {k[4]} | {num(r['sparsity']):.1f} | {ms:.4f} "
+        print(row_start(k, r, ms) +
               f"| {fmt(flash, '.4f')} | {fmt(cudnn, '.4f')} | {fmt(ms / best, '.2f')}x "
               f"| {fmt(fp16, '.4f')} | {fmt(fp8, '.4f')} | {fmt(ms / fp8, '.2f')}x |")
         plot.append((k, num(r["sparsity"]), ms / best))
