@@ -21,7 +21,10 @@ windows, computed by examples/generate.c through mustafar.h's cache.
                                             with both keep rules (needs torch)
   python3 tools/fidelity.py --structured    also K 0.5 by 2:4 against ours in the
                                             PyTorch reference (the rule sparse
-                                            tensor cores take)
+                                            tensor cores take), and K at 0.7 with
+                                            at most 2 kept in every group of 4
+                                            channels (capped1: c..c+3, capped8:
+                                            c, c+8, c+16, c+24 of 32)
   python3 tools/fidelity.py --report-only   table and plot from saved CSVs
 
 The PyTorch reference runs the same model (tools/train_model.py) with the
@@ -113,6 +116,16 @@ def reference(text_path, ctx, segments, settings, out_csv):
             order = torch.sort(g, dim=-1, descending=True, stable=True).indices
             keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order[..., :2], True)
             return x * keep.reshape(x.shape)
+        if rule.startswith("capped"):  # ours, with at most 2 kept in every group of 4 channels
+            st = int(rule[6:] or 1)   # a group: channels c, c+st, c+2st, c+3st
+            g = a.reshape(*a.shape[:-1], -1, 4, st).transpose(-1, -2)
+            order = torch.sort(g, dim=-1, descending=True, stable=True).indices
+            third = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order[..., 2:], True)
+            third = third.transpose(-1, -2).reshape(x.shape)
+            a = torch.where(third, torch.full_like(a, -1.0), a)
+            order = torch.sort(a, dim=-1, descending=True, stable=True).indices
+            keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order[..., : x.shape[-1] - p], True)
+            return x * keep
         if rule == "ours":
             order = torch.sort(a, dim=-1, descending=True, stable=True).indices
             keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order[..., : x.shape[-1] - p], True)
@@ -134,7 +147,7 @@ def reference(text_path, ctx, segments, settings, out_csv):
             at = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = at.qkv(h, cos, sin)
-            kp, vp = prune(k, ks, rule), prune(v, vs, "ours" if rule == "2:4" else rule)
+            kp, vp = prune(k, ks, rule), prune(v, vs, "ours" if rule == "2:4" or rule.startswith("capped") else rule)
             k, v, kp, vp = (t.repeat_interleave(g, dim=1) for t in (k, v, kp, vp))
             scale = 1.0 / math.sqrt(c["head_dim"])
             sc = torch.where(pruned, q @ kp.transpose(-1, -2), q @ k.transpose(-1, -2)) * scale
@@ -260,7 +273,8 @@ def main():
     ap.add_argument("--reference", action="store_true", help="PyTorch reference with both keep rules")
     ap.add_argument("--wide", action="store_true", help="with --full: all of the grid at context 2048")
     ap.add_argument("--structured", action="store_true",
-                    help="PyTorch reference: K 0.5 by 2:4 (2 of every 4 channels) against ours")
+                    help="PyTorch reference: K 0.5 by 2:4 (2 of every 4 channels) and K 0.7 capped at 2 of 4, "
+                         "against ours")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--generate", default=os.path.join(ROOT, "build/generate"))
     ap.add_argument("--dir", default=os.path.join(ROOT, "build/fidelity"), help="CSVs and text slices")
@@ -296,6 +310,7 @@ def main():
     st_csv = d("structured.csv")
     if a.structured:
         sets = [(0.5, vs, w, rule) for w in (0, 32) for vs in (0.5, 0.7) for rule in ("ours", "2:4")]
+        sets += [(0.7, 0.7, w, rule) for w in (0, 32) for rule in ("ours", "capped1", "capped8")]
         reference(held, 512, 6, sets, st_csv)
     refs = read_ref(ref_csv) if (a.reference or a.report_only) else {}
     if a.structured or a.report_only:
