@@ -122,11 +122,8 @@ def reference(text_path, ctx, segments, settings, out_csv):
             order = torch.sort(g, dim=-1, descending=True, stable=True).indices
             third = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order[..., 2:], True)
             third = third.transpose(-1, -2).reshape(x.shape)
-            a = torch.where(third, torch.full_like(a, -1.0), a)
-            order = torch.sort(a, dim=-1, descending=True, stable=True).indices
-            keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order[..., : x.shape[-1] - p], True)
-            return x * keep
-        if rule == "ours":
+            a = torch.where(third, torch.full_like(a, -1.0), a)   # then ranked last by the rule below
+        if rule == "ours" or rule.startswith("capped"):
             order = torch.sort(a, dim=-1, descending=True, stable=True).indices
             keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order[..., : x.shape[-1] - p], True)
         else:
@@ -147,7 +144,8 @@ def reference(text_path, ctx, segments, settings, out_csv):
             at = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = at.qkv(h, cos, sin)
-            kp, vp = prune(k, ks, rule), prune(v, vs, "ours" if rule == "2:4" or rule.startswith("capped") else rule)
+            v_rule = "ours" if rule == "2:4" or rule.startswith("capped") else rule   # K-only rules
+            kp, vp = prune(k, ks, rule), prune(v, vs, v_rule)
             k, v, kp, vp = (t.repeat_interleave(g, dim=1) for t in (k, v, kp, vp))
             scale = 1.0 / math.sqrt(c["head_dim"])
             sc = torch.where(pruned, q @ kp.transpose(-1, -2), q @ k.transpose(-1, -2)) * scale
