@@ -24,7 +24,11 @@ windows, computed by examples/generate.c through mustafar.h's cache.
                                             tensor cores take), and K at 0.7 with
                                             at most 2 kept in every group of 4
                                             channels (capped1: c..c+3, capped8:
-                                            c, c+8, c+16, c+24 of 32)
+                                            c, c+8, c+16, c+24 of 32); whole channel
+                                            pairs (pairs1: c, c+1; pairs32: c, c+32,
+                                            RoPE's pairs at D=64) for K and V, K or
+                                            V only; 2 of 4 in whole groups of K
+                                            (groups1, groups8)
   python3 tools/fidelity.py --report-only   table and plot from saved CSVs
 
 The PyTorch reference runs the same model (tools/train_model.py) with the
@@ -116,6 +120,21 @@ def reference(text_path, ctx, segments, settings, out_csv):
             order = torch.sort(g, dim=-1, descending=True, stable=True).indices
             keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order[..., :2], True)
             return x * keep.reshape(x.shape)
+        if rule.startswith("pairs"):  # whole channel pairs (c, c+st), the pairs of largest a_c^2 + a_(c+st)^2
+            st, d = int(rule[5:] or 1), x.shape[-1]
+            e = (a * a).reshape(*a.shape[:-1], d // (2 * st), 2, st).sum(-2, keepdim=True)
+            order = torch.sort(e.flatten(-3), dim=-1, descending=True, stable=True).indices
+            keep = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order[..., : (d - p + 1) // 2], True)
+            return x * keep.reshape(e.shape).expand(*e.shape[:-2], 2, st).reshape(x.shape)
+        if rule.startswith("groups"):  # 2 of 4 in whole groups (c, c+st, c+2st, c+3st), those whose 2 hold most
+            st, d = int(rule[6:] or 1), x.shape[-1]
+            g = a.reshape(*a.shape[:-1], d // (4 * st), 4, st).transpose(-1, -2)
+            top = torch.sort(g, dim=-1, descending=True, stable=True)
+            two = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, top.indices[..., :2], True)
+            e = (top.values[..., :2] ** 2).sum(-1).flatten(-2)
+            order = torch.sort(e, dim=-1, descending=True, stable=True).indices
+            chosen = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, order[..., : (d - p + 1) // 2], True)
+            return x * (two & chosen.reshape(*g.shape[:-1], 1)).transpose(-1, -2).reshape(x.shape)
         if rule.startswith("capped"):  # ours, with at most 2 kept in every group of 4 channels
             st = int(rule[6:] or 1)   # a group: channels c, c+st, c+2st, c+3st
             g = a.reshape(*a.shape[:-1], -1, 4, st).transpose(-1, -2)
@@ -144,8 +163,11 @@ def reference(text_path, ctx, segments, settings, out_csv):
             at = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = at.qkv(h, cos, sin)
-            v_rule = "ours" if rule == "2:4" or rule.startswith("capped") else rule   # K-only rules
-            kp, vp = prune(k, ks, rule), prune(v, vs, v_rule)
+            if "/" in rule:   # "K rule/V rule"
+                k_rule, v_rule = rule.split("/")
+            else:             # 2:4 and capped are K-only rules: V by ours
+                k_rule, v_rule = rule, "ours" if rule == "2:4" or rule.startswith("capped") else rule
+            kp, vp = prune(k, ks, k_rule), prune(v, vs, v_rule)
             k, v, kp, vp = (t.repeat_interleave(g, dim=1) for t in (k, v, kp, vp))
             scale = 1.0 / math.sqrt(c["head_dim"])
             sc = torch.where(pruned, q @ kp.transpose(-1, -2), q @ k.transpose(-1, -2)) * scale
@@ -309,6 +331,8 @@ def main():
     if a.structured:
         sets = [(0.5, vs, w, rule) for w in (0, 32) for vs in (0.5, 0.7) for rule in ("ours", "2:4")]
         sets += [(0.7, 0.7, w, rule) for w in (0, 32) for rule in ("ours", "capped1", "capped8")]
+        sets += [(0.7, 0.7, w, rule) for w in (0, 32)
+                 for rule in ("pairs1", "pairs32", "pairs32/ours", "ours/pairs1", "groups1/ours", "groups8/ours")]
         reference(held, 512, 6, sets, st_csv)
     refs = read_ref(ref_csv) if (a.reference or a.report_only) else {}
     if a.structured or a.report_only:
