@@ -1,4 +1,4 @@
-/* mustafar.h - v0.3.1 - compressed KV cache and sparse decode attention
+/* mustafar.h - v0.3.2 - compressed KV cache and sparse decode attention
    for LLM inference, in one C header.  Public domain / MIT (see end of file).
 
    WHAT IT IS
@@ -157,8 +157,8 @@
 
 #define MUSTAFAR_VERSION_MAJOR 0
 #define MUSTAFAR_VERSION_MINOR 3
-#define MUSTAFAR_VERSION_PATCH 1
-#define MUSTAFAR_VERSION_STRING "0.3.1"
+#define MUSTAFAR_VERSION_PATCH 2
+#define MUSTAFAR_VERSION_STRING "0.3.2"
 /* Version of the record and page layout; bumped on any change to them. */
 #define MUSTAFAR_FORMAT_VERSION 1
 
@@ -979,9 +979,10 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 
 /* ==== >>cpu: the CPU backend ====================================================
    Host memory.  Decode attention reads each K and V record once per KV head
-   and serves every query head of its GQA group from it; work items are
-   (sequence, KV head, token split) with a split-K combine, run on the user's
-   parallel-for callback or a small built-in pool started on first use.  The
+   and serves every query head of its GQA group from it; a task is a token
+   split of a sequence for all its KV heads in lockstep (a page holds the
+   heads' records one after the other), with a split-K combine, run on the
+   user's parallel-for callback or a small built-in pool started on first use.  The
    SIMD path (AVX-512 with VBMI2 or AVX2+F16C on x86-64, chosen at run time;
    NEON on ARM64; scalar) is picked at context creation;
    MUSTAFAR_CPU_SIMD=scalar|avx2|avx512|neon forces
@@ -1051,7 +1052,7 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 
 enum { MUSTAFAR__SIMD_SCALAR, MUSTAFAR__SIMD_AVX2, MUSTAFAR__SIMD_NEON, MUSTAFAR__SIMD_AVX512 };
 #define MUSTAFAR__CPU_BLOCK 32          /* tokens per online-softmax step */
-#define MUSTAFAR__CPU_MIN_SPLIT 256     /* fewest tokens of one attention work item */
+#define MUSTAFAR__CPU_MIN_SPLIT 256     /* fewest (token, KV head) pairs of one attention task */
 #define MUSTAFAR__CPU_RECORDS_PER_TASK 256
 
 static int mustafar__cpu_best_simd(void)
@@ -1659,7 +1660,11 @@ static void mustafar__cpu_append(mustafar_context *ctx, const mustafar__layout *
    group's G query heads (scaled) and walks its tokens in blocks: the scores of
    a block for all G heads from each K record read once, an online-softmax
    update, then each V record read once and added to the G accumulators.  The
-   item leaves its accumulators, running max and sum for the combine. */
+   item leaves its accumulators, running max and sum for the combine.  A task
+   runs the Hkv items of one (sequence, split) in lockstep, a block of each
+   head in turn: the records of a page are ordered by head, so the reads walk
+   the pages in address order (each head's pages alone skip Hkv - 1 runs
+   between reads: more TLB misses, and no stream for the prefetchers). */
 
 /* A token of the attention: a record with `kept` values, or (kept < 0) a
    dense window vector.  limit: the 16-bit value slots that may be loaded past
@@ -2474,22 +2479,16 @@ static size_t mustafar__cpu_item_floats(int group, int d)
     return (size_t)group * (2 * (size_t)d + 2 + MUSTAFAR__CPU_BLOCK) + (size_t)d;
 }
 
-static void mustafar__cpu_attention_task(void *data, int index)
+/* Work item `index`'s state (see mustafar__cpu_item_floats) before its
+   first block. */
+static void mustafar__cpu_item_begin(const mustafar__cpu_attn *A, int index)
 {
-    const mustafar__cpu_attn *A = (const mustafar__cpu_attn *)data;
     const mustafar__cpu_item *it = &A->items[index];
-    const mustafar_paged_seq *s = &A->seqs[it->seq];
-    const int32_t *table = A->kv->page_table + (size_t)s->row * A->kv->page_table_stride;
     const int d = A->d, G = A->group, hq = A->L->num_q_heads;
     const mustafar_dtype dt = A->bf16 ? MUSTAFAR_DTYPE_BF16 : MUSTAFAR_DTYPE_F16;
     float *acc = A->scratch + (size_t)index * A->item_floats;
     float *mx = acc + (size_t)G * d, *sum = mx + G, *qf = sum + G;
-    float *scores = qf + (size_t)G * d, *dummy = scores + (size_t)G * MUSTAFAR__CPU_BLOCK;
-    /* K [0] and V [1] tokens of this block [cur] and of the next [!cur] */
-    mustafar__cpu_token toks[2][2][MUSTAFAR__CPU_BLOCK];
-    mustafar__cpu_block kb, vb;
-    int32_t b, next;
-    int g, c, cur = 0, nb, nn;
+    int g, c;
     for (g = 0; g < G; g++) {
         const uint16_t *qh = A->q + ((size_t)it->seq * hq + (size_t)it->kv_head * G + g) * d;
         for (c = 0; c < d; c++) qf[(size_t)g * d + c] = mustafar__load(dt, qh[c]) * A->scale;
@@ -2497,34 +2496,69 @@ static void mustafar__cpu_attention_task(void *data, int index)
         sum[g] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * (size_t)G * d);
-    nb = it->end - it->first < MUSTAFAR__CPU_BLOCK ? (int)(it->end - it->first) : MUSTAFAR__CPU_BLOCK;
-    mustafar__cpu_tokens(A, s, table, it->first, nb, it->kv_head, 0, toks[0][0]);
-    mustafar__cpu_tokens(A, s, table, it->first, nb, it->kv_head, 1, toks[0][1]);
-    for (b = it->first; b < it->end; b = next, nb = nn, cur = !cur) {
-        next = b + nb;
-        nn = it->end - next < MUSTAFAR__CPU_BLOCK ? (int)(it->end - next) : MUSTAFAR__CPU_BLOCK;
-        mustafar__cpu_tokens(A, s, table, next, nn, it->kv_head, 0, toks[!cur][0]);
-        mustafar__cpu_tokens(A, s, table, next, nn, it->kv_head, 1, toks[!cur][1]);
+}
+
+/* One block of work item `index`: scores, online-softmax update, values. */
+static void mustafar__cpu_item_block(const mustafar__cpu_attn *A, int index,
+                                     const mustafar__cpu_block *kb, const mustafar__cpu_block *vb)
+{
+    const int d = A->d, G = A->group;
+    float *acc = A->scratch + (size_t)index * A->item_floats;
+    float *mx = acc + (size_t)G * d, *sum = mx + G, *qf = sum + G;
+    float *scores = qf + (size_t)G * d, *dummy = scores + (size_t)G * MUSTAFAR__CPU_BLOCK;
+    int g, c;
+    A->dot(A, kb, qf, scores);
+    for (g = 0; g < G; g++) {
+        float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = A->max_block(row, kb->n), m;
+        m = block_max > mx[g] ? block_max : mx[g];
+        if (m != mx[g]) {
+            float correction = expf(mx[g] - m);
+            float *ag = acc + (size_t)g * d;
+            for (c = 0; c < d; c++) ag[c] *= correction;
+            sum[g] *= correction;
+            mx[g] = m;
+        }
+        sum[g] += A->exp_block(row, kb->n, m);
+    }
+    A->axpy(A, vb, scores, acc, dummy);
+}
+
+/* Task `task`: the work items [task * Hkv, task * Hkv + Hkv), one token
+   range of a sequence for each KV head, a block of each head in turn. */
+static void mustafar__cpu_attention_task(void *data, int task)
+{
+    const mustafar__cpu_attn *A = (const mustafar__cpu_attn *)data;
+    const int hkv = A->L->num_kv_heads, first_item = task * hkv;
+    const mustafar__cpu_item *it = &A->items[first_item];
+    const mustafar_paged_seq *s = &A->seqs[it->seq];
+    const int32_t *table = A->kv->page_table + (size_t)s->row * A->kv->page_table_stride;
+    /* K [0] and V [1] tokens of this step [cur] and of the next [!cur] */
+    mustafar__cpu_token toks[2][2][MUSTAFAR__CPU_BLOCK];
+    mustafar__cpu_block kb, vb;
+    int32_t b = it->first, next_b;
+    int h, next_h, cur = 0, nb, nn;
+    for (h = 0; h < hkv; h++) mustafar__cpu_item_begin(A, first_item + h);
+    nb = it->end - b < MUSTAFAR__CPU_BLOCK ? (int)(it->end - b) : MUSTAFAR__CPU_BLOCK;
+    mustafar__cpu_tokens(A, s, table, b, nb, 0, 0, toks[0][0]);
+    mustafar__cpu_tokens(A, s, table, b, nb, 0, 1, toks[0][1]);
+    for (h = 0; b < it->end; h = next_h, cur = !cur) {
+        /* the next step: this block of the next head, or the next block of head 0 */
+        next_h = h + 1 < hkv ? h + 1 : 0;
+        next_b = next_h ? b : b + nb;
+        nn = it->end - next_b < MUSTAFAR__CPU_BLOCK ? (int)(it->end - next_b) : MUSTAFAR__CPU_BLOCK;
+        mustafar__cpu_tokens(A, s, table, next_b, nn, next_h, 0, toks[!cur][0]);
+        mustafar__cpu_tokens(A, s, table, next_b, nn, next_h, 1, toks[!cur][1]);
         kb.toks = toks[cur][0];
         kb.ahead = toks[!cur][0];
         vb.toks = toks[cur][1];
         vb.ahead = toks[!cur][1];
         kb.n = vb.n = nb;
         kb.nahead = vb.nahead = nn;
-        A->dot(A, &kb, qf, scores);
-        for (g = 0; g < G; g++) {
-            float *row = scores + (size_t)g * MUSTAFAR__CPU_BLOCK, block_max = A->max_block(row, nb), m;
-            m = block_max > mx[g] ? block_max : mx[g];
-            if (m != mx[g]) {
-                float correction = expf(mx[g] - m);
-                float *ag = acc + (size_t)g * d;
-                for (c = 0; c < d; c++) ag[c] *= correction;
-                sum[g] *= correction;
-                mx[g] = m;
-            }
-            sum[g] += A->exp_block(row, nb, m);
+        mustafar__cpu_item_block(A, first_item + h, &kb, &vb);
+        if (!next_h) {
+            b = next_b;
+            nb = nn;
         }
-        A->axpy(A, &vb, scores, acc, dummy);
     }
 }
 
@@ -2549,10 +2583,11 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
         return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
                               "host allocation of the attention work space failed");
     }
-    /* splits: about four work items per thread, at least MIN_SPLIT tokens each */
-    for (i = 0; i < nseq; i++) total += (int64_t)(seqs[i].num_compressed + seqs[i].num_window) * hkv;
+    /* splits: about four tasks per thread, at least MIN_SPLIT (token, KV head)
+       pairs each; items ordered [sequence][split][KV head], a task's together */
+    for (i = 0; i < nseq; i++) total += (int64_t)(seqs[i].num_compressed + seqs[i].num_window);
     chunk = threads > 1 ? (total + 4 * threads - 1) / (4 * threads) : INT32_MAX;
-    if (chunk < MUSTAFAR__CPU_MIN_SPLIT) chunk = MUSTAFAR__CPU_MIN_SPLIT;
+    if (chunk * hkv < MUSTAFAR__CPU_MIN_SPLIT) chunk = (MUSTAFAR__CPU_MIN_SPLIT + hkv - 1) / hkv;
     chunk = (chunk + MUSTAFAR__CPU_BLOCK - 1) / MUSTAFAR__CPU_BLOCK * MUSTAFAR__CPU_BLOCK;
     for (i = 0; i < nseq; i++) {
         first_item[i] = n;
@@ -2576,7 +2611,7 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
         for (h = 0; h < hkv; h++) {
             int sp;
             for (sp = 0; sp < splits; sp++) {
-                mustafar__cpu_item *it = &items[first_item[i] + h * splits + sp];
+                mustafar__cpu_item *it = &items[first_item[i] + sp * hkv + h];
                 it->seq = i;
                 it->kv_head = h;
                 it->first = (int32_t)(sp * chunk);
@@ -2629,23 +2664,24 @@ static mustafar_status mustafar__cpu_attention(mustafar_context *ctx, const must
             k += set;
         }
     }
-    mustafar__cpu_parallel_for(mustafar__cpu_of(ctx), mustafar__cpu_attention_task, A, n);
+    mustafar__cpu_parallel_for(mustafar__cpu_of(ctx), mustafar__cpu_attention_task, A, n / hkv);
     /* combine the splits of each (sequence, KV head) */
     for (i = 0; i < nseq; i++) {
         const int splits = (first_item[i + 1] - first_item[i]) / hkv;
         for (h = 0; h < hkv; h++) {
-            const float *part = A->scratch + (size_t)(first_item[i] + h * splits) * A->item_floats;
+            const float *part = A->scratch + (size_t)(first_item[i] + h) * A->item_floats;
+            const size_t split_stride = (size_t)hkv * A->item_floats;
             for (g = 0; g < G; g++) {
                 uint16_t *o = out + ((size_t)i * L->num_q_heads + (size_t)h * G + g) * d;
                 float m = -INFINITY, total_sum = 0.0f, result[256];
                 int sp;
                 for (sp = 0; sp < splits; sp++) {
-                    float ms = part[sp * A->item_floats + (size_t)G * d + g];
+                    float ms = part[sp * split_stride + (size_t)G * d + g];
                     if (ms > m) m = ms;
                 }
                 for (c = 0; c < d; c++) result[c] = 0.0f;
                 for (sp = 0; sp < splits; sp++) {
-                    const float *ps = part + sp * A->item_floats;
+                    const float *ps = part + sp * split_stride;
                     float w = ps[(size_t)G * d + g] == m ? 1.0f : expf(ps[(size_t)G * d + g] - m);
                     total_sum += ps[(size_t)G * d + G + g] * w;
                     for (c = 0; c < d; c++) result[c] += ps[(size_t)g * d + c] * w;
@@ -6819,6 +6855,10 @@ static const char *const *mustafar__kernel_source(void)
 
 /* ==== >>history: REVISION HISTORY ================================================
 
+   0.3.2  (2026-12-04)  CPU decode attention walks the pages in address order:
+                        a task takes one token split of a sequence for all
+                        its KV heads in lockstep (B=8, T=32k, s=0.7: one
+                        thread -14 %, two threads -29 %).
    0.3.1  (2026-12-04)  CPU decode and compression faster (token pointers per
                         page run, vector softmax, AVX-512 dot of four tokens,
                         threshold search in registers); a failed cudaMalloc

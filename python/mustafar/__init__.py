@@ -18,4 +18,4 @@ from ._core import (Cache, Context, MustafarError, compress, decompress, default
 
 __all__ = ["Cache", "Context", "MustafarError", "compress", "decompress", "default_context",
            "kept_count", "library_path", "prune", "record_bytes", "version"]
-__version__ = "0.3.1"
+__version__ = "0.3.2"

@@ -25,8 +25,12 @@ class TestFormat(unittest.TestCase):
     def test_version_and_library(self):
         header = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                    "mustafar.h")).read()
-        self.assertEqual(mustafar.version(),
-                         re.search(r'#define MUSTAFAR_VERSION_STRING "([^"]+)"', header).group(1))
+        header_version = re.search(r'#define MUSTAFAR_VERSION_STRING "([^"]+)"', header).group(1)
+        self.assertEqual(mustafar.version(), header_version)
+        # the package's own version strings are written by hand: they must follow the header
+        self.assertEqual(mustafar.__version__, header_version)
+        pyproject = open(os.path.join(PYDIR, "pyproject.toml")).read()
+        self.assertEqual(re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1), header_version)
         self.assertTrue(os.path.exists(mustafar.library_path()))
 
     def test_counts(self):
