@@ -6857,8 +6857,9 @@ static const char *const *mustafar__kernel_source(void)
 
    0.3.2  (2026-12-04)  CPU decode attention walks the pages in address order:
                         a task takes one token split of a sequence for all
-                        its KV heads in lockstep (B=8, T=32k, s=0.7: one
-                        thread -14 %, two threads -29 %).
+                        its KV heads in lockstep (B=8, T=32k: one thread
+                        -14 %, two threads -11 % at s=0.7 and -28 % at
+                        s=0.5).
    0.3.1  (2026-12-04)  CPU decode and compression faster (token pointers per
                         page run, vector softmax, AVX-512 dot of four tokens,
                         threshold search in registers); a failed cudaMalloc
