@@ -982,9 +982,9 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
    and serves every query head of its GQA group from it; a task is a token
    split of a sequence for all its KV heads in lockstep (a page holds the
    heads' records one after the other), with a split-K combine, run on the
-   user's parallel-for callback or a small built-in pool started on first use.  The
-   SIMD path (AVX-512 with VBMI2 or AVX2+F16C on x86-64, chosen at run time;
-   NEON on ARM64; scalar) is picked at context creation;
+   user's parallel-for callback or a small built-in pool started on first
+   use.  The SIMD path (AVX-512 with VBMI2 or AVX2+F16C on x86-64, chosen at
+   run time; NEON on ARM64; scalar) is picked at context creation;
    MUSTAFAR_CPU_SIMD=scalar|avx2|avx512|neon forces
    one (a path the machine lacks falls back to scalar).  A record whose bitmap
    does not hold exactly its kept count of bits (corrupt) goes through the
