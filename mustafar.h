@@ -1858,7 +1858,7 @@ MUSTAFAR__AVX2_INLINE __m256 mustafar__avx2_chunk(const mustafar__cpu_attn *A,
                                                   mustafar__cpu_token tok, int j, int o,
                                                   int bf16, int dense)
 {
-    const unsigned char *vals = tok.p + A->d / 8;
+    const unsigned char *vals = tok.p + ((unsigned)A->d >> 3);
     __m128i raw;
     if (dense)
         return mustafar__avx2_widen(_mm_loadu_si128((const __m128i *)(const void *)(tok.p + 16 * j)),
@@ -1961,25 +1961,54 @@ MUSTAFAR__AVX2 static void mustafar__avx2_dot(const mustafar__cpu_attn *A,
     }
 }
 
-/* c_h[:] += w_h * x + u_h * y for four heads and two tokens x, y (the same
-   token with u = 0 for a single one): half the accumulator traffic of one
-   token at a time. */
-MUSTAFAR__AVX2_INLINE void mustafar__avx2_axpy4(const mustafar__cpu_attn *A, mustafar__cpu_token x,
-                                                const unsigned char *xoff, mustafar__cpu_token y,
-                                                const unsigned char *yoff, float **c,
-                                                const __m256 *w, const __m256 *u, int bf16,
-                                                int dense_x, int dense_y)
+/* c_h[16s, 16s + 16) += sum over the block's valid tokens of w_h[t] * token t,
+   for four heads: the eight accumulators stay in registers over the block. */
+MUSTAFAR__AVX2_INLINE void mustafar__avx2_axpy4(const mustafar__cpu_attn *A,
+                                                const mustafar__cpu_block *pf,
+                                                const mustafar__cpu_token *toks, int n,
+                                                unsigned char (*off)[32], const signed char *valid,
+                                                float **c, const float *const *wt, int bf16)
 {
-    const int chunks = A->d / 8;
-    float *c0 = c[0], *c1 = c[1], *c2 = c[2], *c3 = c[3];
-    int j;
-    for (j = 0; j < chunks; j++) {
-        __m256 vx = mustafar__avx2_chunk(A, x, j, xoff[j], bf16, dense_x);
-        __m256 vy = mustafar__avx2_chunk(A, y, j, yoff[j], bf16, dense_y);
-        _mm256_storeu_ps(c0 + 8 * j, _mm256_fmadd_ps(u[0], vy, _mm256_fmadd_ps(w[0], vx, _mm256_loadu_ps(c0 + 8 * j))));
-        _mm256_storeu_ps(c1 + 8 * j, _mm256_fmadd_ps(u[1], vy, _mm256_fmadd_ps(w[1], vx, _mm256_loadu_ps(c1 + 8 * j))));
-        _mm256_storeu_ps(c2 + 8 * j, _mm256_fmadd_ps(u[2], vy, _mm256_fmadd_ps(w[2], vx, _mm256_loadu_ps(c2 + 8 * j))));
-        _mm256_storeu_ps(c3 + 8 * j, _mm256_fmadd_ps(u[3], vy, _mm256_fmadd_ps(w[3], vx, _mm256_loadu_ps(c3 + 8 * j))));
+    const int slices = A->d / 16;
+    int s, t;
+    for (s = 0; s < slices; s++) {
+        __m256 c00 = _mm256_loadu_ps(c[0] + 16 * s), c01 = _mm256_loadu_ps(c[0] + 16 * s + 8);
+        __m256 c10 = _mm256_loadu_ps(c[1] + 16 * s), c11 = _mm256_loadu_ps(c[1] + 16 * s + 8);
+        __m256 c20 = _mm256_loadu_ps(c[2] + 16 * s), c21 = _mm256_loadu_ps(c[2] + 16 * s + 8);
+        __m256 c30 = _mm256_loadu_ps(c[3] + 16 * s), c31 = _mm256_loadu_ps(c[3] + 16 * s + 8);
+        for (t = 0; t < n; t++) {
+            __m256 x0, x1, w;
+            if (pf && s == 0) mustafar__cpu_prefetch_ahead(A, pf, t, 1);
+            if (!valid[t]) continue; /* corrupt: done by the scalar path */
+            if (toks[t].kept < 0) {
+                x0 = mustafar__avx2_chunk(A, toks[t], 2 * s, 0, bf16, 1);
+                x1 = mustafar__avx2_chunk(A, toks[t], 2 * s + 1, 0, bf16, 1);
+            } else {
+                x0 = mustafar__avx2_chunk(A, toks[t], 2 * s, off[t][2 * s], bf16, 0);
+                x1 = mustafar__avx2_chunk(A, toks[t], 2 * s + 1, off[t][2 * s + 1], bf16, 0);
+            }
+            w = _mm256_broadcast_ss(wt[0] + t);
+            c00 = _mm256_fmadd_ps(w, x0, c00);
+            c01 = _mm256_fmadd_ps(w, x1, c01);
+            w = _mm256_broadcast_ss(wt[1] + t);
+            c10 = _mm256_fmadd_ps(w, x0, c10);
+            c11 = _mm256_fmadd_ps(w, x1, c11);
+            w = _mm256_broadcast_ss(wt[2] + t);
+            c20 = _mm256_fmadd_ps(w, x0, c20);
+            c21 = _mm256_fmadd_ps(w, x1, c21);
+            w = _mm256_broadcast_ss(wt[3] + t);
+            c30 = _mm256_fmadd_ps(w, x0, c30);
+            c31 = _mm256_fmadd_ps(w, x1, c31);
+        }
+        /* heads past the group's end share `dummy`: the last store wins */
+        _mm256_storeu_ps(c[0] + 16 * s, c00);
+        _mm256_storeu_ps(c[0] + 16 * s + 8, c01);
+        _mm256_storeu_ps(c[1] + 16 * s, c10);
+        _mm256_storeu_ps(c[1] + 16 * s + 8, c11);
+        _mm256_storeu_ps(c[2] + 16 * s, c20);
+        _mm256_storeu_ps(c[2] + 16 * s + 8, c21);
+        _mm256_storeu_ps(c[3] + 16 * s, c30);
+        _mm256_storeu_ps(c[3] + 16 * s + 8, c31);
     }
 }
 
@@ -1987,56 +2016,32 @@ MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
                                                const mustafar__cpu_block *B, const float *weights,
                                                float *acc, float *dummy)
 {
+    static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
     const mustafar__cpu_token *toks = B->toks;
-    const int n = B->n;
-    const int d = A->d, G = A->group;
-    unsigned char xoff[32], yoff[32];
-    int t = 0, g0, h;
-    while (t < n) {
-        /* a pair of valid tokens, or one token; a corrupt record goes alone
-           through the scalar path */
-        mustafar__cpu_token x = toks[t], y;
-        const int dense_x = x.kept < 0;
-        int dense_y, pair;
-        mustafar__cpu_prefetch_ahead(A, B, t, 2);
-        if (!dense_x && mustafar__avx2_offsets(x.p, d, xoff) != x.kept) {
-            mustafar__scalar_axpy(A, x, weights + t, acc, dummy);
-            t++;
-            continue;
+    const int n = B->n, d = A->d, G = A->group;
+    unsigned char off[MUSTAFAR__CPU_BLOCK][32];
+    signed char valid[MUSTAFAR__CPU_BLOCK];
+    int t, g0, h;
+    for (t = 0; t < n; t++) {
+        valid[t] = 1;
+        if (toks[t].kept >= 0 && mustafar__avx2_offsets(toks[t].p, d, off[t]) != toks[t].kept) {
+            /* a corrupt record: alone through the scalar path */
+            mustafar__scalar_axpy(A, toks[t], weights + t, acc, dummy);
+            valid[t] = 0;
         }
-        pair = t + 1 < n;
-        y = pair ? toks[t + 1] : x;
-        dense_y = y.kept < 0;
-        if (pair && !dense_y && mustafar__avx2_offsets(y.p, d, yoff) != y.kept) pair = 0;
-        if (!pair) {
-            y = x;
-            dense_y = dense_x;
-            memcpy(yoff, xoff, sizeof yoff);
+    }
+    for (g0 = 0; g0 < G; g0 += 4) {
+        /* four heads at a time; past the group's end, weight 0 into `dummy` */
+        float *c[4];
+        const float *wt[4];
+        for (h = 0; h < 4; h++) {
+            const int live = g0 + h < G;
+            c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
+            wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
         }
-        for (g0 = 0; g0 < G; g0 += 4) {
-            /* four heads at a time; past the group's end, weight 0 into `dummy` */
-            float *c[4];
-            __m256 w[4], u[4];
-            for (h = 0; h < 4; h++) {
-                const int live = g0 + h < G;
-                const float *wh = weights + (g0 + h) * MUSTAFAR__CPU_BLOCK + t;
-                c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
-                w[h] = _mm256_set1_ps(live ? wh[0] : 0.0f);
-                u[h] = _mm256_set1_ps(live && pair ? wh[1] : 0.0f);
-            }
-            if (A->bf16) {
-                if (dense_x && dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 1, 1);
-                else if (!dense_x && !dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 0, 0);
-                else if (dense_x) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 1, 0);
-                else mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 1, 0, 1);
-            } else {
-                if (dense_x && dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 1, 1);
-                else if (!dense_x && !dense_y) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 0, 0);
-                else if (dense_x) mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 1, 0);
-                else mustafar__avx2_axpy4(A, x, xoff, y, yoff, c, w, u, 0, 0, 1);
-            }
-        }
-        t += pair ? 2 : 1;
+        /* the first pass prefetches the next block */
+        if (A->bf16) mustafar__avx2_axpy4(A, g0 ? NULL : B, toks, n, off, valid, c, wt, 1);
+        else mustafar__avx2_axpy4(A, g0 ? NULL : B, toks, n, off, valid, c, wt, 0);
     }
 }
 
