@@ -1,7 +1,8 @@
 # mustafar.h - build, test and benchmark.
 #   make run        build and run the quickstart example
 #   make test       CPU tests, compile matrix, sanitizers, NVRTC compile of every arch,
-#                   the CPU suite built for Windows (run under Wine) and ARM64 (under qemu),
+#                   the CPU suite built for Windows (run under Wine), ARM64 (under qemu)
+#                   and 32-bit x86 (i386: every size in a 32-bit size_t),
 #                   allocation-failure injection, threads under TSan, a short fuzz run
 #   make fuzz       each libFuzzer target for FUZZ_TIME seconds (default 600)
 #   make test-gpu   the test suite on the CUDA backend, plus compute-sanitizer
@@ -19,9 +20,10 @@ CUDA_LIBS := -ldl
 LINKED_CFLAGS := -DMUSTAFAR_CUDA_LINKED -isystem $(CUDA_HOME)/include
 LINKED_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lnvrtc -lcudart
 HEADERS := mustafar.h tests/*.h
-# cross compilers for the Windows and ARM64 builds of the CPU test suite
+# cross compilers for the Windows, ARM64 and 32-bit x86 builds of the CPU test suite
 MINGW_CC ?= x86_64-w64-mingw32-gcc
 ARM64_CC ?= aarch64-linux-gnu-gcc
+I386_CC ?= i686-linux-gnu-gcc
 
 .PHONY: all run test test-gpu bench bench-cpu check clean lib fuzz fuzz-build
 all: $(BUILD)/quickstart $(BUILD)/test_main
@@ -97,6 +99,10 @@ $(BUILD)/test_main.exe: tests/test_main.c $(HEADERS) | $(BUILD)
 $(BUILD)/test_main_arm64: tests/test_main.c $(HEADERS) | $(BUILD)
 	$(ARM64_CC) -std=c99 -O2 $(WARN) -DMUSTAFAR_NO_CUDA -static $< -o $@ -lm
 
+# Linux i386 (32-bit size_t), CPU backend, static: an x86-64 kernel runs it
+$(BUILD)/test_main_i386: tests/test_main.c $(HEADERS) | $(BUILD)
+	$(I386_CC) -std=c99 -O2 $(WARN) -DMUSTAFAR_NO_CUDA -static $< -o $@ -lm -pthread
+
 $(BUILD)/test_nvrtc: tests/test_nvrtc.c mustafar.h | $(BUILD)
 	$(CC) -std=c99 -O2 $(WARN) $(CUDA_CFLAGS) $< -o $@ $(CUDA_LIBS) -lm -lpthread
 
@@ -118,6 +124,7 @@ run: $(BUILD)/quickstart
 test: $(BUILD)/test_main $(BUILD)/test_main_san $(BUILD)/test_main_tsan $(BUILD)/test_loader \
       $(BUILD)/libmustafar.so $(BUILD)/test_faults $(BUILD)/test_faults_cuda $(BUILD)/test_threads
 	@HAVE_CUDA=$(HAVE_CUDA) CUDA_HOME=$(CUDA_HOME) BUILD=$(BUILD) MINGW_CC=$(MINGW_CC) ARM64_CC=$(ARM64_CC) \
+	    I386_CC=$(I386_CC) \
 	    FUZZ_CC=$(FUZZ_CC) \
 	    sh tests/run_all.sh
 

@@ -20,8 +20,8 @@
        #define MUSTAFAR_IMPLEMENTATION
        #include "mustafar.h"
 
-   and build with no CUDA flags: cc app.c -lm (-ldl on older glibc; nothing
-   on Windows).  The CUDA runtime and NVRTC (CUDA 12.0 or newer) are loaded
+   and build with no CUDA flags: cc app.c -lm (-ldl -lpthread on glibc
+   before 2.34; nothing on Windows).  The CUDA runtime and NVRTC (CUDA 12.0 or newer) are loaded
    at run time when present; without them, or without a usable GPU, the CPU
    backend serves every call.  To link CUDA instead, define
    MUSTAFAR_CUDA_LINKED and build with CUDA's include path, -lcudart -lnvrtc.
@@ -244,7 +244,8 @@ typedef struct mustafar_cache_desc {
     float k_sparsity;              /* in [0, 1); 0 keeps every element */
     float v_sparsity;
     int dense_window;              /* newest tokens kept dense; 0: none */
-    int page_size;                 /* tokens per page; 0: 16 */
+    int page_size;                 /* tokens per page, at most max_sequence_length;
+                                      0: 16, or max_sequence_length if smaller */
     int64_t capacity_tokens;       /* pool size in token positions; required */
     int max_sequences;             /* 0: 64 */
     int max_sequence_length;       /* 0: capacity_tokens */
@@ -449,6 +450,12 @@ MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef _WIN32
+#  ifndef WIN32_LEAN_AND_MEAN
+#    define WIN32_LEAN_AND_MEAN
+#  endif
+#  include <windows.h>
+#endif
 
 #if defined(MUSTAFAR_MALLOC) && defined(MUSTAFAR_FREE)
 #elif !defined(MUSTAFAR_MALLOC) && !defined(MUSTAFAR_FREE)
@@ -642,6 +649,17 @@ static int mustafar__snprintf(char *buf, size_t cap, const char *fmt, ...)
     n = MUSTAFAR__VSNPRINTF(buf, cap, fmt, ap);
     va_end(ap);
     return n;
+}
+
+/* Moves file `from` over `to` in one step; nonzero on success.  (On Windows
+   rename fails on an existing file, and removing that first could lose it.) */
+static int mustafar__replace_file(const char *from, const char *to)
+{
+#ifdef _WIN32
+    return MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH) != 0;
+#else
+    return rename(from, to) == 0;
+#endif
 }
 
 /* Frees a cache's backend memory and detaches it from its context (>>public). */
@@ -1002,12 +1020,7 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 #  define MUSTAFAR__CPU_NEON 1
 #  include <arm_neon.h>
 #endif
-#ifdef _WIN32
-#  ifndef WIN32_LEAN_AND_MEAN
-#    define WIN32_LEAN_AND_MEAN
-#  endif
-#  include <windows.h>
-#else
+#ifndef _WIN32
 #  include <pthread.h>
 #  include <unistd.h>
 #endif
@@ -3252,10 +3265,7 @@ static void mustafar__disk_write(const char *dir, const char *path, const void *
     memcpy(head + 16, &h, 8);
     ok = fwrite(head, 1, 24, f) == 24 && fwrite(data, 1, n, f) == n;
     ok = (fclose(f) == 0) && ok;
-#ifdef _WIN32
-    if (ok) remove(path);
-#endif
-    if (!ok || rename(tmp, path) != 0) remove(tmp);
+    if (!ok || !mustafar__replace_file(tmp, path)) remove(tmp);
 }
 
 /* NVRTC optimises the library's four kernels on up to four threads: the
@@ -4363,11 +4373,12 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     d = *desc;
     if (!d.head_dim) d.head_dim = 128;
     if (!d.num_q_heads) d.num_q_heads = d.num_kv_heads;
-    if (!d.page_size) d.page_size = 16;
     if (!d.max_sequences) d.max_sequences = 64;
     if (!d.max_sequence_length && d.capacity_tokens > 0)
         d.max_sequence_length = d.capacity_tokens > INT32_MAX / 2 ? INT32_MAX / 2
                                                                   : (int)d.capacity_tokens;
+    if (!d.page_size)
+        d.page_size = d.max_sequence_length > 0 && d.max_sequence_length < 16 ? d.max_sequence_length : 16;
     d.dtype = mustafar__resolve_dtype(d.dtype);
     st = mustafar__check_format(ctx, d.head_dim, d.k_sparsity, d.dtype);
     if (!st) st = mustafar__check_format(ctx, d.head_dim, d.v_sparsity, d.dtype);
@@ -4387,14 +4398,18 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     pages = mustafar__pages_for(d.capacity_tokens, d.page_size);
     if (pages > INT32_MAX / 2)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "capacity_tokens too large");
-    {   /* every buffer size must fit in 2^62 bytes and the page table in int32 indices */
-        const double limit = 4.6e18, rec = 2.0 * d.head_dim + 32;
+    {   /* every buffer size must fit in 2^62 bytes and in half the address space
+           (32-bit builds), the page table in int32 indices */
+        const double limit = (double)SIZE_MAX / 2 < 4.6e18 ? (double)SIZE_MAX / 2 : 4.6e18;
+        const double rec = 2.0 * d.head_dim + 32;
         const double pool = (double)pages * d.num_kv_heads * d.page_size * rec * d.num_layers;
         const double win = (double)d.max_sequences * d.dense_window * d.num_kv_heads * d.head_dim *
                            2.0 * d.num_layers;
         const double table = (double)d.max_sequences *
                              (double)mustafar__pages_for(d.max_sequence_length, d.page_size);
-        if (pool > limit || win > limit || table > INT32_MAX || d.dense_window > d.max_sequence_length)
+        const double lengths = 4.0 * d.max_sequences * d.num_layers;
+        if (pool > limit || win > limit || table > INT32_MAX || 4.0 * table > limit ||
+            lengths > limit || d.dense_window > d.max_sequence_length)
             return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
                                   "cache too large: pool %.3g bytes, windows %.3g bytes, page table "
                                   "%.3g entries (or dense_window > max_sequence_length)",
@@ -4820,7 +4835,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cach
      header   "MUSTAFKV" | u32 stream version | u32 record format version |
               u32 library version (major << 16 | minor << 8 | patch) |
               u32 layers, kv heads, q heads, head_dim, dtype, K kept, V kept,
-              dense window | u32 sequences | u64 FNV-1a of the header so far
+              dense window | u32 sequences | u64 reserved (0) |
+              u64 FNV-1a of the header's first 64 bytes (72 bytes in all)
      per sequence
               "SEQ1" | u32 length of each layer | u64 payload bytes | payload |
               u64 FNV-1a of the section so far
@@ -5182,7 +5198,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_load(mustafar_cache *cache, mustafar
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_TOO_MANY_SEQUENCES,
                               "the stream holds %u sequences; %d are free", n,
                               cache->desc.max_sequences - cache->live_count);
-    if (n > (uint32_t)max_ids || (n && !seq_ids))
+    if (max_ids < 0 || n > (uint32_t)max_ids || (n && !seq_ids))
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
                               "the stream holds %u sequences; seq_ids has room for %d", n,
                               seq_ids ? max_ids : 0);
@@ -5311,10 +5327,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_save_file(mustafar_cache *cache, int
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot create %s", tmp);
     st = mustafar_cache_save(cache, seq_id, mustafar__file_write, f);
     if (fclose(f) != 0 && !st) st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "writing %s failed", tmp);
-#ifdef _WIN32
-    if (!st) remove(path);                 /* rename does not replace on Windows */
-#endif
-    if (!st && rename(tmp, path) != 0)
+    if (!st && !mustafar__replace_file(tmp, path))
         st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot rename %s to %s", tmp, path);
     if (st) remove(tmp);
     return st;
@@ -6864,7 +6877,16 @@ static const char *const *mustafar__kernel_source(void)
                         a task takes one token split of a sequence for all
                         its KV heads in lockstep (B=8, T=32k: one thread
                         -14 %, two threads -11 % at s=0.7 and -28 % at
-                        s=0.5).
+                        s=0.5); the AVX2 path keeps V's accumulators in
+                        registers over a block (-6 to -8 % at s=0.7).
+                        Fixes: cache_create refuses a cache whose sizes do
+                        not fit a 32-bit size_t (it wrapped and crashed
+                        later); cache_load refuses a negative max_ids (it
+                        wrote past seq_ids); page_size 0 means 16 or
+                        max_sequence_length if smaller (a small default
+                        cache was refused); save_file on Windows replaces
+                        the old file in one step; the save stream's
+                        documented header gains its reserved u64.
    0.3.1  (2026-12-04)  CPU decode and compression faster (token pointers per
                         page run, vector softmax, AVX-512 dot of four tokens,
                         threshold search in registers); a failed cudaMalloc

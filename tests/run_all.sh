@@ -159,6 +159,8 @@ fi
 qemu=
 for q in qemu-aarch64 qemu-aarch64-static; do command -v "$q" >/dev/null 2>&1 && { qemu=$q; break; }; done
 cross "test suite, ARM64 build under qemu-user" "$ARM64_CC" "$BUILD/test_main_arm64" $qemu
+I386_CC=${I386_CC:-i686-linux-gnu-gcc}
+cross "test suite, 32-bit x86 (i386) build" "$I386_CC" "$BUILD/test_main_i386" env
 
 if [ "$HAVE_CUDA" = 1 ]; then
     make --no-print-directory "$BUILD/test_nvrtc" >>"$log" 2>&1

@@ -253,6 +253,28 @@ static void test_errors_cache_create(mustafar_context *ctx)
     }
     c = NULL;
     if (CHECK_ST(ctx, mustafar_cache_create(ctx, &d, &c), MUSTAFAR_OK)) mustafar_cache_destroy(c);
+    /* defaults only: a pool of 8 tokens gets pages of 8 (the default 16 is
+       capped by the default max length, the capacity) */
+    memset(&b, 0, sizeof b);
+    b.num_layers = 1;
+    b.num_kv_heads = 1;
+    b.capacity_tokens = 8;
+    c = NULL;
+    if (CHECK_ST(ctx, mustafar_cache_create(ctx, &b, &c), MUSTAFAR_OK)) {
+        mustafar_cache_stats st;
+        memset(&st, 0, sizeof st);
+        CHECK_ST(ctx, mustafar_cache_stats_get(c, &st), MUSTAFAR_OK);
+        CHECK(st.pages_total == 1, "capacity 8 with default pages: %lld pages", (long long)st.pages_total);
+        mustafar_cache_destroy(c);
+    }
+    /* the header's EXAMPLE shape (32 layers x 2^20 tokens, 2 x 25.8 GB of
+       records) does not fit a 32-bit address space: refused, not wrapped */
+    if (sizeof(size_t) == 4) {
+        tm_desc(&b, 32, 8, 32, 128, MUSTAFAR_DTYPE_F16, 0.7f, 0.7f, 32, 16, (int64_t)1 << 20, 64);
+        c = NULL;
+        if (!CHECK_ST(ctx, mustafar_cache_create(ctx, &b, &c), MUSTAFAR_ERROR_INVALID_ARGUMENT) && c)
+            mustafar_cache_destroy(c);
+    }
 }
 
 /* Bad calls on a live cache: each is refused with its status and every

@@ -162,6 +162,9 @@ static void test_load_corrupt(mustafar_context *ctx)
     memset(bad + a.size, 0, 16);
     CHECK_ST(ctx, mustafar_cache_load_memory(m.cache, bad, a.size + 16, ids, 8, &n), MUSTAFAR_ERROR_INVALID_FILE);
     CHECK_ST(ctx, mustafar_cache_load_memory(m.cache, a.data, a.size, ids, 2, &n), MUSTAFAR_ERROR_INVALID_ARGUMENT);
+    /* a negative room for ids is refused, not read as a large unsigned one */
+    CHECK_ST(ctx, mustafar_cache_load_memory(m.cache, a.data, a.size, ids, -1, &n), MUSTAFAR_ERROR_INVALID_ARGUMENT);
+    CHECK(n == 0, "max_ids -1: %d sequences loaded", n);
     /* a stream of another shape */
     {
         mustafar_cache_desc d;
