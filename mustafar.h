@@ -306,9 +306,10 @@ MUSTAFAR_API mustafar_status mustafar_context_synchronize(mustafar_context *ctx)
 /* ---- backend memory ------------------------------------------------------
    Memory the context's backend reads: device memory for CUDA (cudaMalloc),
    host memory for the CPU; so one program drives either backend without a
-   CUDA header.  Allocations are zeroed and 16-byte aligned.  An upload is
-   queued on the context's stream (src may be reused on return); a download
-   waits for all queued work, then copies. */
+   CUDA header.  Allocations are zeroed; on CUDA 256-byte aligned, on the
+   CPU as MUSTAFAR_MALLOC aligns (the CPU backend needs no alignment).  An
+   upload is queued on the context's stream (src may be reused on return); a
+   download waits for all queued work, then copies. */
 MUSTAFAR_API mustafar_status mustafar_memory_alloc(mustafar_context *ctx, size_t bytes, void **out);
 MUSTAFAR_API void mustafar_memory_free(mustafar_context *ctx, void *p);
 MUSTAFAR_API mustafar_status mustafar_memory_upload(mustafar_context *ctx, void *dst,
@@ -2911,6 +2912,7 @@ static void mustafar__cuda_api_unload(mustafar__cuda_api *api) { MUSTAFAR__UNUSE
 
 #ifdef _WIN32
 #  define MUSTAFAR__PATH_SEPARATOR ';'
+#  define MUSTAFAR__DIR_SEPARATOR "\\"   /* LoadLibrary's documentation asks for backslashes */
 static void *mustafar__library_open(const char *path, char *error, size_t cap)
 {
     HMODULE library = LoadLibraryA(path);
@@ -2928,6 +2930,7 @@ static void *mustafar__library_symbol(void *library, const char *name)
 static void mustafar__library_close(void *library) { FreeLibrary((HMODULE)library); }
 #else
 #  define MUSTAFAR__PATH_SEPARATOR ':'
+#  define MUSTAFAR__DIR_SEPARATOR "/"
 static void *mustafar__library_open(const char *path, char *error, size_t cap)
 {
     void *library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
@@ -2973,7 +2976,9 @@ static void *mustafar__library_load(const char *const *candidates, const char *s
                 void *library;
                 int s;
                 if (len >= 1000) len = 0;
-                if (len) mustafar__snprintf(path, sizeof path, "%.*s/%s", (int)len, dir, candidates[c]);
+                if (len)
+                    mustafar__snprintf(path, sizeof path, "%.*s" MUSTAFAR__DIR_SEPARATOR "%s", (int)len, dir,
+                                       candidates[c]);
                 else mustafar__snprintf(path, sizeof path, "%s", candidates[c]);
                 dir = end ? end + 1 : NULL;
                 if (pass == 0 && !len) continue;
