@@ -1815,6 +1815,21 @@ static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const musta
     }
 }
 
+/* The accumulators and weight rows of query heads [g0, g0 + 4) of the group,
+   for the SIMD paths' four-head V passes: past the group's end, weight 0
+   into `dummy`. */
+static void mustafar__cpu_head_quad(const mustafar__cpu_attn *A, float *acc, float *dummy,
+                                    const float *weights, int g0, float **c, const float **wt)
+{
+    static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
+    int h;
+    for (h = 0; h < 4; h++) {
+        const int live = g0 + h < A->group;
+        c[h] = live ? acc + (size_t)(g0 + h) * A->d : dummy;
+        wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
+    }
+}
+
 static float mustafar__scalar_max_block(const float *x, int n)
 {
     float m = -INFINITY;
@@ -2030,12 +2045,11 @@ MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
                                                const mustafar__cpu_block *B, const float *weights,
                                                float *acc, float *dummy)
 {
-    static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
     const mustafar__cpu_token *toks = B->toks;
     const int n = B->n, d = A->d, G = A->group;
     unsigned char off[MUSTAFAR__CPU_BLOCK][32];
     signed char valid[MUSTAFAR__CPU_BLOCK];
-    int t, g0, h;
+    int t, g0;
     for (t = 0; t < n; t++) {
         valid[t] = 1;
         if (toks[t].kept >= 0 && mustafar__avx2_offsets(toks[t].p, d, off[t]) != toks[t].kept) {
@@ -2045,14 +2059,9 @@ MUSTAFAR__AVX2 static void mustafar__avx2_axpy(const mustafar__cpu_attn *A,
         }
     }
     for (g0 = 0; g0 < G; g0 += 4) {
-        /* four heads at a time; past the group's end, weight 0 into `dummy` */
         float *c[4];
         const float *wt[4];
-        for (h = 0; h < 4; h++) {
-            const int live = g0 + h < G;
-            c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
-            wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
-        }
+        mustafar__cpu_head_quad(A, acc, dummy, weights, g0, c, wt);
         /* the first pass prefetches the next block */
         if (A->bf16) mustafar__avx2_axpy4(A, g0 ? NULL : B, toks, n, off, valid, c, wt, 1);
         else mustafar__avx2_axpy4(A, g0 ? NULL : B, toks, n, off, valid, c, wt, 0);
@@ -2304,11 +2313,9 @@ MUSTAFAR__AVX512 static void mustafar__avx512_axpy(const mustafar__cpu_attn *A,
                                                    float *acc, float *dummy)
 {
     const mustafar__cpu_token *toks = B->toks;
-    const int n = B->n;
-    static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
-    const int d = A->d, G = A->group;
+    const int n = B->n, d = A->d, G = A->group;
     int off[MUSTAFAR__CPU_BLOCK][8];
-    int t, g0, h;
+    int t, g0;
     for (t = 0; t < n; t++) {
         if (toks[t].kept < 0) {
             off[t][0] = 0;
@@ -2319,14 +2326,9 @@ MUSTAFAR__AVX512 static void mustafar__avx512_axpy(const mustafar__cpu_attn *A,
         }
     }
     for (g0 = 0; g0 < G; g0 += 4) {
-        /* four heads at a time; past the group's end, weight 0 into `dummy` */
         float *c[4];
         const float *wt[4];
-        for (h = 0; h < 4; h++) {
-            const int live = g0 + h < G;
-            c[h] = live ? acc + (size_t)(g0 + h) * d : dummy;
-            wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
-        }
+        mustafar__cpu_head_quad(A, acc, dummy, weights, g0, c, wt);
         /* the first pass prefetches the next block */
         if (A->bf16) mustafar__avx512_axpy4(A, g0 ? NULL : B, toks, n, off, c, wt, 1);
         else mustafar__avx512_axpy4(A, g0 ? NULL : B, toks, n, off, c, wt, 0);
