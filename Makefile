@@ -45,10 +45,12 @@ $(BUILD)/test_main_linked: tests/test_main.c $(HEADERS) | $(BUILD)
 	$(CC) -std=c99 -O2 -g $(WARN) $(LINKED_CFLAGS) $< -o $@ $(LINKED_LIBS) -lm
 
 $(BUILD)/test_loader: tests/test_loader.c tests/fake_cuda.c mustafar.h | $(BUILD)
-	@mkdir -p $(BUILD)/fake_cuda $(BUILD)/fake_cuda_missing $(BUILD)/fake_cuda_garbage
+	@mkdir -p $(BUILD)/fake_cuda $(BUILD)/fake_cuda_missing $(BUILD)/fake_cuda_garbage $(BUILD)/fake_cuda_nodriver
 	$(CC) -shared -fPIC tests/fake_cuda.c -o $(BUILD)/fake_cuda/libcudart.so.13
 	cp $(BUILD)/fake_cuda/libcudart.so.13 $(BUILD)/fake_cuda/libnvrtc.so.13
 	$(CC) -shared -fPIC -DFAKE_MISSING_LAUNCH tests/fake_cuda.c -o $(BUILD)/fake_cuda_missing/libcudart.so.13
+	$(CC) -shared -fPIC -DFAKE_NO_DRIVER tests/fake_cuda.c -o $(BUILD)/fake_cuda_nodriver/libcudart.so.13
+	cp $(BUILD)/fake_cuda_nodriver/libcudart.so.13 $(BUILD)/fake_cuda_nodriver/libnvrtc.so.13
 	echo "not a library" > $(BUILD)/fake_cuda_garbage/libcudart.so.13
 	$(CC) -std=c99 -O2 $(WARN) $< -o $@ -ldl -lm
 

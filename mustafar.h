@@ -43,12 +43,15 @@
    EXAMPLE (error checks left out)
 
        mustafar_context *ctx;  mustafar_cache *cache;  int seq;
-       mustafar_context_desc cd = {MUSTAFAR_BACKEND_AUTO}; // GPU if present
+       mustafar_context_desc cd;  mustafar_cache_desc d;
+       memset(&cd, 0, sizeof cd);                      // zero fields: defaults
+       cd.backend = MUSTAFAR_BACKEND_AUTO;             // the GPU if usable, else CPU
        mustafar_context_create(&cd, &ctx);
-       mustafar_cache_desc d = {0};
+       memset(&d, 0, sizeof d);
        d.num_layers = 32; d.num_kv_heads = 8; d.num_q_heads = 32;
        d.head_dim = 128; d.k_sparsity = 0.7f; d.v_sparsity = 0.7f;
-       d.dense_window = 32; d.capacity_tokens = 1 << 20; d.max_sequences = 64;
+       d.dense_window = 32; d.max_sequences = 64;
+       d.capacity_tokens = 1 << 16;     // 64k tokens: 2 x 1.6 GB of K and V records
        mustafar_cache_create(ctx, &d, &cache);
        mustafar_cache_add_sequence(cache, &seq);
        int n = prompt_len;                             // prefill, then 1 per step
@@ -243,9 +246,11 @@ typedef struct mustafar_cache_desc {
     int head_dim;                  /* 0: 128; else 64, 128 or 256 */
     float k_sparsity;              /* in [0, 1); 0 keeps every element */
     float v_sparsity;
-    int dense_window;              /* newest tokens kept dense; 0: none */
-    int page_size;                 /* tokens per page, at most max_sequence_length;
-                                      0: 16, or max_sequence_length if smaller */
+    int dense_window;              /* newest tokens kept dense; 0: none; more than
+                                      max_sequence_length: max_sequence_length
+                                      (every token stays dense) */
+    int page_size;                 /* tokens per page; 0: 16; more than
+                                      max_sequence_length: max_sequence_length */
     int64_t capacity_tokens;       /* pool size in token positions; required */
     int max_sequences;             /* 0: 64 */
     int max_sequence_length;       /* 0: capacity_tokens */
@@ -1054,6 +1059,16 @@ enum { MUSTAFAR__OP_PRUNE, MUSTAFAR__OP_COMPRESS, MUSTAFAR__OP_DECOMPRESS };
 #    define MUSTAFAR__AVX512
 #    define MUSTAFAR__AVX512_INLINE static __forceinline
 #  endif
+/* g++ (as C++ only) reports the `__Y = __Y` undefined vectors of its own
+   AVX-512 headers as maybe-uninitialized where they are inlined here. */
+#  if defined(__GNUC__) && !defined(__clang__) && defined(__cplusplus)
+#    define MUSTAFAR__AVX512_BEGIN                                                          \
+        _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#    define MUSTAFAR__AVX512_END _Pragma("GCC diagnostic pop")
+#  else
+#    define MUSTAFAR__AVX512_BEGIN
+#    define MUSTAFAR__AVX512_END
+#  endif
 #endif
 
 /* Full unrolling of a short loop over an array of vectors (gcc -O2 keeps
@@ -1387,6 +1402,7 @@ MUSTAFAR__AVX2 static void mustafar__avx2_select_kept(const uint16_t *x, int d, 
 #endif
 
 #if defined(MUSTAFAR__CPU_AVX512)
+MUSTAFAR__AVX512_BEGIN
 /* mustafar__select_kept on 32 keys per compare, searching two bits of the
    threshold per step (three counts at once): the same largest threshold t
    with count(key >= t) >= kept, so the same bitmap.  Inlined for each head
@@ -1478,6 +1494,7 @@ MUSTAFAR__AVX512 static void mustafar__avx512_prune(const uint16_t *x, int d, in
                             _mm512_maskz_mov_epi16((__mmask32)bitmap[w],
                                                    _mm512_loadu_si512((const void *)(x + 32 * w))));
 }
+MUSTAFAR__AVX512_END
 #endif
 
 /* mustafar__encode_record with the path's selection (the same bisection, so
@@ -2130,6 +2147,7 @@ MUSTAFAR__AVX2 static float mustafar__avx2_exp_block(float *x, int count, float 
 #endif
 
 #if defined(MUSTAFAR__CPU_AVX512)
+MUSTAFAR__AVX512_BEGIN
 /* AVX-512: a 32-bit bitmap word expands its values to 32 fp16/bf16 lanes in
    one vpexpandw (from a masked load of just its popcount of values: nothing
    past the record is read), then two conversions to 16 fp32 lanes each. */
@@ -2334,6 +2352,7 @@ MUSTAFAR__AVX512 static void mustafar__avx512_axpy(const mustafar__cpu_attn *A,
         else mustafar__avx512_axpy4(A, g0 ? NULL : B, toks, n, off, c, wt, 0);
     }
 }
+MUSTAFAR__AVX512_END
 #endif
 
 #if defined(MUSTAFAR__CPU_NEON)
@@ -3498,9 +3517,13 @@ static mustafar_status mustafar__cuda_init(mustafar_context *ctx, const mustafar
     int count = 0, driver = 0, major = 0, minor = 0, narch = 0, i, best = 0;
     int archs[64];
     mustafar__cudaError e = mustafar__rt(ctx)->GetDeviceCount(&count);
-    if (e != MUSTAFAR__cudaSuccess || count == 0)
-        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE, "no CUDA device: %s",
-                              e != MUSTAFAR__cudaSuccess ? mustafar__rt(ctx)->GetErrorString(e) : "none found");
+    if (e != MUSTAFAR__cudaSuccess || count == 0) {
+        /* the runtime reports a missing driver as one too old: say which */
+        mustafar__rt(ctx)->DriverGetVersion(&driver);
+        return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE, "no CUDA device: %s%s",
+                              e != MUSTAFAR__cudaSuccess ? mustafar__rt(ctx)->GetErrorString(e) : "none found",
+                              e != MUSTAFAR__cudaSuccess && driver == 0 ? " (no NVIDIA driver is installed)" : "");
+    }
     if (desc->cuda_device < 0 || desc->cuda_device >= count)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_BACKEND_UNAVAILABLE,
                               "CUDA device %d does not exist (%d found)", desc->cuda_device, count);
@@ -4384,8 +4407,11 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     if (!d.max_sequence_length && d.capacity_tokens > 0)
         d.max_sequence_length = d.capacity_tokens > INT32_MAX / 2 ? INT32_MAX / 2
                                                                   : (int)d.capacity_tokens;
-    if (!d.page_size)
-        d.page_size = d.max_sequence_length > 0 && d.max_sequence_length < 16 ? d.max_sequence_length : 16;
+    if (!d.page_size) d.page_size = 16;
+    /* a page or a window longer than any sequence would only waste memory */
+    if (d.max_sequence_length > 0 && d.page_size > d.max_sequence_length) d.page_size = d.max_sequence_length;
+    if (d.max_sequence_length > 0 && d.dense_window > d.max_sequence_length)
+        d.dense_window = d.max_sequence_length;
     d.dtype = mustafar__resolve_dtype(d.dtype);
     st = mustafar__check_format(ctx, d.head_dim, d.k_sparsity, d.dtype);
     if (!st) st = mustafar__check_format(ctx, d.head_dim, d.v_sparsity, d.dtype);
@@ -4393,11 +4419,10 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     if (d.num_layers < 1 || d.num_kv_heads < 1 || d.num_q_heads < 1 ||
         d.num_q_heads % d.num_kv_heads || d.dense_window < 0 || d.page_size < 1 ||
         d.capacity_tokens < 1 || d.max_sequences < 1 || d.max_sequence_length < 1 ||
-        d.max_sequence_length > INT32_MAX / 2 || d.page_size > d.max_sequence_length)
+        d.max_sequence_length > INT32_MAX / 2)
         return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
                               "invalid cache descriptor: layers %d, kv heads %d, q heads %d "
-                              "(a multiple of kv heads), window %d, page size %d (at most the max "
-                              "length), capacity %lld, "
+                              "(a multiple of kv heads), window %d, page size %d, capacity %lld, "
                               "max sequences %d, max length %d", d.num_layers, d.num_kv_heads,
                               d.num_q_heads, d.dense_window, d.page_size,
                               (long long)d.capacity_tokens, d.max_sequences,
@@ -4415,12 +4440,11 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
         const double table = (double)d.max_sequences *
                              (double)mustafar__pages_for(d.max_sequence_length, d.page_size);
         const double lengths = 4.0 * d.max_sequences * d.num_layers;
-        if (pool > limit || win > limit || table > INT32_MAX || 4.0 * table > limit ||
-            lengths > limit || d.dense_window > d.max_sequence_length)
+        if (pool > limit || win > limit || table > INT32_MAX || 4.0 * table > limit || lengths > limit)
             return mustafar__fail(ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT,
                                   "cache too large: pool %.3g bytes, windows %.3g bytes, page table "
-                                  "%.3g entries (or dense_window > max_sequence_length)",
-                                  pool, win, table);
+                                  "%.3g entries (the limit: %.3g bytes, %d entries)",
+                                  pool, win, table, limit, INT32_MAX);
     }
     c = (mustafar_cache *)mustafar__calloc(sizeof *c);
     if (!c) return mustafar__fail(ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY, "host allocation failed");
@@ -6889,11 +6913,14 @@ static const char *const *mustafar__kernel_source(void)
                         Fixes: cache_create refuses a cache whose sizes do
                         not fit a 32-bit size_t (it wrapped and crashed
                         later); cache_load refuses a negative max_ids (it
-                        wrote past seq_ids); page_size 0 means 16 or
-                        max_sequence_length if smaller (a small default
-                        cache was refused); save_file on Windows replaces
-                        the old file in one step; the save stream's
-                        documented header gains its reserved u64.
+                        wrote past seq_ids); a dense_window or page_size
+                        past max_sequence_length is taken as
+                        max_sequence_length (short sequences were
+                        refused); save_file on Windows replaces the old
+                        file in one step; the save stream's documented
+                        header gains its reserved u64; with no NVIDIA
+                        driver the fallback says so; g++ -O2 builds (C++)
+                        are warning-free.
    0.3.1  (2026-12-04)  CPU decode and compression faster (token pointers per
                         page run, vector softmax, AVX-512 dot of four tokens,
                         threshold search in registers); a failed cudaMalloc

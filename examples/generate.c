@@ -7,8 +7,10 @@
    token by magnitude, plus a dense window of the newest tokens), and
    generates text greedily or by temperature sampling.
 
-   Build:  cc -std=c99 -O2 generate.c -o generate -lm -ldl -lpthread
-   Run:    ./generate --prompt "def main(" --tokens 200 --ks 0.7 --vs 0.7
+   Build and run from the repository root (the model's default path,
+   examples/model/tiny.safetensors, is relative to it; --model sets another):
+           cc -std=c99 -O2 examples/generate.c -o generate -lm -ldl -lpthread
+           ./generate --prompt "def main(" --tokens 200 --ks 0.7 --vs 0.7
 
    Where the work runs.  The matmuls run on the CPU in plain C (one thread
    when generating; an evaluation runs its configurations on several

@@ -17,4 +17,4 @@ src=$BUILD/doc_example.c
 } > "$src"
 grep -q mustafar_cache_decode_step "$src"
 cc -std=c99 -Wall -Wextra -Wpedantic -Werror -I. -c "$src" -o "$BUILD/doc_example.o"
-c++ -x c++ -std=c++11 -Wall -Wextra -Wpedantic -Werror -Wno-missing-field-initializers -I. -c "$src" -o "$BUILD/doc_example.o"
+c++ -x c++ -std=c++11 -Wall -Wextra -Wpedantic -Werror -I. -c "$src" -o "$BUILD/doc_example.o"

@@ -1,10 +1,17 @@
 /* A stand-in CUDA runtime and NVRTC for the loader tests: every function the
    library resolves, reporting one device and a CUDA 11.8 driver (too old).
-   Built as build/fake_cuda/libcudart.so.13 and libnvrtc.so.13, and with
-   -DFAKE_MISSING_LAUNCH as a runtime that lacks cudaLaunchKernelExC. */
+   Built as build/fake_cuda/libcudart.so.13 and libnvrtc.so.13, with
+   -DFAKE_MISSING_LAUNCH as a runtime that lacks cudaLaunchKernelExC, and
+   with -DFAKE_NO_DRIVER as a runtime on a machine with no NVIDIA driver
+   (what the real one then says: error 35, driver version 0). */
 typedef unsigned long size_t;
+#ifdef FAKE_NO_DRIVER
+int cudaGetDeviceCount(int *n) { *n = 0; return 35; }
+int cudaDriverGetVersion(int *v) { *v = 0; return 0; }
+#else
 int cudaGetDeviceCount(int *n) { *n = 1; return 0; }
 int cudaDriverGetVersion(int *v) { *v = 11080; return 0; }
+#endif
 int cudaGetDevice(int *d) { *d = 0; return 0; }
 int cudaSetDevice(int d) { (void)d; return 0; }
 int cudaGetLastError(void) { return 0; }

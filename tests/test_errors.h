@@ -267,8 +267,8 @@ static void test_errors_cache_create(mustafar_context *ctx)
         CHECK(st.pages_total == 1, "capacity 8 with default pages: %lld pages", (long long)st.pages_total);
         mustafar_cache_destroy(c);
     }
-    /* the header's EXAMPLE shape (32 layers x 2^20 tokens, 2 x 25.8 GB of
-       records) does not fit a 32-bit address space: refused, not wrapped */
+    /* 32 layers x 8 heads x 2^20 tokens (2 x 25.8 GB of records) do not fit
+       a 32-bit address space: refused, not wrapped */
     if (sizeof(size_t) == 4) {
         tm_desc(&b, 32, 8, 32, 128, MUSTAFAR_DTYPE_F16, 0.7f, 0.7f, 32, 16, (int64_t)1 << 20, 64);
         c = NULL;
@@ -443,6 +443,25 @@ static void test_errors_sequence_too_long(mustafar_context *ctx)
     tm_snap_free(&s0);
     tm_destroy(&m);
     free(qfix);
+    /* a window (32) and pages (16) longer than the longest sequence (12):
+       both taken as 12, so every token stays dense; decoded up to the end */
+    tm_desc(&d, 1, 2, 4, 64, MUSTAFAR_DTYPE_F16, 0.7f, 0.7f, 32, 16, 64, 2);
+    d.max_sequence_length = 12;
+    if (!tm_create(&m, ctx, &r, &d, 0)) return;
+    A = tm_add(&m);
+    if (A < 0) { tm_destroy(&m); return; }
+    idx[0] = A;
+    nt[0] = 5;
+    tm_append(&m, 0, 1, idx, nt);
+    tm_check_all(&m, 0.0f, "window and page past the max length, 5 tokens");
+    for (l = 5; l < 12; l++) {
+        nt[0] = 1;
+        tm_append(&m, 0, 1, idx, nt);
+    }
+    tm_check_all(&m, 0.0f, "window and page past the max length, 12 tokens");
+    ids[0] = m.seq[A].id;
+    CHECK_ST(ctx, tm_append_ex(&m, 0, 1, ids, nt, 0, 0), MUSTAFAR_ERROR_SEQUENCE_TOO_LONG);
+    tm_destroy(&m);
 }
 
 /* The CUDA backend moves vectors and records in 16-byte units: a device

@@ -1,7 +1,7 @@
 /* The run-time loader of the CUDA runtime and NVRTC, on any machine: a
    directory that does not exist, a file that is not a library, a runtime
-   that lacks a function, and a driver too old (stand-in libraries built
-   from tests/fake_cuda.c).  Usage: test_loader BUILD_DIR.  Ends with
+   that lacks a function, a driver too old and no driver (stand-in
+   libraries built from tests/fake_cuda.c).  Usage: test_loader BUILD_DIR.  Ends with
    "N passed, M failed". */
 #define MUSTAFAR_IMPLEMENTATION
 #include "../mustafar.h"
@@ -48,6 +48,9 @@ int main(int argc, char **argv)
           MUSTAFAR_ERROR_BACKEND_UNAVAILABLE, MUSTAFAR_BACKEND_CPU, "12.0 or newer is needed");
     check("driver too old: AUTO falls back to the CPU", MUSTAFAR_BACKEND_AUTO, dir, MUSTAFAR_OK,
           MUSTAFAR_BACKEND_CPU, "using the CPU backend: the CUDA driver supports CUDA 11.8");
+    snprintf(dir, sizeof dir, "%s/fake_cuda_nodriver", build);
+    check("no driver: AUTO falls back to the CPU, saying there is no driver", MUSTAFAR_BACKEND_AUTO, dir,
+          MUSTAFAR_OK, MUSTAFAR_BACKEND_CPU, "(no NVIDIA driver is installed)");
     snprintf(dir, sizeof dir, "%s/fake_cuda_missing", build);
     check("a runtime without cudaLaunchKernelExC is passed over, saying so", MUSTAFAR_BACKEND_AUTO,
           dir, MUSTAFAR_OK, ANY_BACKEND, "has no cudaLaunchKernelExC");

@@ -308,10 +308,12 @@ def _handle(ctx):
     return ctx.handle if ctx is not None else None
 
 
-def _fail(ctx, st, call):
+def _fail(ctx, st, call, args):
+    """Raises for status st; without a context the C library keeps no
+    message, so the message is the call's arguments."""
     if ctx is not None:
         ctx.check(st, call)
-    raise MustafarError(st, L.lib().mustafar_status_string(st).decode(), call)
+    raise MustafarError(st, args, call)
 
 
 # ---- stateless operations -------------------------------------------------------------
@@ -349,7 +351,7 @@ def _float_call(fname, x, sparsity, out, dtype, context, out_kind):
     fn = getattr(L.lib(), fname)
     st = fn(_handle(ctx), d, float(sparsity), dt, xa.ptr, oa.ptr, count)
     if st:
-        _fail(ctx, st, fname)
+        _fail(ctx, st, fname, "head_dim %d, sparsity %g" % (d, float(sparsity)))
     return out
 
 
@@ -371,7 +373,7 @@ def decompress(records, head_dim, sparsity, out=None, *, dtype="float16", contex
     rb = record_bytes(head_dim, sparsity, dt)
     if not ra.shape or ra.shape[-1] != rb:
         raise ValueError("records: last dimension %s, expected record_bytes = %d"
-                         % (ra.shape[-1:] or "()", rb))
+                         % (ra.shape[-1] if ra.shape else "(none: a scalar)", rb))
     count = ra.numel // rb
     if out is None:
         if ra.is_torch:
@@ -392,7 +394,7 @@ def decompress(records, head_dim, sparsity, out=None, *, dtype="float16", contex
     st = L.lib().mustafar_decompress(_handle(ctx), int(head_dim), float(sparsity), dt, ra.ptr,
                                      oa.ptr, count)
     if st:
-        _fail(ctx, st, "mustafar_decompress")
+        _fail(ctx, st, "mustafar_decompress", "head_dim %d, sparsity %g" % (int(head_dim), float(sparsity)))
     return out
 
 

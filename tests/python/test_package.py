@@ -208,6 +208,11 @@ class TestErrors(unittest.TestCase):
             self.c.remove_sequence(12)
         with self.assertRaises(mustafar.MustafarError):
             self.c.sequence_length(12)
+        # a stateless call on host memory (no context): the message names the arguments
+        with self.assertRaises(mustafar.MustafarError) as cm:
+            mustafar.prune(np.zeros((2, 100), np.float16), 0.5)
+        self.assertEqual(cm.exception.status, "MUSTAFAR_ERROR_UNSUPPORTED_HEAD_DIM")
+        self.assertIn("head_dim 100", cm.exception.message)
 
     def test_cuda_context(self):
         try:
