@@ -1832,21 +1832,6 @@ static void mustafar__scalar_axpy_block(const mustafar__cpu_attn *A, const musta
     }
 }
 
-/* The accumulators and weight rows of query heads [g0, g0 + 4) of the group,
-   for the SIMD paths' four-head V passes: past the group's end, weight 0
-   into `dummy`. */
-static void mustafar__cpu_head_quad(const mustafar__cpu_attn *A, float *acc, float *dummy,
-                                    const float *weights, int g0, float **c, const float **wt)
-{
-    static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
-    int h;
-    for (h = 0; h < 4; h++) {
-        const int live = g0 + h < A->group;
-        c[h] = live ? acc + (size_t)(g0 + h) * A->d : dummy;
-        wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
-    }
-}
-
 static float mustafar__scalar_max_block(const float *x, int n)
 {
     float m = -INFINITY;
@@ -1865,6 +1850,21 @@ static float mustafar__scalar_exp_block(float *x, int n, float m)
 }
 
 #if defined(MUSTAFAR__CPU_X86)
+/* The accumulators and weight rows of query heads [g0, g0 + 4) of the group,
+   for the AVX2 and AVX-512 four-head V passes: past the group's end, weight 0
+   into `dummy`. */
+static void mustafar__cpu_head_quad(const mustafar__cpu_attn *A, float *acc, float *dummy,
+                                    const float *weights, int g0, float **c, const float **wt)
+{
+    static const float zero[MUSTAFAR__CPU_BLOCK] = {0};
+    int h;
+    for (h = 0; h < 4; h++) {
+        const int live = g0 + h < A->group;
+        c[h] = live ? acc + (size_t)(g0 + h) * A->d : dummy;
+        wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
+    }
+}
+
 /* Eight fp16/bf16 values to floats. */
 MUSTAFAR__AVX2_INLINE __m256 mustafar__avx2_widen(__m128i h, int bf16)
 {
