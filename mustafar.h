@@ -21,10 +21,11 @@
        #include "mustafar.h"
 
    and build with no CUDA flags: cc app.c -lm (-ldl -lpthread on glibc
-   before 2.34; nothing on Windows).  The CUDA runtime and NVRTC (CUDA 12.0 or newer) are loaded
-   at run time when present; without them, or without a usable GPU, the CPU
-   backend serves every call.  To link CUDA instead, define
-   MUSTAFAR_CUDA_LINKED and build with CUDA's include path, -lcudart -lnvrtc.
+   before 2.34; nothing on Windows).  The CUDA runtime and NVRTC (CUDA 12.0
+   or newer) are loaded at run time when present; without them, or without a
+   usable GPU, the CPU backend serves every call.  To link CUDA instead,
+   define MUSTAFAR_CUDA_LINKED and build with CUDA's include path, -lcudart
+   -lnvrtc.
 
    CONTENTS (search for the tag)
 
