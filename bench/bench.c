@@ -339,6 +339,7 @@ int main(int argc, char **argv)
     const char *csv_path = "bench/results.csv";
     FILE *csv;
     mustafar_context_desc cd;
+    char why[512] = "";
     mustafar_context *ctx;
     pool pl;
     double copy_bw, cold = 0, warm = 0;
@@ -352,7 +353,12 @@ int main(int argc, char **argv)
     }
     memset(&cd, 0, sizeof cd);
     cd.backend = MUSTAFAR_BACKEND_CUDA;
-    CHECK(NULL, mustafar_context_create(&cd, &ctx));
+    cd.error_buffer = why;                 /* the reason when no context is made */
+    cd.error_buffer_size = sizeof why;
+    if (mustafar_context_create(&cd, &ctx) != MUSTAFAR_OK) {
+        fprintf(stderr, "bench: no CUDA context: %s\n", why);
+        return 1;
+    }
     printf("%s\n", mustafar_last_error(ctx));
     CHECK_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
     copy_bw = copy_bandwidth();

@@ -23,4 +23,26 @@ class BuildWithLibrary(build_py):
                              "or set MUSTAFAR_LIBRARY" % src)
 
 
-setup(cmdclass={"build_py": BuildWithLibrary})
+cmdclass = {"build_py": BuildWithLibrary}
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel      # setuptools >= 70.1
+except ImportError:
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:                 # neither: a plain install, no wheel to tag
+        bdist_wheel = None
+
+if bdist_wheel is not None:
+    class PlatformWheel(bdist_wheel):
+        """The wheel carries a native library: tagged for this platform, any Python 3."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.root_is_pure = False
+
+        def get_tag(self):
+            return ("py3", "none") + tuple(super().get_tag()[2:])
+
+    cmdclass["bdist_wheel"] = PlatformWheel
+
+setup(cmdclass=cmdclass)
