@@ -124,6 +124,15 @@ fi
 # The CPU suite built for other platforms and run under an emulator (--quick:
 # emulation is slower). A missing compiler or emulator counts as skipped,
 # saying so; a build that fails counts as a failure.
+emulator_runs() {  # emulator_runs COMPILER TARGET RUNNER...: does RUNNER run a program that only prints?
+    probe_cc=$1 probe=$BUILD/emulator_probe
+    case $2 in *.exe) probe=$probe.exe ;; esac
+    shift 2
+    printf '#include <stdio.h>\nint main(void) { puts("ok"); return 0; }\n' > "$BUILD/emulator_probe.c"
+    "$probe_cc" -static "$BUILD/emulator_probe.c" -o "$probe" >>"$log" 2>&1 &&
+        [ "$(timeout 300 "$@" "$probe" 2>>"$log" | tr -d '\r')" = ok ]
+}
+
 cross() {  # cross NAME COMPILER TARGET RUNNER...: build TARGET with make, run it
     name=$1 ccx=$2 target=$3; shift 3
     if ! command -v "$ccx" >/dev/null 2>&1; then
@@ -135,10 +144,27 @@ cross() {  # cross NAME COMPILER TARGET RUNNER...: build TARGET with make, run i
     if [ -z "$1" ]; then
         echo "$name: built; run skipped: no emulator (see README, Tests)"; skipped=$((skipped + 1)); return
     fi
-    t0=$(date +%s)
-    timeout 900 "$@" "$target" --backend cpu --quick > "$out" 2>"$BUILD/emulator_stderr.txt"
+    t0=$(date +%s) emu_err=$BUILD/emulator_stderr.txt
+    timeout 900 "$@" "$target" --backend cpu --quick > "$out" 2>"$emu_err"; rc=$?
+    # The suite prints (and flushes) its seed line first: output without it
+    # means the emulator never started the program (e.g. Wine failing to set
+    # up a new prefix), which is retried once, saying so.
+    if ! grep -q '^seed' "$out"; then
+        echo "note: $name: the emulator did not start the program (exit $rc: $(head -n 1 "$emu_err")); retrying once"
+        { echo "== $name: emulator stderr of the failed start"; cat "$emu_err"; } >> "$log"
+        timeout 900 "$@" "$target" --backend cpu --quick > "$out" 2>"$emu_err"
+        if ! grep -q '^seed' "$out" && ! emulator_runs "$ccx" "$target" "$@"; then
+            { echo "== $name: emulator stderr"; cat "$emu_err"; } >> "$log"
+            echo "$name skipped: the emulator runs no program here, not even one that only prints"
+            echo "    (its stderr: $(head -n 1 "$emu_err"); see $log)"; skipped=$((skipped + 1)); return
+        fi
+    fi
     # the emulator's own messages (wine: ..., fixme: ...) are not the suite's
-    grep -vE '^(wine|fixme|err|warn|qemu)[:-]' "$BUILD/emulator_stderr.txt" >> "$out"
+    grep -vE '^(wine|fixme|err|warn|qemu)[:-]' "$emu_err" >> "$out"
+    if ! grep -qE '^[0-9]+ passed, [0-9]+ failed' "$out"; then
+        { echo "== $name: emulator stderr"; cat "$emu_err"; } >> "$log"
+        echo "$name: no summary line; the emulator's stderr ends:"; tail -n 5 "$emu_err" | sed 's/^/    /'
+    fi
     grep -E '^(FAIL|seed)' "$out"; count "$out" "$name ($(( $(date +%s) - t0 )) s)"
 }
 
@@ -158,8 +184,13 @@ if command -v "$MINGW_CC" >/dev/null 2>&1; then
 fi
 wine=
 for w in wine wine64 /usr/lib/wine/wine64; do command -v "$w" >/dev/null 2>&1 && { wine=$w; break; }; done
-# a prefix of its own under the build folder (created on the first run, ~15 s)
+# A prefix of its own under the build folder, created up front (~15 s) and
+# waited for, so that the suite's run does not race Wine's first-run setup.
 WINEPREFIX=$(cd "$BUILD" && pwd)/wineprefix; WINEDEBUG=-all; export WINEPREFIX WINEDEBUG
+if [ -n "$wine" ] && command -v "$MINGW_CC" >/dev/null 2>&1; then
+    timeout 300 "$wine" wineboot --init >>"$log" 2>&1
+    command -v wineserver >/dev/null 2>&1 && timeout 120 wineserver -w >>"$log" 2>&1
+fi
 cross "test suite, Windows (MinGW-w64, CUDA loader compiled in) build under Wine" "$MINGW_CC" "$BUILD/test_main.exe" $wine
 if command -v "$ARM64_CC" >/dev/null 2>&1; then
     step "compile $ARM64_CC (CUDA loaded at run time)" "$ARM64_CC" -std=c99 -Wall -Wextra -Wpedantic -Werror \
