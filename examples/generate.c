@@ -1087,10 +1087,11 @@ static int run_eval(const model *m, const char *path, int ctx, int segments, con
     {
         double total = (double)segments * ctx;
         const eval_job *d = &p.jobs[0];
-        printf("teacher-forced, %d segment(s) of %d bytes, backend %s; bits/byte and top-1 vs the dense model\n",
+        printf("teacher-forced, %d segment(s) of %d bytes, backend %s; bits/byte and top-1 vs the dense model;\n"
+               "held B/tok: the cache's bytes at the segment's end (records and dense window, all layers) per token\n",
                segments, ctx, backend == MUSTAFAR_BACKEND_CUDA ? "CUDA" : backend == MUSTAFAR_BACKEND_CPU ? "CPU" : "auto");
         printf("%6s %6s %6s %10s %10s %8s %10s %8s\n", "K s", "V s", "window", "bits/byte", "delta", "top-1",
-               "KV B/tok", "% dense");
+               "held B/tok", "% dense");
         for (i = 0; i < p.njobs; i++) {
             const eval_job *j = &p.jobs[i];
             long long agree = 0;

@@ -14,7 +14,10 @@ count() {
     passed=$((passed + p)); failed=$((failed + f))
     echo "$2: $line"
 }
-"$BUILD/test_main" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed|GPU)' "$out"; count "$out" "suite on CUDA (runtime loaded at run time)"
+"$BUILD/test_main" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed|GPU)' "$out"
+# with no CUDA context every later step would fail the same way: stop here
+if grep -q '^FAIL setup: .*no CUDA context' "$out"; then echo "0 passed, 1 failed"; exit 1; fi
+count "$out" "suite on CUDA (runtime loaded at run time)"
 "$BUILD/test_main_linked" --backend cuda > "$out" 2>&1; grep -E '^(FAIL|seed|GPU)' "$out"; count "$out" "suite on CUDA (linked build)"
 "$BUILD/test_model" examples/model/tiny.safetensors examples/model/vectors.safetensors > "$out" 2>&1
 grep -E '^FAIL|skipped' "$out"; count "$out" "the C model (CPU and CUDA backends)"
