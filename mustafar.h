@@ -1850,10 +1850,10 @@ static float mustafar__scalar_exp_block(float *x, int n, float m)
     return sum;
 }
 
-#if defined(MUSTAFAR__CPU_X86)
+#if defined(MUSTAFAR__CPU_X86) || defined(MUSTAFAR__CPU_NEON)
 /* The accumulators and weight rows of query heads [g0, g0 + 4) of the group,
-   for the AVX2 and AVX-512 four-head V passes: past the group's end, weight 0
-   into `dummy`. */
+   for the four-head V passes (AVX2, AVX-512, NEON): past the group's end,
+   weight 0 into `dummy`. */
 static void mustafar__cpu_head_quad(const mustafar__cpu_attn *A, float *acc, float *dummy,
                                     const float *weights, int g0, float **c, const float **wt)
 {
@@ -1865,7 +1865,9 @@ static void mustafar__cpu_head_quad(const mustafar__cpu_attn *A, float *acc, flo
         wt[h] = live ? weights + (g0 + h) * MUSTAFAR__CPU_BLOCK : zero;
     }
 }
+#endif
 
+#if defined(MUSTAFAR__CPU_X86)
 /* Eight fp16/bf16 values to floats. */
 MUSTAFAR__AVX2_INLINE __m256 mustafar__avx2_widen(__m128i h, int bf16)
 {
@@ -2357,8 +2359,8 @@ MUSTAFAR__AVX512_END
 #endif
 
 #if defined(MUSTAFAR__CPU_NEON)
-/* NEON: the same decode as AVX2 with tbl for the expansion, one token at a
-   time, four heads per pass. */
+/* NEON: the same decode as AVX2 with tbl for the expansion, four heads per
+   pass. */
 static int mustafar__neon_offsets(const unsigned char *bitmap, int d, unsigned char *off)
 {
     unsigned char counts[32];
@@ -2436,37 +2438,59 @@ static void mustafar__neon_dot(const mustafar__cpu_attn *A, const mustafar__cpu_
     }
 }
 
+/* c_h[16s, 16s + 16) += sum over the block's valid tokens of w_h[t] * token t,
+   for four heads: the sixteen accumulators stay in registers over the block
+   (of AArch64's 32 vector registers). */
+static void mustafar__neon_axpy4(const mustafar__cpu_attn *A, const mustafar__cpu_block *pf,
+                                 const mustafar__cpu_token *toks, int n, unsigned char (*off)[32],
+                                 const signed char *valid, float **c, const float *const *wt)
+{
+    const int slices = A->d / 16;
+    int s, t, h, k;
+    for (s = 0; s < slices; s++) {
+        float32x4_t acc[4][4];
+        for (h = 0; h < 4; h++)
+            for (k = 0; k < 4; k++) acc[h][k] = vld1q_f32(c[h] + 16 * s + 4 * k);
+        for (t = 0; t < n; t++) {
+            float32x4_t x[4];
+            if (pf && s == 0) mustafar__cpu_prefetch_ahead(A, pf, t, 1);
+            if (!valid[t]) continue; /* corrupt: done by the scalar path */
+            mustafar__neon_chunk(A, toks[t], 2 * s, toks[t].kept < 0 ? 0 : off[t][2 * s], &x[0], &x[1]);
+            mustafar__neon_chunk(A, toks[t], 2 * s + 1, toks[t].kept < 0 ? 0 : off[t][2 * s + 1],
+                                 &x[2], &x[3]);
+            for (h = 0; h < 4; h++) {
+                const float w = wt[h][t];
+                for (k = 0; k < 4; k++) acc[h][k] = vfmaq_n_f32(acc[h][k], x[k], w);
+            }
+        }
+        /* heads past the group's end share `dummy`: the last store wins */
+        for (h = 0; h < 4; h++)
+            for (k = 0; k < 4; k++) vst1q_f32(c[h] + 16 * s + 4 * k, acc[h][k]);
+    }
+}
+
 static void mustafar__neon_axpy(const mustafar__cpu_attn *A, const mustafar__cpu_block *B,
                                 const float *weights, float *acc, float *dummy)
 {
     const mustafar__cpu_token *toks = B->toks;
-    const int n = B->n;
-    const int d = A->d, G = A->group;
-    unsigned char off[32];
-    int t, g0, h, j;
+    const int n = B->n, d = A->d, G = A->group;
+    unsigned char off[MUSTAFAR__CPU_BLOCK][32];
+    signed char valid[MUSTAFAR__CPU_BLOCK];
+    int t, g0;
     for (t = 0; t < n; t++) {
-        const mustafar__cpu_token tok = toks[t];
-        mustafar__cpu_prefetch_ahead(A, B, t, 1);
-        if (tok.kept >= 0 && mustafar__neon_offsets(tok.p, d, off) != tok.kept) {
-            mustafar__scalar_axpy(A, tok, weights + t, acc, dummy);
-            continue;
+        valid[t] = 1;
+        if (toks[t].kept >= 0 && mustafar__neon_offsets(toks[t].p, d, off[t]) != toks[t].kept) {
+            /* a corrupt record: alone through the scalar path */
+            mustafar__scalar_axpy(A, toks[t], weights + t, acc, dummy);
+            valid[t] = 0;
         }
-        for (g0 = 0; g0 < G; g0 += 4) {
-            float *c[4];
-            float w[4];
-            for (h = 0; h < 4; h++) {
-                c[h] = g0 + h < G ? acc + (size_t)(g0 + h) * d : dummy;
-                w[h] = g0 + h < G ? weights[(g0 + h) * MUSTAFAR__CPU_BLOCK + t] : 0.0f;
-            }
-            for (j = 0; j < d / 8; j++) {
-                float32x4_t lo, hi;
-                mustafar__neon_chunk(A, tok, j, tok.kept < 0 ? 0 : off[j], &lo, &hi);
-                for (h = 0; h < 4; h++) {
-                    vst1q_f32(c[h] + 8 * j, vfmaq_n_f32(vld1q_f32(c[h] + 8 * j), lo, w[h]));
-                    vst1q_f32(c[h] + 8 * j + 4, vfmaq_n_f32(vld1q_f32(c[h] + 8 * j + 4), hi, w[h]));
-                }
-            }
-        }
+    }
+    for (g0 = 0; g0 < G; g0 += 4) {
+        float *c[4];
+        const float *wt[4];
+        mustafar__cpu_head_quad(A, acc, dummy, weights, g0, c, wt);
+        /* the first pass prefetches the next block */
+        mustafar__neon_axpy4(A, g0 ? NULL : B, toks, n, off, valid, c, wt);
     }
 }
 #endif
