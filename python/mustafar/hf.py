@@ -33,7 +33,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ._core import Cache
+from ._core import Cache, record_bytes
 
 ATTN_IMPLEMENTATION = "mustafar"
 _tls = threading.local()
@@ -91,6 +91,10 @@ class MustafarCache(_HFCache):
     k_sparsity, v_sparsity: fraction of every K / V token vector pruned.
     dense_window:  newest tokens of each sequence kept dense.
     max_cache_len: tokens per sequence the pool is sized for (prompt + new).
+
+    The model must run attn_implementation "mustafar" (enable(model)); with any
+    other the first update after the prompt's first layer raises.  The library
+    cache is freed by close(), or when this object is no longer referenced.
     """
 
     def __init__(self, config, *, k_sparsity=0.5, v_sparsity=0.5, dense_window=32,
@@ -103,10 +107,15 @@ class MustafarCache(_HFCache):
         self.k_sparsity, self.v_sparsity = float(k_sparsity), float(v_sparsity)
         self.dense_window, self.page_size = int(dense_window), int(page_size)
         self._max_len = int(max_cache_len)
+        if self._max_len < 1:
+            raise ValueError("max_cache_len must be at least 1, got %d" % self._max_len)
+        record_bytes(self.head_dim, self.k_sparsity)   # unsupported head_dim / sparsity: raises now
+        record_bytes(self.head_dim, self.v_sparsity)
         self.context = context
         self.mcache = None          # the mustafar.Cache
         self.seq_ids = None
         self.pending = None         # (layer, k, v) of the decode token, for the attention call
+        self._awaiting = None       # layer index whose update no "mustafar" attention call followed yet
         super().__init__(layers=[MustafarLayer(self, i) for i in range(self.num_layers)])
 
     # ---- internals
@@ -129,15 +138,27 @@ class MustafarCache(_HFCache):
             self._create(b, k.device, k.dtype)
         if b != len(self.seq_ids):
             raise ValueError("batch size changed from %d to %d" % (len(self.seq_ids), b))
+        if self._awaiting is not None:
+            # the previous update was not followed by the "mustafar" attention function:
+            # a decode token would never be stored, and the model would attend to it alone
+            self.pending = None
+            raise RuntimeError("MustafarCache: the model's attention is not \"mustafar\" (layer %d "
+                               "ran another attention function); call mustafar.hf.enable(model) "
+                               "before generate" % self._awaiting)
+        if layer.length + t > self._max_len:
+            raise ValueError("MustafarCache: %d + %d tokens exceed max_cache_len %d; create the "
+                             "cache with max_cache_len >= prompt length + max_new_tokens"
+                             % (layer.length, t, self._max_len))
+        if layer.length > 0 and t > 1:
+            raise NotImplementedError("MustafarCache: %d new tokens after %d cached (chunked "
+                                      "prefill) is not supported" % (t, layer.length))
+        self._awaiting = layer.layer_idx
+        _tls.cache = self
         if t == 1 and layer.length > 0:
             # decode: the attention function appends and attends in one call
             self.pending = (layer.layer_idx, k, v)
-            _tls.cache = self
             layer.length += 1
             return k, v
-        if layer.length > 0:
-            raise NotImplementedError("MustafarCache: %d new tokens after %d cached (chunked "
-                                      "prefill) is not supported" % (t, layer.length))
         kk = k.transpose(1, 2).contiguous()          # [b, t, Hkv, D]
         vv = v.transpose(1, 2).contiguous()
         self.mcache.append(layer.layer_idx, self.seq_ids, kk, vv, [t] * b)
@@ -190,6 +211,9 @@ def mustafar_attention_forward(module, query, key, value, attention_mask, scalin
     """attn_implementation "mustafar": decode steps on a MustafarCache run in the
     library; everything else is SDPA."""
     cache = getattr(_tls, "cache", None)
+    _tls.cache = None                # a strong reference only from the update to this call
+    if cache is not None:
+        cache._awaiting = None
     if (cache is not None and cache.pending is not None and query.shape[2] == 1
             and cache.pending[0] == getattr(module, "layer_idx", None)):
         if attention_mask is not None and not _mask_is_all_visible(attention_mask):

@@ -206,6 +206,38 @@ class TestGenerate(unittest.TestCase):
                        past_key_values=cache)
         m.set_attn_implementation("sdpa")
 
+    def test_misuse_raises_before_wrong_output(self):
+        ids = self._ids("cpu")
+        m = tiny_model("cpu", torch.float16)                  # attention left at SDPA
+        cache = hf.MustafarCache(m.config, max_cache_len=64)
+        with self.assertRaisesRegex(RuntimeError, 'not "mustafar".*enable'):
+            m.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
+        hf.enable(m)
+        cache = hf.MustafarCache(m.config, max_cache_len=ids.shape[1] - 1)
+        with self.assertRaisesRegex(ValueError, "exceed max_cache_len %d" % (ids.shape[1] - 1)):
+            m.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
+        self.assertEqual(cache.kv_bytes()[0], 0)              # nothing was stored
+        cache = hf.MustafarCache(m.config, max_cache_len=ids.shape[1] + 2)
+        with self.assertRaisesRegex(ValueError, "exceed max_cache_len %d" % (ids.shape[1] + 2)):
+            m.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+        cfg = transformers.LlamaConfig(hidden_size=640, num_attention_heads=8, head_dim=80)
+        with self.assertRaisesRegex(ValueError, "head_dim 80"):
+            hf.MustafarCache(cfg)
+        m.set_attn_implementation("sdpa")
+
+    def test_cache_freed_when_unreferenced(self):
+        import gc
+        import weakref
+        m = tiny_model("cpu", torch.float16)
+        hf.enable(m)
+        cache = hf.MustafarCache(m.config, max_cache_len=64)
+        m.generate(self._ids("cpu"), max_new_tokens=3, do_sample=False, past_key_values=cache)
+        lib_cache = weakref.ref(cache.mcache)
+        del cache
+        gc.collect()
+        self.assertIsNone(lib_cache())
+        m.set_attn_implementation("sdpa")
+
 
 if __name__ == "__main__":
     unittest.main()
