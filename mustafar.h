@@ -4458,8 +4458,10 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     {   /* every buffer size must fit in 2^62 bytes and in half the address space
            (32-bit builds), the page table in int32 indices */
         const double limit = (double)SIZE_MAX / 2 < 4.6e18 ? (double)SIZE_MAX / 2 : 4.6e18;
-        const double rec = 2.0 * d.head_dim + 32;
-        const double pool = (double)pages * d.num_kv_heads * d.page_size * rec * d.num_layers;
+        const size_t k_rec = mustafar_record_bytes(d.head_dim, d.k_sparsity, d.dtype);
+        const size_t v_rec = mustafar_record_bytes(d.head_dim, d.v_sparsity, d.dtype);
+        const double pool = (double)pages * d.num_kv_heads * d.page_size *
+                            (double)(k_rec > v_rec ? k_rec : v_rec) * d.num_layers;
         const double win = (double)d.max_sequences * d.dense_window * d.num_kv_heads * d.head_dim *
                            2.0 * d.num_layers;
         const double table = (double)d.max_sequences *

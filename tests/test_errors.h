@@ -219,6 +219,7 @@ static void test_errors_cache_create(mustafar_context *ctx)
 {
     mustafar_cache_desc d, b;
     mustafar_cache *c = NULL;
+    mustafar_status st;
     int k;
     tm_desc(&d, 2, 2, 4, 128, MUSTAFAR_DTYPE_F16, 0.5f, 0.5f, 8, 16, 256, 4);
     CHECK_ST(ctx, mustafar_cache_create(ctx, NULL, &c), MUSTAFAR_ERROR_NULL_POINTER);
@@ -274,6 +275,15 @@ static void test_errors_cache_create(mustafar_context *ctx)
         c = NULL;
         if (!CHECK_ST(ctx, mustafar_cache_create(ctx, &b, &c), MUSTAFAR_ERROR_INVALID_ARGUMENT) && c)
             mustafar_cache_destroy(c);
+        /* 30000 tokens of the same: 2 x 737 MB of 96-byte records fit (the
+           check once costed every record at its dense worst, 288 bytes, and
+           refused); the allocation itself may still fail */
+        tm_desc(&b, 32, 8, 32, 128, MUSTAFAR_DTYPE_F16, 0.7f, 0.7f, 32, 16, 30000, 1);
+        c = NULL;
+        st = mustafar_cache_create(ctx, &b, &c);
+        CHECK(st == MUSTAFAR_OK || st == MUSTAFAR_ERROR_OUT_OF_MEMORY, "2 x 737 MB on 32 bits: %s (%s)",
+              mustafar_status_string(st), mustafar_last_error(ctx));
+        if (c) mustafar_cache_destroy(c);
     }
 }
 
