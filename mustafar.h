@@ -51,8 +51,8 @@
        memset(&d, 0, sizeof d);
        d.num_layers = 32; d.num_kv_heads = 8; d.num_q_heads = 32;
        d.head_dim = 128; d.k_sparsity = 0.7f; d.v_sparsity = 0.7f;
-       d.dense_window = 32; d.max_sequences = 64;
-       d.capacity_tokens = 1 << 16;     // 64k tokens: 2 x 1.6 GB of K and V records
+       d.dense_window = 32; d.max_sequences = 1;      // windows: 4.2 MB each
+       d.capacity_tokens = 1 << 16;     // 64k tokens: 3.2 GB of records (MEMORY)
        mustafar_cache_create(ctx, &d, &cache);
        mustafar_cache_add_sequence(cache, &seq);
        int n = prompt_len;                             // prefill, then 1 per step
@@ -90,7 +90,33 @@
    A CPU context runs each call on mustafar_context_desc.num_threads threads
    (0: the number of cores), its own pool started on first use and joined by
    mustafar_context_destroy, or on the desc's parallel_for callback (a job
-   system's).  Stateless calls with ctx == NULL run on the calling thread.
+   system's).  Stateless calls with ctx == NULL, and every call of a context
+   with num_threads 1, run on the calling thread (parallel_for is not
+   called).  Results do not depend on the thread count; they may differ in
+   the last bits between SIMD paths (AVX-512, AVX2, NEON, scalar), as the
+   sums are taken in a different order.
+
+   MEMORY
+
+   mustafar_cache_create allocates all that a cache holds, once; its
+   stats.allocated_bytes reports the total:
+       K and V pools  layers x ceil(capacity_tokens / page_size) x page_size
+                      x Hkv x (k_record_bytes + v_record_bytes)
+       dense windows  layers x max_sequences x dense_window x Hkv x D x 2 x 2
+                      bytes (K and V): max_sequences 0 means 64, so set it
+                      to the number of sequences run at once
+       page table     max_sequences x ceil(max_sequence_length / page_size)
+                      x 4 bytes (on CUDA a host and a device copy)
+   E.g. 32 layers, Hkv 8, D 128, s 0.7, 64k tokens: 3.22 GB of records;
+   windows of 32 tokens add 4.2 MB per sequence (268 MB for 64).
+   Each call allocates its work space through MUSTAFAR_MALLOC and frees it
+   before it returns (a decode step on the CPU: 7 blocks).  The largest is
+   the CPU attention's partial results, 4 x (G(2D + 34) + D) bytes for each
+   (token split, KV head), with about 4 x num_threads splits in all (B=1,
+   Hq/Hkv 32/8, D 128, 16 threads: 2.6 MB).  CUDA's device scratch stays
+   with the context and grows to the largest call.  mustafar_cache_load
+   and _load_memory hold the whole stream in host memory while they check
+   it, before the cache changes.
 
    CONCEPTS
 
@@ -265,6 +291,7 @@ typedef struct mustafar_cache_stats {
     int64_t compressed_vectors;    /* of which in records */
     int64_t record_bytes;          /* bytes of the records and window data held */
     int64_t reserved_bytes;        /* pool pages in use + windows of live sequences */
+    int64_t allocated_bytes;       /* everything the cache holds, fixed at create (MEMORY) */
     int64_t dense_bytes;           /* the same tokens stored dense (K + V) */
     double compression_ratio;      /* record_bytes / dense_bytes */
 } mustafar_cache_stats;
@@ -4526,6 +4553,18 @@ MUSTAFAR_API mustafar_status mustafar_cache_create(mustafar_context *ctx,
     return MUSTAFAR_OK;
 }
 
+/* The bytes cache_create allocated (see MEMORY): backend pools, windows and
+   page table, and the host's bookkeeping. */
+static size_t mustafar__cache_allocated_bytes(const mustafar_cache *c)
+{
+    const mustafar_cache_desc *d = &c->desc;
+    const size_t table = sizeof(int32_t) * (size_t)d->max_sequences * c->pages_per_sequence;
+    return (c->k_layer_bytes + c->v_layer_bytes + 2 * 2 * c->window_layer_elems) * d->num_layers +
+           table * (c->table_device != c->table ? 2 : 1) + sizeof *c +
+           sizeof(int32_t) * (size_t)d->max_sequences * d->num_layers +
+           (sizeof(int32_t) + 1) * (size_t)d->max_sequences + sizeof(int32_t) * (size_t)c->num_pages;
+}
+
 MUSTAFAR_API void mustafar_cache_destroy(mustafar_cache *cache)
 {
     if (cache) mustafar__cache_free_all(cache);
@@ -4884,6 +4923,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cach
                               cache->num_pages * d->num_layers +
                           (int64_t)cache->live_count * d->num_layers * d->dense_window *
                               d->num_kv_heads * 2 * dense_vector_bytes;
+    out->allocated_bytes = (int64_t)mustafar__cache_allocated_bytes(cache);
     out->compression_ratio = out->dense_bytes ? (double)out->record_bytes / out->dense_bytes : 0.0;
     return MUSTAFAR_OK;
 }

@@ -37,6 +37,7 @@ static long g_fail_at;      /* 0: never fail */
 static int g_fail_after;    /* 1: fail the n-th and every later one */
 static long g_failed;       /* allocations refused since arming */
 static long g_live;         /* library blocks live */
+static size_t g_bytes;      /* bytes allocated since arming */
 
 static void *tf_malloc(size_t n)
 {
@@ -47,7 +48,7 @@ static void *tf_malloc(size_t n)
         return NULL;
     }
     p = malloc(n);
-    if (p) g_live++;
+    if (p) { g_live++; g_bytes += n; }
     return p;
 }
 static void tf_free(void *p)
@@ -78,7 +79,7 @@ static int g_mode;
     printf("FAIL %s n=%ld%s: line %d: ", g_scenario, g_n, g_mode ? "+" : "", __LINE__); \
     printf(__VA_ARGS__); printf("\n"); } } while (0)
 
-static void arm(long n, int after) { g_calls = 0; g_failed = 0; g_fail_at = n; g_fail_after = after; }
+static void arm(long n, int after) { g_calls = 0; g_failed = 0; g_bytes = 0; g_fail_at = n; g_fail_after = after; }
 static void disarm(void) { g_fail_at = 0; }
 
 /* ---- fixture ------------------------------------------------------------- */
@@ -599,10 +600,43 @@ static void run_scenario(const tf_scenario *s)
     free(file_before.data); free(file_now.data);
 }
 
+/* What MEMORY says: stats.allocated_bytes is what cache_create allocated,
+   and a decode step frees all that it allocates. */
+static void check_memory_doc(void)
+{
+    tf_fix f;
+    mustafar_cache *c = NULL;
+    mustafar_cache_stats st;
+    int ids[3], nt[3] = {1, 1, 1};
+    long live;
+    g_scenario = "memory figures";
+    g_n = 0;
+    if (!tf_setup(&f)) { CHECK(0, "fixture setup failed"); return; }
+    arm(0, 0);
+    CHECK(mustafar_cache_create(f.ctx, &f.desc, &c) == MUSTAFAR_OK, "cache_create failed");
+    if (c) {
+        const size_t created = g_bytes;
+        memset(&st, 0, sizeof st);
+        mustafar_cache_stats_get(c, &st);
+        CHECK((size_t)st.allocated_bytes == created, "allocated_bytes %lld, cache_create allocated %zu",
+              (long long)st.allocated_bytes, created);
+        mustafar_cache_destroy(c);
+    }
+    memcpy(ids, f.ids, sizeof ids);
+    live = g_live;
+    arm(0, 0);
+    CHECK(mustafar_cache_decode_step(f.cache, 0, 3, ids, nt, f.k, f.v, f.q, f.out, 0.0f) == MUSTAFAR_OK,
+          "decode_step failed");
+    CHECK(g_live == live && g_calls > 0, "decode step: %ld allocations, %ld blocks left live", g_calls,
+          g_live - live);
+    tf_teardown(&f);
+}
+
 int main(void)
 {
     size_t i;
     for (i = 0; i < sizeof k_scenarios / sizeof k_scenarios[0]; i++) run_scenario(&k_scenarios[i]);
+    check_memory_doc();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail != 0;
 }

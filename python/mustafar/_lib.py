@@ -47,6 +47,7 @@ class CacheStats(Structure):
     _fields_ = [("sequences", c_int), ("pages_used", c_int64), ("pages_total", c_int64),
                 ("token_vectors", c_int64), ("compressed_vectors", c_int64),
                 ("record_bytes", c_int64), ("reserved_bytes", c_int64),
+                ("allocated_bytes", c_int64),
                 ("dense_bytes", c_int64), ("compression_ratio", c_double)]
 
 
