@@ -433,7 +433,8 @@ MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cach
    head_dim, dtype, kept counts and dense window (page size and capacity may
    differ).  It checks the whole stream first: a truncated, corrupt or
    mismatched stream, or too little room, fails with a clear status and
-   leaves the cache as it was.  Streams load across backends bit for bit.
+   leaves the cache as it was (the stream is held in host memory while it
+   is checked).  Streams load across backends bit for bit.
    The callbacks return the bytes they wrote or read (a read returns 0 at
    the end). */
 typedef size_t (*mustafar_write_fn)(void *user, const void *data, size_t bytes);
@@ -451,7 +452,9 @@ MUSTAFAR_API mustafar_status mustafar_cache_save_memory(mustafar_cache *cache, i
 MUSTAFAR_API mustafar_status mustafar_cache_load_memory(mustafar_cache *cache, const void *buffer,
                                                         size_t bytes, int *seq_ids, int max_ids,
                                                         int *count);
-/* Through a temporary file renamed over `path` once complete. */
+/* Through a temporary file renamed over `path` once complete.  Paths here,
+   in jit_cache_dir and in MUSTAFAR_CACHE_DIR are UTF-8; on Windows one that
+   is not valid UTF-8 is taken in the ANSI code page. */
 MUSTAFAR_API mustafar_status mustafar_cache_save_file(mustafar_cache *cache, int seq_id,
                                                       const char *path);
 MUSTAFAR_API mustafar_status mustafar_cache_load_file(mustafar_cache *cache, const char *path,
@@ -489,6 +492,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_sequence_view(const mustafar_cache *
 #    define WIN32_LEAN_AND_MEAN
 #  endif
 #  include <windows.h>
+#  include <direct.h>   /* _wmkdir */
 #endif
 
 #if defined(MUSTAFAR_MALLOC) && defined(MUSTAFAR_FREE)
@@ -685,14 +689,64 @@ static int mustafar__snprintf(char *buf, size_t cap, const char *fmt, ...)
     return n;
 }
 
+/* ---- file paths: UTF-8 (on Windows, a path that is not valid UTF-8 is
+   taken in the ANSI code page, as the -A calls take it) ---- */
+#ifdef _WIN32
+#  define MUSTAFAR__WPATH 2048
+/* `path` as UTF-16 into w; 0 if it is not valid UTF-8 or too long. */
+static int mustafar__wpath(const char *path, wchar_t *w)
+{
+    return MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, w, MUSTAFAR__WPATH) > 0;
+}
+#endif
+
+static FILE *mustafar__fopen(const char *path, const char *mode)
+{
+#ifdef _WIN32
+    wchar_t w[MUSTAFAR__WPATH], wm[8];
+    if (mustafar__wpath(path, w) && MultiByteToWideChar(CP_UTF8, 0, mode, -1, wm, 8) > 0)
+        return _wfopen(w, wm);
+#endif
+    return fopen(path, mode);
+}
+
+static void mustafar__remove(const char *path)
+{
+#ifdef _WIN32
+    wchar_t w[MUSTAFAR__WPATH];
+    if (mustafar__wpath(path, w)) { _wremove(w); return; }
+#endif
+    remove(path);
+}
+
 /* Moves file `from` over `to` in one step; nonzero on success.  (On Windows
    rename fails on an existing file, and removing that first could lose it.) */
 static int mustafar__replace_file(const char *from, const char *to)
 {
 #ifdef _WIN32
-    return MoveFileExA(from, to, MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH) != 0;
+    wchar_t wf[MUSTAFAR__WPATH], wt[MUSTAFAR__WPATH];
+    const DWORD flags = MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH;
+    if (mustafar__wpath(from, wf) && mustafar__wpath(to, wt)) return MoveFileExW(wf, wt, flags) != 0;
+    return MoveFileExA(from, to, flags) != 0;
 #else
     return rename(from, to) == 0;
+#endif
+}
+
+/* The environment variable `name` as a UTF-8 path into buf; 0 if unset or empty. */
+static int mustafar__getenv_path(const char *name, char *buf, size_t cap)
+{
+#ifdef _WIN32
+    wchar_t wname[64], *w;
+    if (MultiByteToWideChar(CP_UTF8, 0, name, -1, wname, 64) > 0 && (w = _wgetenv(wname)) && w[0])
+        return WideCharToMultiByte(CP_UTF8, 0, w, -1, buf, (int)cap, NULL, NULL) > 0;
+    buf[0] = 0;
+    return 0;
+#else
+    const char *v = getenv(name);
+    if (!v || !v[0] || strlen(v) >= cap) { buf[0] = 0; return 0; }
+    memcpy(buf, v, strlen(v) + 1);
+    return 1;
 #endif
 }
 
@@ -2988,7 +3042,8 @@ static void mustafar__cuda_api_unload(mustafar__cuda_api *api) { MUSTAFAR__UNUSE
 #  define MUSTAFAR__DIR_SEPARATOR "\\"   /* LoadLibrary's documentation asks for backslashes */
 static void *mustafar__library_open(const char *path, char *error, size_t cap)
 {
-    HMODULE library = LoadLibraryA(path);
+    wchar_t w[MUSTAFAR__WPATH];
+    HMODULE library = mustafar__wpath(path, w) ? LoadLibraryW(w) : LoadLibraryA(path);
     if (!library)
         mustafar__snprintf(error, cap, "%s: LoadLibrary error %lu", path, (unsigned long)GetLastError());
     return (void *)library;
@@ -3254,27 +3309,28 @@ static char *mustafar__kernel_text(void)
 
 static void mustafar__resolve_cache_dir(mustafar__cuda *cu, const mustafar_context_desc *desc)
 {
-    const char *env = getenv("MUSTAFAR_CACHE_DIR"), *base;
+    char base[sizeof cu->cache_dir];
     cu->cache_dir[0] = 0;
     if (desc->disable_jit_cache) return;
     if (desc->jit_cache_dir) {
         mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", desc->jit_cache_dir);
         return;
     }
-    if (env) {
-        if (strcmp(env, "off") && env[0]) mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", env);
+    if (getenv("MUSTAFAR_CACHE_DIR")) {
+        if (mustafar__getenv_path("MUSTAFAR_CACHE_DIR", base, sizeof base) && strcmp(base, "off"))
+            mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s", base);
         return;
     }
 #if defined(_WIN32)
-    if ((base = getenv("LOCALAPPDATA")) && base[0])
+    if (mustafar__getenv_path("LOCALAPPDATA", base, sizeof base))
         mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s\\mustafar", base);
 #elif defined(__APPLE__)
-    if ((base = getenv("HOME")) && base[0])
+    if (mustafar__getenv_path("HOME", base, sizeof base))
         mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/Library/Caches/mustafar", base);
 #else
-    if ((base = getenv("XDG_CACHE_HOME")) && base[0])
+    if (mustafar__getenv_path("XDG_CACHE_HOME", base, sizeof base))
         mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/mustafar", base);
-    else if ((base = getenv("HOME")) && base[0])
+    else if (mustafar__getenv_path("HOME", base, sizeof base))
         mustafar__snprintf(cu->cache_dir, sizeof cu->cache_dir, "%s/.cache/mustafar", base);
 #endif
 }
@@ -3290,7 +3346,9 @@ static void mustafar__mkdirs(const char *path)
             char c = buf[i];
             buf[i] = 0;
 #ifdef _WIN32
-            _mkdir(buf);
+            wchar_t w[MUSTAFAR__WPATH];
+            if (mustafar__wpath(buf, w)) _wmkdir(w);
+            else _mkdir(buf);
 #else
             mkdir(buf, 0755);
 #endif
@@ -3306,7 +3364,7 @@ static void *mustafar__disk_read(const char *path, size_t *size)
     unsigned char head[24];
     uint64_t n, h;
     void *data;
-    FILE *f = fopen(path, "rb");
+    FILE *f = mustafar__fopen(path, "rb");
     if (!f) return NULL;
     if (fread(head, 1, 24, f) != 24 || memcmp(head, "MUSTAFAR", 8)) { fclose(f); return NULL; }
     memcpy(&n, head + 8, 8);
@@ -3337,13 +3395,13 @@ static void mustafar__disk_write(const char *dir, const char *path, const void *
     mustafar__mkdirs(dir);
     mustafar__snprintf(tmp, sizeof tmp, "%s.%08lx.tmp",
              path, (unsigned long)((uintptr_t)&f ^ (uintptr_t)time(NULL) ^ (uintptr_t)clock()));
-    if (!(f = fopen(tmp, "wb"))) return;
+    if (!(f = mustafar__fopen(tmp, "wb"))) return;
     memcpy(head, "MUSTAFAR", 8);
     memcpy(head + 8, &size, 8);
     memcpy(head + 16, &h, 8);
     ok = fwrite(head, 1, 24, f) == 24 && fwrite(data, 1, n, f) == n;
     ok = (fclose(f) == 0) && ok;
-    if (!ok || !mustafar__replace_file(tmp, path)) remove(tmp);
+    if (!ok || !mustafar__replace_file(tmp, path)) mustafar__remove(tmp);
 }
 
 /* NVRTC optimises the library's four kernels on up to four threads: the
@@ -5421,13 +5479,13 @@ MUSTAFAR_API mustafar_status mustafar_cache_save_file(mustafar_cache *cache, int
     if (strlen(path) > 1000)
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_INVALID_ARGUMENT, "path too long");
     mustafar__snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    if (!(f = fopen(tmp, "wb")))
+    if (!(f = mustafar__fopen(tmp, "wb")))
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot create %s", tmp);
     st = mustafar_cache_save(cache, seq_id, mustafar__file_write, f);
     if (fclose(f) != 0 && !st) st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "writing %s failed", tmp);
     if (!st && !mustafar__replace_file(tmp, path))
         st = mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot rename %s to %s", tmp, path);
-    if (st) remove(tmp);
+    if (st) mustafar__remove(tmp);
     return st;
 }
 
@@ -5439,7 +5497,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_load_file(mustafar_cache *cache, con
     mustafar_status st = mustafar__cache_usable(cache, path);
     if (st) return st;
     if (count) *count = 0;
-    if (!(f = fopen(path, "rb")))
+    if (!(f = mustafar__fopen(path, "rb")))
         return mustafar__fail(cache->ctx, MUSTAFAR_ERROR_IO, "cannot open %s", path);
     st = mustafar_cache_load(cache, mustafar__file_read, f, seq_ids, max_ids, &got);
     if (!st && fgetc(f) != EOF) {

@@ -115,6 +115,30 @@ static void test_save_load_roundtrip(mustafar_context *ctx)
             }
             remove(path);
             CHECK_ST(ctx, mustafar_cache_save_file(m.cache, -1, "/nonexistent-dir/x.kv"), MUSTAFAR_ERROR_IO);
+            /* a UTF-8 path (a player's name): the file has that name (on
+               Windows too, where the ANSI calls would mangle it) */
+            snprintf(path, sizeof path, "%s/mustafar_test_\xd0\x94\xd0\xb8\xd0\xbc\xd0\xb0_%llu.kv",
+                     getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp", (unsigned long long)g_seed);
+            CHECK_ST(ctx, mustafar_cache_save_file(m.cache, m.seq[1].id, path), MUSTAFAR_OK);
+            CHECK_ST(ctx, mustafar_cache_save_file(m.cache, m.seq[1].id, path), MUSTAFAR_OK);  /* replaces */
+            CHECK_ST(ctx, mustafar_cache_load_file(m.cache, path, &one, 1, &got), MUSTAFAR_OK);
+            CHECK(got == 1 && mustafar_cache_sequence_length(m.cache, one, 0) == 37,
+                  "UTF-8 path round trip: %d sequences", got);
+            {
+#ifdef _WIN32
+                wchar_t w[300];
+                FILE *f = NULL;
+                if (MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, w, 300) > 0) f = _wfopen(w, L"rb");
+                CHECK(f != NULL, "no file under the UTF-8 name %s", path);
+                if (f) fclose(f);
+                _wremove(w);
+#else
+                FILE *f = fopen(path, "rb");
+                CHECK(f != NULL, "no file under the UTF-8 name %s", path);
+                if (f) fclose(f);
+                remove(path);
+#endif
+            }
         }
         mustafar_cache_destroy(c3);
         mustafar_cache_destroy(c2);
