@@ -168,8 +168,9 @@
 
    Every call returns a mustafar_status; mustafar_status_string() names it and
    mustafar_last_error(ctx) holds a sentence about the last failure (with the
-   NVRTC log or CUDA error name where there is one).  A failed call leaves the
-   cache as it was.
+   NVRTC log or CUDA error name where there is one); mustafar_last_error(NULL)
+   that of the last failed stateless call made with ctx NULL on the calling
+   thread.  A failed call leaves the cache as it was.
 
    Calls on one context must not run concurrently from several threads;
    separate contexts may be used from separate threads at once.  Destroying
@@ -733,33 +734,39 @@ static int mustafar__replace_file(const char *from, const char *to)
 #endif
 }
 
-/* The environment variable `name` as a UTF-8 path into buf; 0 if unset or empty. */
-static int mustafar__getenv_path(const char *name, char *buf, size_t cap)
-{
-#ifdef _WIN32
-    wchar_t wname[64], *w;
-    if (MultiByteToWideChar(CP_UTF8, 0, name, -1, wname, 64) > 0 && (w = _wgetenv(wname)) && w[0])
-        return WideCharToMultiByte(CP_UTF8, 0, w, -1, buf, (int)cap, NULL, NULL) > 0;
-    buf[0] = 0;
-    return 0;
-#else
-    const char *v = getenv(name);
-    if (!v || !v[0] || strlen(v) >= cap) { buf[0] = 0; return 0; }
-    memcpy(buf, v, strlen(v) + 1);
-    return 1;
-#endif
-}
-
 /* Frees a cache's backend memory and detaches it from its context (>>public). */
 static void mustafar__cache_release_backend(mustafar_cache *c);
+
+/* The message of the last failed call with ctx NULL, per thread where the
+   compiler has thread-local storage. */
+#if defined(__cplusplus) && __cplusplus >= 201103L
+#  define MUSTAFAR__THREAD_LOCAL thread_local
+#elif defined(_MSC_VER)
+#  define MUSTAFAR__THREAD_LOCAL __declspec(thread)
+#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#  define MUSTAFAR__THREAD_LOCAL _Thread_local
+#elif defined(__GNUC__)
+#  define MUSTAFAR__THREAD_LOCAL __thread
+#endif
+#ifdef MUSTAFAR__THREAD_LOCAL
+static MUSTAFAR__THREAD_LOCAL char mustafar__stateless_message[512];
+#endif
 
 static mustafar_status mustafar__fail(mustafar_context *ctx, mustafar_status status,
                                       const char *fmt, ...)
 {
-    if (ctx) {
+    char *message = ctx ? ctx->message : NULL;
+    size_t cap = MUSTAFAR__MSG_CAP;
+#ifdef MUSTAFAR__THREAD_LOCAL
+    if (!ctx) {
+        message = mustafar__stateless_message;
+        cap = sizeof mustafar__stateless_message;
+    }
+#endif
+    if (message) {
         va_list ap;
         va_start(ap, fmt);
-        MUSTAFAR__VSNPRINTF(ctx->message, sizeof ctx->message, fmt, ap);
+        MUSTAFAR__VSNPRINTF(message, cap, fmt, ap);
         va_end(ap);
     }
     return status;
@@ -3307,6 +3314,23 @@ static char *mustafar__kernel_text(void)
     return text;
 }
 
+/* The environment variable `name` as a UTF-8 path into buf; 0 if unset or empty. */
+static int mustafar__getenv_path(const char *name, char *buf, size_t cap)
+{
+#ifdef _WIN32
+    wchar_t wname[64], *w;
+    if (MultiByteToWideChar(CP_UTF8, 0, name, -1, wname, 64) > 0 && (w = _wgetenv(wname)) && w[0])
+        return WideCharToMultiByte(CP_UTF8, 0, w, -1, buf, (int)cap, NULL, NULL) > 0;
+    buf[0] = 0;
+    return 0;
+#else
+    const char *v = getenv(name);
+    if (!v || !v[0] || strlen(v) >= cap) { buf[0] = 0; return 0; }
+    memcpy(buf, v, strlen(v) + 1);
+    return 1;
+#endif
+}
+
 static void mustafar__resolve_cache_dir(mustafar__cuda *cu, const mustafar_context_desc *desc)
 {
     char base[sizeof cu->cache_dir];
@@ -4189,7 +4213,12 @@ MUSTAFAR_API mustafar_backend mustafar_context_backend(const mustafar_context *c
 
 MUSTAFAR_API const char *mustafar_last_error(const mustafar_context *ctx)
 {
-    return ctx ? ctx->message : "no context";
+    if (ctx) return ctx->message;
+#ifdef MUSTAFAR__THREAD_LOCAL
+    return mustafar__stateless_message;
+#else
+    return "no context (this compiler has no thread-local storage for its message)";
+#endif
 }
 
 static void mustafar__copy_error(const mustafar_context_desc *desc, const char *msg)
@@ -7029,15 +7058,20 @@ static const char *const *mustafar__kernel_source(void)
 
 /* ==== >>history: REVISION HISTORY ================================================
 
-   0.3.2  (2026-12-04)  CPU decode attention walks the pages in address order:
+   0.3.2  (2026-12-05)  CPU decode attention walks the pages in address order:
                         a task takes one token split of a sequence for all
                         its KV heads in lockstep (B=8, T=32k: one thread
                         -14 %, two threads -11 % at s=0.7 and -28 % at
                         s=0.5); the AVX2 path keeps V's accumulators in
-                        registers over a block (-6 to -8 % at s=0.7).
+                        registers over a block (-6 to -8 % at s=0.7), and
+                        the NEON path likewise (not timed).  Memory:
+                        the MEMORY section and stats.allocated_bytes.
+                        File paths are UTF-8 on Windows too;
+                        mustafar_last_error(NULL) gives the reason of a
+                        failed stateless call made with ctx NULL.
                         Fixes: cache_create refuses a cache whose sizes do
                         not fit a 32-bit size_t (it wrapped and crashed
-                        later); cache_load refuses a negative max_ids (it
+                        later), costing records at their real size; cache_load refuses a negative max_ids (it
                         wrote past seq_ids); a dense_window or page_size
                         past max_sequence_length is taken as
                         max_sequence_length (short sequences were

@@ -213,6 +213,11 @@ static void test_errors_stateless(mustafar_context *ctx)
     tb_free(ctx, dx);
     tb_free(ctx, dy);
     tb_free(ctx, drec);
+    /* with ctx NULL the reason is kept per thread, for mustafar_last_error(NULL) */
+    CHECK(mustafar_prune(NULL, 100, 0.5f, MUSTAFAR_DTYPE_F16, x, hostbuf, CNT) ==
+              MUSTAFAR_ERROR_UNSUPPORTED_HEAD_DIM, "prune with ctx NULL, head_dim 100: not refused");
+    CHECK(strstr(mustafar_last_error(NULL), "100") != NULL, "last_error(NULL) after head_dim 100: \"%s\"",
+          mustafar_last_error(NULL));
 }
 
 static void test_errors_cache_create(mustafar_context *ctx)
