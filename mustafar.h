@@ -115,8 +115,8 @@
    (token split, KV head), with about 4 x num_threads splits in all (B=1,
    Hq/Hkv 32/8, D 128, 16 threads: 2.6 MB).  CUDA's device scratch stays
    with the context and grows to the largest call.  mustafar_cache_load
-   and _load_memory hold the whole stream in host memory while they check
-   it, before the cache changes.
+   and _load_file hold the stream's records in host memory while they check
+   them, before the cache changes; _load_memory checks them in place.
 
    CONCEPTS
 
@@ -435,7 +435,7 @@ MUSTAFAR_API mustafar_status mustafar_cache_stats_get(const mustafar_cache *cach
    differ).  It checks the whole stream first: a truncated, corrupt or
    mismatched stream, or too little room, fails with a clear status and
    leaves the cache as it was (the stream is held in host memory while it
-   is checked).  Streams load across backends bit for bit.
+   is checked, except by _load_memory, which reads the caller's buffer).  Streams load across backends bit for bit.
    The callbacks return the bytes they wrote or read (a read returns 0 at
    the end). */
 typedef size_t (*mustafar_write_fn)(void *user, const void *data, size_t bytes);
@@ -5210,8 +5210,32 @@ MUSTAFAR_API mustafar_status mustafar_cache_save_size(const mustafar_cache *cach
 /* One sequence of a stream being loaded, checked and held in host memory. */
 typedef struct mustafar__loaded {
     int32_t *lengths;
-    unsigned char *payload;
+    const unsigned char *payload;  /* `owned`, or in place in a memory stream */
+    unsigned char *owned;
 } mustafar__loaded;
+
+/* In-memory and file streams on top of the callbacks. */
+typedef struct mustafar__memory_stream {
+    unsigned char *data;
+    size_t size, at;
+} mustafar__memory_stream;
+
+static size_t mustafar__memory_write(void *user, const void *data, size_t bytes)
+{
+    mustafar__memory_stream *m = (mustafar__memory_stream *)user;
+    if (bytes > m->size - m->at) return 0;
+    memcpy(m->data + m->at, data, bytes);
+    m->at += bytes;
+    return bytes;
+}
+static size_t mustafar__memory_read(void *user, void *data, size_t bytes)
+{
+    mustafar__memory_stream *m = (mustafar__memory_stream *)user;
+    if (bytes > m->size - m->at) bytes = m->size - m->at;
+    memcpy(data, m->data + m->at, bytes);
+    m->at += bytes;
+    return bytes;
+}
 
 static size_t mustafar__read_all(mustafar_read_fn read, void *user, void *data, size_t bytes)
 {
@@ -5292,12 +5316,23 @@ static mustafar_status mustafar__load_section(mustafar_cache *c, mustafar_read_f
     if (payload != mustafar__stream_payload(c, out->lengths) || payload > (uint64_t)SIZE_MAX / 2)
         return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE,
                               "sequence %u: payload size does not match its lengths", index);
-    out->payload = (unsigned char *)MUSTAFAR_MALLOC(payload ? (size_t)payload : 1);
-    if (!out->payload)
-        return mustafar__fail(c->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
-                              "host allocation of %llu bytes failed", (unsigned long long)payload);
-    if (mustafar__read_all(read, user, out->payload, (size_t)payload) != (size_t)payload ||
-        mustafar__read_all(read, user, head, 8) != 8)
+    if (read == mustafar__memory_read) {
+        /* load_memory: the payload is checked and read where it is, not copied */
+        mustafar__memory_stream *m = (mustafar__memory_stream *)user;
+        if (payload > m->size - m->at)
+            return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE, "sequence %u: truncated", index);
+        out->payload = m->data + m->at;
+        m->at += (size_t)payload;
+    } else {
+        out->owned = (unsigned char *)MUSTAFAR_MALLOC(payload ? (size_t)payload : 1);
+        if (!out->owned)
+            return mustafar__fail(c->ctx, MUSTAFAR_ERROR_OUT_OF_MEMORY,
+                                  "host allocation of %llu bytes failed", (unsigned long long)payload);
+        out->payload = out->owned;
+        if (mustafar__read_all(read, user, out->owned, (size_t)payload) != (size_t)payload)
+            return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE, "sequence %u: truncated", index);
+    }
+    if (mustafar__read_all(read, user, head, 8) != 8)
         return mustafar__fail(c->ctx, MUSTAFAR_ERROR_INVALID_FILE, "sequence %u: truncated", index);
     hash = mustafar__fnv1a(hash, out->payload, (size_t)payload);
     if (mustafar__get_u64(head) != hash)
@@ -5418,34 +5453,12 @@ MUSTAFAR_API mustafar_status mustafar_cache_load(mustafar_cache *cache, mustafar
         *count = (int)n;
     for (i = 0; i < n; i++) {
         MUSTAFAR_FREE(seqs[i].lengths);
-        MUSTAFAR_FREE(seqs[i].payload);
+        MUSTAFAR_FREE(seqs[i].owned);
     }
     MUSTAFAR_FREE(seqs);
     return st;
 }
 
-/* In-memory and file streams on top of the callbacks. */
-typedef struct mustafar__memory_stream {
-    unsigned char *data;
-    size_t size, at;
-} mustafar__memory_stream;
-
-static size_t mustafar__memory_write(void *user, const void *data, size_t bytes)
-{
-    mustafar__memory_stream *m = (mustafar__memory_stream *)user;
-    if (bytes > m->size - m->at) return 0;
-    memcpy(m->data + m->at, data, bytes);
-    m->at += bytes;
-    return bytes;
-}
-static size_t mustafar__memory_read(void *user, void *data, size_t bytes)
-{
-    mustafar__memory_stream *m = (mustafar__memory_stream *)user;
-    if (bytes > m->size - m->at) bytes = m->size - m->at;
-    memcpy(data, m->data + m->at, bytes);
-    m->at += bytes;
-    return bytes;
-}
 static size_t mustafar__file_write(void *user, const void *data, size_t bytes)
 {
     return fwrite(data, 1, bytes, (FILE *)user);
@@ -7065,7 +7078,9 @@ static const char *const *mustafar__kernel_source(void)
                         s=0.5); the AVX2 path keeps V's accumulators in
                         registers over a block (-6 to -8 % at s=0.7), and
                         the NEON path likewise (not timed).  Memory:
-                        the MEMORY section and stats.allocated_bytes.
+                        the MEMORY section and stats.allocated_bytes;
+                        load_memory checks the records in place (it
+                        copied the whole stream).
                         File paths are UTF-8 on Windows too;
                         mustafar_last_error(NULL) gives the reason of a
                         failed stateless call made with ctx NULL.

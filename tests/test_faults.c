@@ -620,6 +620,15 @@ static void check_memory_doc(void)
         mustafar_cache_stats_get(c, &st);
         CHECK((size_t)st.allocated_bytes == created, "allocated_bytes %lld, cache_create allocated %zu",
               (long long)st.allocated_bytes, created);
+        /* load_memory reads the records in place: less than the stream is allocated */
+        {
+            int got = 0, loaded[TF_MAXSEQ];
+            arm(0, 0);
+            CHECK(mustafar_cache_load_memory(c, f.stream, f.stream_size, loaded, TF_MAXSEQ, &got) ==
+                      MUSTAFAR_OK && got > 0, "load_memory of the fixture's stream failed");
+            CHECK(g_bytes < f.stream_size / 2, "load_memory of a %zu-byte stream allocated %zu bytes",
+                  f.stream_size, g_bytes);
+        }
         mustafar_cache_destroy(c);
     }
     memcpy(ids, f.ids, sizeof ids);
