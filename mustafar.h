@@ -116,9 +116,10 @@
    device scratch likewise stays with the context.  Other work space is
    allocated through MUSTAFAR_MALLOC and freed before the call returns (a
    CPU decode step: 3 blocks, under 1 KB for 3 sequences; a stateless call
-   with ctx NULL also allocates its attention work space each time).  mustafar_cache_load
-   and _load_file hold the stream's records in host memory while they check
-   them, before the cache changes; _load_memory checks them in place.
+   with ctx NULL also allocates its attention work space each time).
+   mustafar_cache_load and _load_file hold the stream's records in host
+   memory while they check them, before the cache changes; _load_memory
+   checks them in place.
 
    CONCEPTS
 
